@@ -1,0 +1,58 @@
+"""`gsgd` console script: takes the subcommand off argv and hands the rest over.
+
+`gsgd train ...` and `gsgd inspect ...` are Hydra applications: the dispatcher rewrites
+`sys.argv` to `[argv0, *rest]` before calling them, so overrides, `-m` multirun, `--cfg job`
+and shell completion keep working (for completion it also drops the subcommand word from
+`COMP_LINE`).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "train": ("gsgd_cli.cli.train", "train a model (Hydra app: overrides, -m multirun, --cfg job)"),
+    "inspect": ("gsgd_cli.cli.inspect", "print a model's G-space chain blocks and m, H, m-H, H/m"),
+    "report": ("gsgd_cli.cli.report", "summarise run directories as a markdown/CSV table"),
+    "figures": ("gsgd_cli.cli.figures", "draw the paper's figures from run directories"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: gsgd COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `gsgd COMMAND --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def _strip_subcommand_from_comp_line(command: str) -> None:
+    comp_line = os.environ.get("COMP_LINE")
+    if comp_line is None:
+        return
+    words = comp_line.split(" ")
+    if command in words[1:2]:
+        del words[1]
+        os.environ["COMP_LINE"] = " ".join(words)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[1], argv[2:]
+    if command not in COMMANDS:
+        print(f"gsgd: unknown command '{command}'. Choose one of: {', '.join(COMMANDS)} "
+              "(see `gsgd --help`).", file=sys.stderr)
+        return 2
+    _strip_subcommand_from_comp_line(command)
+    module = importlib.import_module(COMMANDS[command][0])
+    sys.argv = [argv[0], *rest]
+    result = module.main()
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
