@@ -1,0 +1,211 @@
+"""G-SGD (Meng et al., ICLR 2019) as a `torch.optim.Optimizer`.
+
+Usage::
+
+    model = MLP(49, 10, width=64, depth=2)
+    opt = GSGD(model, lr=0.01)            # sets skeleton weights to 1 (paper, appendix 11.3)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, [30, 60])
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+The optimizer takes the model, not a parameter list: it traces the model to find its chain
+blocks (`gsgd_cli.gspace.blocks`), builds the skeleton of each (`gsgd_cli.gspace.skeleton`)
+once, and every `step()` runs the closed-form update of `gsgd_cli.gspace.update`: plain SGD
+on the values of the basis paths (the coordinates of G-space), mapped back to the weights with
+the free skeleton weights held fixed. Parameters outside every chain block take a plain SGD
+step with the same learning rate.
+
+Symbols of the paper and their arguments: `eta_t` is `lr` (per step, so schedulers work);
+the skeleton weights' initial value 1 is `skeleton_init="one"`; `"keep"` keeps the model's
+values (any sign) instead. Free skeleton weights never change after construction.
+
+Checkpoints: construct the optimizer *before* loading a saved model state (construction with
+`skeleton_init="one"` overwrites the skeleton weights), then load the model and optimizer
+states, or pass `skeleton_init="keep"` when wrapping an already trained model.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..gspace.blocks import ChainBlock, find_chain_blocks
+from ..gspace.skeleton import ChainSkeleton, UnsupportedWidthProfile, build_skeleton
+from ..gspace.update import ChainIndex, chain_step
+
+SKELETON_INITS = ("one", "keep")
+
+
+class GSGDStepError(RuntimeError):
+    """A G-SGD step would write a non-finite value or divide by a vanished pivot."""
+
+
+@dataclass
+class _BlockPlan:
+    block: ChainBlock
+    skeleton: ChainSkeleton
+    weights: list[nn.Parameter]
+    biases: list[nn.Parameter | None]
+    indices: dict[torch.device, ChainIndex]
+
+    def index_on(self, device: torch.device) -> ChainIndex:
+        if device not in self.indices:
+            self.indices[device] = ChainIndex.build(self.skeleton, device)
+        return self.indices[device]
+
+    @property
+    def label(self) -> str:
+        return " -> ".join(self.block.names)
+
+
+def _check_positive(name: str, value, strictly: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        value > 0 if strictly else value >= 0)
+    if not ok:
+        raise ValueError(f"Invalid {name}={value!r}. Must be a number "
+                         f"{'> 0' if strictly else '>= 0'}.")
+
+
+class GSGD(Optimizer):
+    """G-SGD: SGD in the positively scale-invariant space of a ReLU network.
+
+    Args:
+        model: the network; its chain blocks are found by tracing it with torch.fx.
+        lr: learning rate `eta` (> 0).
+        skeleton_init: `"one"` (default) sets every skeleton weight to 1 at construction, as
+            the paper does; `"keep"` keeps the current values (none may be 0).
+        min_pivot_ratio: a step that shrinks a pivot to less than this fraction of its
+            magnitude (or to 0) raises `GSGDStepError` instead of dividing the weights
+            downstream by a vanishing number.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
+                 min_pivot_ratio: float = 1e-6):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GSGD takes the model (an nn.Module), got {type(model).__name__}; "
+                            "write GSGD(model, lr) rather than GSGD(model.parameters(), lr)")
+        _check_positive("lr", lr)
+        if skeleton_init not in SKELETON_INITS:
+            raise ValueError(f"Invalid skeleton_init={skeleton_init!r}. Must be one of "
+                             f"{', '.join(repr(s) for s in SKELETON_INITS)}.")
+        _check_positive("min_pivot_ratio", min_pivot_ratio, strictly=False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("GSGD got a model with no trainable parameters")
+        super().__init__(params, dict(lr=lr, min_pivot_ratio=min_pivot_ratio))
+        self.skeleton_init = skeleton_init
+        self.discovery = find_chain_blocks(model)
+        self._plans = [self._plan(block) for block in self.discovery.blocks]
+        if not self._plans:
+            warnings.warn(f"GSGD found no chain block (Linear layers joined by ReLU) in "
+                          f"{type(model).__name__}; every parameter takes a plain SGD step",
+                          stacklevel=2)
+        in_blocks = {id(p) for plan in self._plans for p in (*plan.weights, *plan.biases)
+                     if p is not None}
+        self._outside = [p for p in params if id(p) not in in_blocks]
+        with torch.no_grad():
+            for plan in self._plans:
+                self._init_skeleton(plan)
+
+    def _plan(self, block: ChainBlock) -> _BlockPlan:
+        try:
+            skeleton = build_skeleton(block.widths)
+        except UnsupportedWidthProfile as exc:
+            names = block.names
+            k = int(str(exc).split()[2]) if str(exc).startswith("hidden layer") else 0
+            layer = names[k - 1] if 0 < k <= len(names) else names[0]
+            raise UnsupportedWidthProfile(
+                f"G-SGD cannot handle chain block {' -> '.join(names)}: the output of "
+                f"'{layer}' is a {exc}. Make the hidden widths rise and then fall (a single "
+                "peak), or leave this part of the model to SGD") from None
+        weights = [m.weight for m in block.modules]
+        biases = [m.bias for m in block.modules]
+        for name, p in zip(block.names, weights):
+            if not p.is_contiguous():
+                raise ValueError(f"layer '{name}' has a non-contiguous weight; G-SGD indexes "
+                                 "weights in place and needs contiguous tensors")
+        return _BlockPlan(block, skeleton, weights, biases, {})
+
+    def _init_skeleton(self, plan: _BlockPlan) -> None:
+        for name, w, layer in zip(plan.block.names, plan.weights, plan.skeleton.layers):
+            flat = w.data.view(-1)
+            index = layer.flat.to(w.device)
+            if self.skeleton_init == "one":
+                flat.index_fill_(0, index, 1.0)
+            elif bool((flat.index_select(0, index) == 0).any()):
+                raise ValueError(f"layer '{name}' has a skeleton weight equal to 0; G-SGD "
+                                 "divides by skeleton weights: use skeleton_init='one' or "
+                                 "re-initialise the layer")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("min_pivot_ratio", 1e-6)
+
+    @property
+    def blocks(self) -> list[ChainBlock]:
+        return [plan.block for plan in self._plans]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        lr = group["lr"]
+        pending: list[tuple[str, Tensor, Tensor]] = []   # (layer name, parameter, new value)
+        ratios: list[tuple[_BlockPlan, Tensor]] = []
+        for plan in self._plans:
+            grads = [w.grad for w in plan.weights]
+            bias_grads = [b.grad if b is not None else None for b in plan.biases]
+            if all(g is None for g in grads + bias_grads):
+                continue
+            index = plan.index_on(plan.weights[0].device)
+            result = chain_step(plan.skeleton, index, [w.detach() for w in plan.weights],
+                                [b.detach() if b is not None else None for b in plan.biases],
+                                grads, bias_grads, lr)
+            ratios.append((plan, result.pivot_ratio))
+            for name, w, new in zip(plan.block.names, plan.weights, result.weights):
+                pending.append((name, w, new))
+            for name, b, new in zip(plan.block.names, plan.biases, result.biases):
+                if b is not None:
+                    pending.append((name, b, new))
+        if pending:
+            self._check(pending, ratios, group["min_pivot_ratio"], lr)
+            for _, param, new in pending:
+                param.copy_(new)
+        outside = [p for p in self._outside if p.grad is not None]
+        if outside:
+            torch._foreach_add_(outside, [p.grad for p in outside], alpha=-lr)
+        return loss
+
+    def _check(self, pending, ratios, min_ratio: float, lr: float) -> None:
+        flags = [torch.isfinite(r).all() & (r.abs() >= min_ratio).all() & (r != 0).all()
+                 for _, r in ratios]
+        flags += [torch.isfinite(new).all() for _, _, new in pending]
+        if bool(torch.stack(flags).all()):
+            return
+        advice = f"lower the learning rate (lr={lr:g}) or check the inputs and loss"
+        for plan, _ in ratios:
+            for name, p in zip(plan.block.names * 2, [*plan.weights, *plan.biases]):
+                if p is not None and p.grad is not None and not bool(p.grad.isfinite().all()):
+                    raise GSGDStepError(f"G-SGD step failed in layer '{name}': its gradient is "
+                                        f"not finite; {advice}. Nothing was updated.")
+        for plan, r in ratios:
+            bad = ~torch.isfinite(r) | (r.abs() < min_ratio) | (r == 0)
+            if bool(bad.any()):
+                j = int(bad.nonzero()[0])
+                name = plan.block.names[plan.skeleton.pivot_layer]
+                raise GSGDStepError(
+                    f"G-SGD step failed in layer '{name}': pivot {j} would change by the ratio "
+                    f"{float(r[j]):.3g} (to 0 or not finite); {advice}. Nothing was updated.")
+        for name, _, new in pending:
+            if not bool(torch.isfinite(new).all()):
+                raise GSGDStepError(f"G-SGD step failed in layer '{name}': the update is not "
+                                    f"finite; {advice}. Nothing was updated.")

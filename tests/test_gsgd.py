@@ -1,0 +1,295 @@
+"""GSGD as a torch.optim optimizer: invariance under positive rescaling, fixed free weights,
+state_dict, schedulers, None grads, dtypes, argument and step errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gsgd_cli.gspace.skeleton import build_skeleton
+from gsgd_cli.models.mlp import MLP
+from gsgd_cli.optim.gsgd import GSGD, GSGDStepError
+
+from gsgd_helpers import PROFILES, linears, mlp, randomise, rescale_hidden
+
+
+def _data(widths, n=32, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, widths[0], generator=gen, dtype=dtype)
+    y = torch.randint(0, widths[-1], (n,), generator=gen)
+    return x, y
+
+
+def _train(model, opt, x, y, steps, batch=8):
+    outputs = []
+    for k in range(steps):
+        sl = slice((k * batch) % len(x), (k * batch) % len(x) + batch)
+        opt.zero_grad()
+        F.cross_entropy(model(x[sl]), y[sl]).backward()
+        opt.step()
+        with torch.no_grad():
+            outputs.append(model(x).clone())
+    return outputs
+
+
+def _skeleton_values(model):
+    widths = [linears(model)[0].in_features] + [m.out_features for m in linears(model)]
+    skeleton = build_skeleton(widths)
+    free, pivots = [], []
+    for layer, module in zip(skeleton.layers, linears(model)):
+        values = module.weight.detach().reshape(-1)[layer.flat].clone()
+        (pivots if layer.role == "pivot" else free).append(values)
+    return free, pivots
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("name,widths", [PROFILES[1], PROFILES[3], PROFILES[4], PROFILES[5]],
+                         ids=["equal", "increasing", "decreasing", "peak"])
+def test_invariance_gsgd_same_function_from_w_and_rescaled_w_sgd_drifts(name, widths, bias):
+    gen = torch.Generator().manual_seed(1)
+    model_a = randomise(mlp(widths, bias), gen)
+    model_b = rescale_hidden(copy.deepcopy(model_a), gen)
+    x, y = _data(widths)
+    with torch.no_grad():   # g(w) computes the same function before training ...
+        torch.testing.assert_close(model_a(x), model_b(x), rtol=0, atol=1e-12)
+    # ... and G-SGD keeps it so at every one of 20 steps
+    out_a = _train(model_a, GSGD(model_a, lr=0.1, skeleton_init="keep"), x, y, 20)
+    out_b = _train(model_b, GSGD(model_b, lr=0.1, skeleton_init="keep"), x, y, 20)
+    for step, (a, b) in enumerate(zip(out_a, out_b)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=f"step {step}")
+    assert (out_a[-1] - out_a[0]).abs().max() > 1e-2          # training moved the function
+    # plain SGD from the same pair drifts apart: the test can tell the difference
+    sgd_a = copy.deepcopy(model_a)
+    randomise(sgd_a, torch.Generator().manual_seed(1))
+    sgd_b = rescale_hidden(copy.deepcopy(sgd_a), torch.Generator().manual_seed(2))
+    out_a = _train(sgd_a, torch.optim.SGD(sgd_a.parameters(), lr=0.1), x, y, 20)
+    out_b = _train(sgd_b, torch.optim.SGD(sgd_b.parameters(), lr=0.1), x, y, 20)
+    assert (out_a[-1] - out_b[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("skeleton_init", ["one", "keep"])
+def test_free_weights_are_bit_for_bit_unchanged(skeleton_init):
+    gen = torch.Generator().manual_seed(3)
+    widths = [4, 2, 5, 3, 2]
+    model = randomise(mlp(widths, bias=True, dtype=torch.float32), gen)
+    opt = GSGD(model, lr=0.05, skeleton_init=skeleton_init)
+    free_before, pivots_before = _skeleton_values(model)
+    if skeleton_init == "one":
+        assert all(bool((v == 1).all()) for v in free_before + pivots_before)
+    x, y = _data(widths, dtype=torch.float32)
+    _train(model, opt, x, y, 10)
+    free_after, pivots_after = _skeleton_values(model)
+    for before, after in zip(free_before, free_after):
+        assert torch.equal(before, after)
+    assert not torch.equal(pivots_before[0], pivots_after[0])     # pivots do move
+
+
+def test_default_skeleton_init_one_sets_pivots_and_free_weights_to_one():
+    model = MLP(49, 10, width=8, depth=2)
+    GSGD(model, lr=0.01)
+    free, pivots = _skeleton_values(model)
+    assert sum(v.numel() for v in free) == 16 and sum(v.numel() for v in pivots) == 8
+    assert all(bool((v == 1).all()) for v in free + pivots)
+
+
+def test_state_dict_round_trip_continues_identically():
+    widths = [6, 5, 5, 3]
+    x, y = _data(widths)
+    model = randomise(mlp(widths, bias=True), torch.Generator().manual_seed(4))
+    opt = GSGD(model, lr=0.2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    for _ in range(5):
+        _train(model, opt, x, y, 1)
+        sched.step()
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    # a fresh model and optimizer: construct first (skeleton_init resets), then load
+    clone = mlp(widths, bias=True)
+    clone_opt = GSGD(clone, lr=123.0)
+    clone_sched = torch.optim.lr_scheduler.StepLR(clone_opt, step_size=3, gamma=0.5)
+    clone.load_state_dict(saved[0])
+    clone_opt.load_state_dict(saved[1])
+    clone_sched.load_state_dict(saved[2])
+    assert clone_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    for _ in range(4):
+        out = _train(model, opt, x, y, 1)[-1]
+        clone_out = _train(clone, clone_opt, x, y, 1)[-1]
+        sched.step()
+        clone_sched.step()
+        assert torch.equal(out, clone_out)
+
+
+def test_scheduler_changes_the_step_size():
+    widths = [4, 4, 4, 2]
+    x, y = _data(widths)
+    base = randomise(mlp(widths, bias=False), torch.Generator().manual_seed(5))
+
+    def delta_after(lr_factor):
+        model = copy.deepcopy(base)
+        opt = GSGD(model, lr=0.1, skeleton_init="keep")
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=lr_factor)
+        _train(model, opt, x, y, 1)
+        sched.step()
+        before = [p.detach().clone() for p in model.parameters()]
+        _train(model, opt, x, y, 1)
+        return opt.param_groups[0]["lr"], sum(float((p.detach() - b).abs().sum())
+                                              for p, b in zip(model.parameters(), before))
+
+    lr_full, moved_full = delta_after(1.0)
+    lr_small, moved_small = delta_after(0.01)
+    assert lr_full == pytest.approx(0.1) and lr_small == pytest.approx(0.001)
+    assert moved_small < 0.05 * moved_full
+
+
+def test_none_grads_and_layers_outside_blocks():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3))
+            self.unused = nn.Linear(2, 2)
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.body(x) * self.scale
+
+    model = Net().double()
+    opt = GSGD(model, lr=0.1)
+    unused_before = model.unused.weight.detach().clone()
+    scale_before = model.scale.detach().clone()
+    opt.step()                                  # no grads at all: nothing moves
+    x, y = _data([4, 3])
+    F.cross_entropy(model(x), y).backward()
+    expected_scale = scale_before - 0.1 * model.scale.grad
+    opt.step()
+    assert torch.equal(model.unused.weight.detach(), unused_before)     # grad stayed None
+    torch.testing.assert_close(model.scale.detach(), expected_scale)    # plain SGD outside
+    assert [b.names for b in opt.blocks] == [["body.0", "body.2"]]
+
+
+def test_float32_training_lowers_the_loss():
+    torch.manual_seed(0)
+    model = MLP(10, 3, width=16, depth=2, bias=True)
+    x = torch.randn(256, 10)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    opt = GSGD(model, lr=0.05)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert model[1].weight.dtype == torch.float32
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_closure_is_called_and_its_loss_returned():
+    model = mlp([3, 3, 2], bias=False)
+    x, y = _data([3, 3, 2])
+    opt = GSGD(model, lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    assert isinstance(opt.step(closure), torch.Tensor)
+
+
+BAD_ARGUMENTS = [
+    (dict(lr=-0.1), ValueError, r"Invalid lr=-0.1. Must be a number > 0."),
+    (dict(lr=0), ValueError, r"Invalid lr=0. Must be a number > 0."),
+    (dict(lr="fast"), ValueError, r"Invalid lr='fast'. Must be a number > 0."),
+    (dict(lr=0.1, skeleton_init="random"), ValueError,
+     r"Invalid skeleton_init='random'. Must be one of 'one', 'keep'."),
+    (dict(lr=0.1, min_pivot_ratio=-1), ValueError,
+     r"Invalid min_pivot_ratio=-1. Must be a number >= 0."),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD_ARGUMENTS,
+                         ids=[str(k) for k, _, _ in BAD_ARGUMENTS])
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=f"^{message}$".replace("(", r"\(").replace(")", r"\)")):
+        GSGD(mlp([3, 3, 2], bias=False), **kwargs)
+
+
+def test_parameters_instead_of_model_is_refused():
+    model = mlp([3, 3, 2], bias=False)
+    with pytest.raises(TypeError, match=r"GSGD\(model, lr\) rather than"):
+        GSGD(model.parameters(), lr=0.1)
+
+
+def test_keep_with_zero_skeleton_weight_is_refused():
+    model = mlp([3, 3, 2], bias=False)
+    with torch.no_grad():
+        model[0].weight.zero_()
+    with pytest.raises(ValueError, match="layer '0' has a skeleton weight equal to 0"):
+        GSGD(model, lr=0.1, skeleton_init="keep")
+
+
+def test_pivot_falling_to_zero_raises_and_writes_nothing():
+    widths = [3, 4, 4, 2]
+    x, y = _data(widths)
+    model = randomise(mlp(widths, bias=False), torch.Generator().manual_seed(6))
+    opt = GSGD(model, lr=1.0, skeleton_init="keep")
+    F.cross_entropy(model(x), y).backward()
+    # find the learning rate that sends pivot 0 exactly to zero: u' = u - lr * c, so lr = u / c
+    probe = copy.deepcopy(model)
+    probe_opt = GSGD(probe, lr=1.0, skeleton_init="keep")
+    for p, q in zip(model.parameters(), probe.parameters()):
+        q.grad = p.grad.clone()
+    u = model[0].weight[0, 0].item()
+    probe_opt.step()
+    c = u - probe[0].weight[0, 0].item()
+    opt.param_groups[0]["lr"] = u / c
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(GSGDStepError, match=r"layer '0': pivot 0 would change by the ratio .* "
+                                            r"lower the learning rate .* Nothing was updated"):
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+
+
+def test_non_finite_gradient_raises_naming_the_layer():
+    model = mlp([3, 4, 4, 2], bias=False)
+    opt = GSGD(model, lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model[4].weight.grad[1, 2] = float("nan")
+    with pytest.raises(GSGDStepError, match="layer '4': its gradient is not finite"):
+        opt.step()
+
+
+def test_no_chain_block_warns_and_falls_back_to_sgd():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match="found no chain block"):
+        GSGD(model, lr=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_step_matches_cpu():
+    widths = [5, 6, 6, 3]
+    x, y = _data(widths)
+    cpu = randomise(mlp(widths, bias=True), torch.Generator().manual_seed(7))
+    gpu = copy.deepcopy(cpu).cuda()
+    out_cpu = _train(cpu, GSGD(cpu, lr=0.1), x, y, 5)
+    out_gpu = _train(gpu, GSGD(gpu, lr=0.1), x.cuda(), y.cuda(), 5)
+    torch.testing.assert_close(out_gpu[-1].cpu(), out_cpu[-1], rtol=0, atol=1e-9)
+
+
+def test_overflowing_update_raises_and_writes_nothing():
+    model = mlp([3, 4, 4, 2], bias=False, dtype=torch.float32)
+    opt = GSGD(model, lr=1e10)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model[2].weight.grad[1, 2] = 1e30
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(GSGDStepError, match="layer '2': the update is not finite"):
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
