@@ -1,0 +1,41 @@
+"""Models for the runner, and `build_model(model_cfg, in_shape, num_classes)` (a stable API)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from .convnets import BasicBlock, PlainNet, ResNet
+from .mlp import MLP
+
+__all__ = ["MLP", "PlainNet", "ResNet", "BasicBlock", "build_model", "MODEL_NAMES"]
+
+MODEL_NAMES = ("mlp", "plain", "resnet")
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def build_model(model_cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build the model that `model_cfg` names for inputs of shape `in_shape` (C, H, W).
+
+    `model_cfg.name` is `mlp` (keys `width`, `depth`, `bias`), `plain` or `resnet` (keys
+    `blocks`, `widths`, `bn`). Invalid values raise `ValueError` with the offending key.
+    """
+    name = _get(model_cfg, "name")
+    if name == "mlp":
+        return MLP(int(math.prod(in_shape)), num_classes, width=_get(model_cfg, "width", 64),
+                   depth=_get(model_cfg, "depth", 2), bias=bool(_get(model_cfg, "bias", False)))
+    if name in ("plain", "resnet"):
+        if len(in_shape) != 3:
+            raise ValueError(f"Invalid input shape {tuple(in_shape)} for model '{name}'. "
+                             "Must be (channels, height, width).")
+        cls = PlainNet if name == "plain" else ResNet
+        kwargs = {k: list(_get(model_cfg, k)) for k in ("blocks", "widths")
+                  if _get(model_cfg, k) is not None}
+        return cls(in_shape[0], num_classes, bn=bool(_get(model_cfg, "bn", True)), **kwargs)
+    raise ValueError(f"Invalid model.name={name!r}. Must be one of: {', '.join(MODEL_NAMES)} "
+                     "(pick a preset with model=mlp, model=plain34, model=resnet34, ...).")

@@ -1,0 +1,202 @@
+"""Loading each data set into uint8 tensors `[N, C, H, W]` plus int64 labels.
+
+Real data sets go through torchvision's data set classes and file layouts under `data.root`:
+
+* `mnist`          `<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`
+* `fashion_mnist`  `<root>/FashionMNIST/raw/...` (same names), or else the gzip idx files of the
+                   Debian package `dataset-fashion-mnist` in `data.system_dir`
+                   (`/usr/share/datasets/fashion-mnist`), read directly.
+* `cifar10`        `<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`
+* `cifar100`       `<root>/cifar-100-python/{train,test,meta}`
+
+torchvision checks the md5 of every CIFAR file. Roots that the user generated or copied do not
+match that list, so without `data.download=true` a subclass with the md5 checks switched off
+reads them; with `data.download=true` torchvision's own classes (with the checks) are used.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gsgd_cli.train.errors import DataNotFoundError, UserError
+
+from .idx import read_idx
+
+FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Static facts about a data set: native shape, classes and normalisation constants."""
+
+    in_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool  # random crop (pad 4) + horizontal flip during training
+
+
+# Per-channel mean/std of the training split on the [0, 1] scale.
+SPECS = {
+    "mnist": DataSpec((1, 28, 28), 10, (0.1307,), (0.3081,), False),
+    "fashion_mnist": DataSpec((1, 28, 28), 10, (0.2860,), (0.3530,), False),
+    "cifar10": DataSpec((3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": DataSpec((3, 32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+}
+NAMES = (*SPECS, "synthetic")
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """`cfg[key]` for dicts, DictConfigs and simple objects; `default` when absent or null."""
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def data_name(cfg: Any) -> str:
+    name = cfg_get(cfg, "name")
+    if name not in NAMES:
+        raise UserError(f"Unknown data.name={name!r}. Choose one of: {', '.join(NAMES)} "
+                        "(e.g. data=cifar10).")
+    return name
+
+
+def pool_size(cfg: Any) -> int:
+    """Side length after average pooling for the MNIST family (`data.size`), else native."""
+    name = data_name(cfg)
+    native = SPECS[name].in_shape[-1] if name in SPECS else None
+    size = cfg_get(cfg, "size", native)
+    if name not in ("mnist", "fashion_mnist"):
+        return native
+    if not isinstance(size, int) or size < 1 or native % size:
+        raise UserError(f"Invalid data.size={size!r} for {name}. Must divide 28 "
+                        "(28 = full resolution, 14, or 7 as in the paper's section 5.2).")
+    return size
+
+
+def _shell_path(path: Path | str) -> str:
+    return shlex.quote(str(path))
+
+
+def _idx_split(folder: Path, split: str, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = (folder / (name + suffix) for name in IDX_FILES[split])
+    x = read_idx(images)
+    y = read_idx(labels).long()
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise UserError(f"{images} and {labels} do not hold matching images [N,H,W] and labels [N]; "
+                        "re-create them or point data.root elsewhere.")
+    return x.unsqueeze(1), y
+
+
+def _has_idx(folder: Path, suffix: str = "") -> bool:
+    return all((folder / (n + suffix)).is_file() for pair in IDX_FILES.values() for n in pair)
+
+
+def _torchvision_mnist(cls, root: Path, download: bool):
+    """Both splits through torchvision's MNIST/FashionMNIST classes."""
+    out = []
+    for train in (True, False):
+        # torchvision prints download progress to stdout; keep our output to one line per event.
+        with contextlib.redirect_stdout(io.StringIO()):
+            ds = cls(str(root), train=train, download=download)
+        out += [ds.data.unsqueeze(1).contiguous(), ds.targets.long()]
+    return tuple(out)
+
+
+def _load_mnist_family(name: str, cfg: Any):
+    import torchvision
+
+    root = Path(cfg_get(cfg, "root", "data")).expanduser()
+    download = bool(cfg_get(cfg, "download", False))
+    cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+    raw = root / cls.__name__ / "raw"
+    if _has_idx(raw):
+        return _torchvision_mnist(cls, root, download=False)
+    if name == "fashion_mnist":
+        system_dir = cfg_get(cfg, "system_dir", None)
+        if system_dir and _has_idx(Path(system_dir), ".gz"):
+            return (*_idx_split(Path(system_dir), "train", ".gz"),
+                    *_idx_split(Path(system_dir), "test", ".gz"))
+    if download:
+        try:
+            return _torchvision_mnist(cls, root, download=True)
+        except Exception as exc:  # noqa: BLE001 - network errors come in many types
+            raise DataNotFoundError(
+                f"Downloading {cls.__name__} into {raw} failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); check the network, or copy the "
+                f"four idx files there by hand.") from None
+    if name == "fashion_mnist":
+        where = f"{raw}" + (f" or {system_dir}" if system_dir else "")
+        raise DataNotFoundError(
+            f"Fashion-MNIST not found in {where}. Fix: `sudo apt-get install -y "
+            f"dataset-fashion-mnist` (or `python -m gsgd_cli.data.fetch fashion_mnist "
+            f"--root {_shell_path(root)}`, or add data.download=true).")
+    raise DataNotFoundError(
+        f"MNIST not found in {raw} (needs train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte). Fix: `gsgd train data=mnist "
+        f"data.root={_shell_path(root)} data.download=true` (or `python -m gsgd_cli.data.fetch "
+        f"mnist --root {_shell_path(root)}`).")
+
+
+def _cifar_classes(name: str):
+    import torchvision
+
+    base = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+
+    class Unchecked(base):  # type: ignore[misc, valid-type]
+        """Reads user-supplied or generated roots: same files, no md5 comparison."""
+
+        train_list = [[fname, None] for fname, _ in base.train_list]
+        test_list = [[fname, None] for fname, _ in base.test_list]
+        meta = {**base.meta, "md5": None}
+
+    return base, Unchecked
+
+
+def _load_cifar(name: str, cfg: Any):
+    root = Path(cfg_get(cfg, "root", "data")).expanduser()
+    download = bool(cfg_get(cfg, "download", False))
+    checked, unchecked = _cifar_classes(name)
+    folder = root / checked.base_folder
+    out = []
+    for train in (True, False):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                ds = (checked(str(root), train=train, download=True) if download
+                      else unchecked(str(root), train=train, download=False))
+        except RuntimeError:
+            files = [f for f, _ in checked.train_list + checked.test_list] + [checked.meta["filename"]]
+            label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+            if download:
+                raise DataNotFoundError(
+                    f"Downloading {label} into {folder} failed or gave corrupted files; check the "
+                    f"network, or place the python-version batches there and drop "
+                    f"data.download=true.") from None
+            raise DataNotFoundError(
+                f"{label} not found in {folder} (needs {', '.join(files)}). Fix: `gsgd train "
+                f"data={name} data.root={_shell_path(root)} data.download=true` (or `python -m "
+                f"gsgd_cli.data.fetch {name} --root {_shell_path(root)}`).") from None
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        out += [x, torch.as_tensor(ds.targets, dtype=torch.long)]
+    return tuple(out)
+
+
+def load_raw(cfg: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(train_x, train_y, test_x, test_y)` at native resolution, images as uint8 `[N,C,H,W]`."""
+    name = data_name(cfg)
+    if name == "synthetic":
+        from .synthetic import make_synthetic
+
+        return make_synthetic(cfg)
+    if name in ("mnist", "fashion_mnist"):
+        return _load_mnist_family(name, cfg)
+    return _load_cifar(name, cfg)

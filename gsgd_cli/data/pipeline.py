@@ -1,0 +1,111 @@
+"""Device-resident data: whole splits as uint8 tensors, batches as index slices.
+
+Batches are turned into network inputs on the device: scale to [0, 1], average-pool (MNIST
+family at `data.size` < 28), for CIFAR random crop with 4-pixel zero padding and horizontal flip
+on the whole batch at once, then per-channel normalisation. Random numbers for shuffling and
+augmentation come from one CPU `torch.Generator` owned by the trainer, so runs are reproducible
+and resumable on any device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .datasets import SPECS, cfg_get, data_name, load_raw, pool_size
+from .synthetic import synthetic_shape
+
+CROP_PADDING = 4
+
+
+def describe(data_cfg: Any) -> tuple[tuple[int, int, int], int]:
+    """`(in_shape, num_classes)` of the network inputs for a data config, without loading data.
+
+    E.g. `fashion_mnist` with `size: 7` gives `((1, 7, 7), 10)`.
+    """
+    name = data_name(data_cfg)
+    if name == "synthetic":
+        return synthetic_shape(data_cfg)
+    spec = SPECS[name]
+    size = pool_size(data_cfg)
+    return (spec.in_shape[0], size, size), spec.num_classes
+
+
+@dataclass
+class DeviceData:
+    """Both splits on one device plus what it takes to turn uint8 batches into inputs."""
+
+    name: str
+    train_x: torch.Tensor  # uint8 [N, C, H, W]
+    train_y: torch.Tensor  # int64 [N]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    in_shape: tuple[int, int, int]
+    num_classes: int
+    mean: torch.Tensor  # [1, C, 1, 1] on the device
+    std: torch.Tensor
+    augment: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    def inputs(self, x: torch.Tensor, *, train: bool, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Network inputs for a uint8 batch; augmentation only when `train` and enabled."""
+        x = x.to(dtype) / 255.0
+        size = self.in_shape[-1]
+        if x.shape[-1] != size:
+            x = F.avg_pool2d(x, kernel_size=x.shape[-1] // size)
+        if train and self.augment:
+            if generator is None:
+                raise ValueError("augmentation needs a torch.Generator")
+            x = random_crop_flip(x, generator)
+        return (x - self.mean.to(dtype)) / self.std.to(dtype)
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator,
+                     padding: int = CROP_PADDING) -> torch.Tensor:
+    """Random crop after zero padding, then random horizontal flip, per sample, batched.
+
+    Offsets and flips are drawn on the CPU from `generator` (a few bytes per sample) and then
+    moved to the batch's device.
+    """
+    n, c, h, w = x.shape
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(x.device)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    padded = F.pad(x, (padding, padding, padding, padding))
+    rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    out = padded[batch, channel, rows, cols]
+    return torch.where(flips[:, None, None, None], out.flip(-1), out)
+
+
+def load_data(data_cfg: Any, device: torch.device | str = "cpu") -> DeviceData:
+    """Load both splits of a data set onto `device` (uint8 images, int64 labels)."""
+    name = data_name(data_cfg)
+    in_shape, num_classes = describe(data_cfg)
+    train_x, train_y, test_x, test_y = load_raw(data_cfg)
+    if name == "synthetic":
+        mean = (0.5,) * in_shape[0]
+        std = (0.25,) * in_shape[0]
+        augment = bool(cfg_get(data_cfg, "augment", False))
+    else:
+        spec = SPECS[name]
+        mean, std = spec.mean, spec.std
+        augment = bool(cfg_get(data_cfg, "augment", spec.augment))
+    device = torch.device(device)
+    shape = (1, len(mean), 1, 1)
+    return DeviceData(
+        name=name,
+        train_x=train_x.to(device), train_y=train_y.to(device),
+        test_x=test_x.to(device), test_y=test_y.to(device),
+        in_shape=in_shape, num_classes=num_classes,
+        mean=torch.tensor(mean, device=device).view(shape),
+        std=torch.tensor(std, device=device).view(shape),
+        augment=augment,
+    )

@@ -1,0 +1,351 @@
+"""The training loop, independent of Hydra: plain objects in, run directory out.
+
+    trainer = Trainer(model, optimizer, data, run_dir, TrainSettings(epochs=3), Schedule())
+    summary = trainer.fit()          # or fit(resume=True) to continue from run_dir/checkpoint.pt
+
+Writes into `run_dir`:
+
+* `metrics.jsonl`  one JSON object per evaluation: iteration, epoch, lr, train_loss, train_acc
+                   (running means since the previous evaluation), test_loss, test_acc, elapsed_s;
+* `tb/`            TensorBoard scalars with the same names, step = iteration;
+* `checkpoint.pt`  model, optimizer, schedule base rates, RNG states, data order, iteration;
+                   written atomically every `checkpoint_every` iterations and at the end;
+* `summary.json`   status (completed | diverged | interrupted), final and best test accuracy,
+                   final train loss, wall time and whatever `extra_summary` adds (seed, git
+                   commit, torch version, device, ...).
+
+Reproducibility: all data-order and augmentation randomness comes from one CPU generator
+seeded with `seed`, and every random state is in the checkpoint, so a resumed run ends with
+the same weights as an uninterrupted one (bitwise on the CPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load, save_atomic, write_text_atomic
+from .errors import UserError
+from .schedule import Schedule
+
+if TYPE_CHECKING:
+    from gsgd_cli.data.pipeline import DeviceData
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+TB_DIR = "tb"
+
+
+def _divergence_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions an optimizer raises instead of writing non-finite weights."""
+    try:
+        from gsgd_cli.optim.gsgd import GSGDStepError
+    except ImportError:  # the optimizer module is optional for the trainer
+        return ()
+    return (GSGDStepError,)
+
+METRIC_KEYS = ("iteration", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+               "elapsed_s")
+
+
+@dataclass
+class TrainSettings:
+    """Budget and bookkeeping. Set `iterations` to budget in iterations, else `epochs` counts."""
+
+    epochs: int | None = 3
+    iterations: int | None = None
+    batch_size: int = 64
+    eval_every: int | None = None  # iterations between evaluations; None = once per epoch
+    eval_batch_size: int = 1000
+    checkpoint_every: int | None = 1000  # iterations; None or 0 = only at the end
+    seed: int = 0
+    progress: bool | None = None  # None = show a progress bar only on a terminal
+    tensorboard: bool = True
+    dtype: torch.dtype = torch.float32
+
+    def validate(self) -> None:
+        def positive(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"Invalid train.{name}={value!r}. Must be a positive integer"
+                                + (" or null." if allow_none else "."))
+
+        if self.iterations is None and self.epochs is None:
+            raise UserError("No training budget: set train.epochs=N or train.iterations=N.")
+        positive("iterations", self.iterations, allow_none=True)
+        if self.iterations is None:
+            positive("epochs", self.epochs)
+        positive("batch_size", self.batch_size)
+        positive("eval_every", self.eval_every, allow_none=True)
+        positive("eval_batch_size", self.eval_batch_size)
+        if self.checkpoint_every not in (None, 0):
+            positive("checkpoint_every", self.checkpoint_every)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: "DeviceData",
+                 run_dir: str | Path, settings: TrainSettings | None = None,
+                 schedule: Schedule | None = None, extra_summary: dict[str, Any] | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.data = data
+        self.run_dir = Path(run_dir)
+        self.settings = settings or TrainSettings()
+        self.settings.validate()
+        self.schedule = schedule or Schedule()
+        self.extra_summary = dict(extra_summary or {})
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        n = len(data.train_y)
+        self.iterations_per_epoch = n // self.settings.batch_size
+        if self.iterations_per_epoch < 1:
+            raise UserError(f"Invalid train.batch_size={self.settings.batch_size}: larger than "
+                            f"the training split ({n} samples). Use a smaller batch size.")
+        s = self.settings
+        self.total = s.iterations if s.iterations is not None else s.epochs * self.iterations_per_epoch
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.generator = torch.Generator().manual_seed(s.seed)
+        self.iteration = 0
+        self.perm: torch.Tensor | None = None
+        self._reset_running()
+        self.best_test_acc: float | None = None
+        self.last_metrics: dict[str, Any] | None = None
+        self.elapsed_before = 0.0
+        self.status = "running"
+        self.message = ""
+        self.checkpoint_iteration: int | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _reset_running(self) -> None:
+        self.loss_sum = 0.0
+        self.correct = 0
+        self.seen = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"base_lrs": self.base_lrs, "kind": self.schedule.kind},
+            "perm": self.perm,
+            "data_rng": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "running": (self.loss_sum, self.correct, self.seen),
+            "best_test_acc": self.best_test_acc,
+            "last_metrics": self.last_metrics,
+            "elapsed_s": self._elapsed(),
+            "batch_size": self.settings.batch_size,
+        }
+
+    def save_checkpoint(self) -> None:
+        save_atomic(self._state(), self.checkpoint_path)
+        self.checkpoint_iteration = self.iteration
+
+    def _restore(self) -> None:
+        path = self.checkpoint_path
+        if not path.is_file():
+            raise UserError(f"resume=true but there is no checkpoint at {path}. Point "
+                            "hydra.run.dir at the run to continue, or drop resume=true.")
+        state = load(path)
+        if state["batch_size"] != self.settings.batch_size:
+            raise UserError(f"The checkpoint at {path} was trained with train.batch_size="
+                            f"{state['batch_size']}; resume with the same batch size.")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.base_lrs = list(state["schedule"]["base_lrs"])
+        self.iteration = state["iteration"]
+        self.perm = state["perm"]
+        self.generator.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.loss_sum, self.correct, self.seen = state["running"]
+        self.best_test_acc = state["best_test_acc"]
+        self.last_metrics = state["last_metrics"]
+        self.elapsed_before = state["elapsed_s"]
+        self.checkpoint_iteration = self.iteration
+        # Evaluations logged after this checkpoint will be redone: drop them.
+        metrics = self.run_dir / METRICS
+        if metrics.is_file():
+            kept = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iteration"] <= self.iteration]
+            write_text_atomic("".join(line + "\n" for line in kept), metrics)
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._t0)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy on the test split."""
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.data.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.data.device)
+        n = len(self.data.test_y)
+        for start in range(0, n, self.settings.eval_batch_size):
+            x = self.data.inputs(self.data.test_x[start:start + self.settings.eval_batch_size],
+                                 train=False, dtype=self.settings.dtype)
+            y = self.data.test_y[start:start + self.settings.eval_batch_size]
+            out = self.model(x)
+            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+            correct += (out.argmax(1) == y).sum()
+        self.model.train(was_training)
+        return loss_sum.item() / n, correct.item() / n
+
+    def _record(self, writer) -> None:
+        test_loss, test_acc = self.evaluate()
+        metrics = {
+            "iteration": self.iteration,
+            "epoch": round(self.iteration / self.iterations_per_epoch, 4),
+            "lr": self.lr(),
+            "train_loss": self.loss_sum / self.seen if self.seen else float("nan"),
+            "train_acc": self.correct / self.seen if self.seen else float("nan"),
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "elapsed_s": round(self._elapsed(), 3),
+        }
+        with open(self.run_dir / METRICS, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if writer is not None:
+            for key in METRIC_KEYS[1:]:
+                writer.add_scalar(key, metrics[key], self.iteration)
+            writer.flush()
+        self.last_metrics = metrics
+        if self.best_test_acc is None or test_acc > self.best_test_acc:
+            self.best_test_acc = test_acc
+        self._reset_running()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        s = self.settings
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.perf_counter()
+        if resume:
+            self._restore()
+        elif (self.run_dir / METRICS).exists():
+            (self.run_dir / METRICS).unlink()
+        writer = None
+        if s.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.run_dir / TB_DIR),
+                                   purge_step=self.iteration if resume else None)
+        show = sys.stderr.isatty() if s.progress is None else s.progress
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total, initial=self.iteration, disable=not show, leave=False,
+                   dynamic_ncols=True, unit="it")
+        data, model, ipe = self.data, self.model, self.iterations_per_epoch
+        device = data.device
+        model.train()
+        perm_device = None
+        try:
+            while self.iteration < self.total:
+                position = self.iteration % ipe
+                if position == 0 or self.perm is None:
+                    self.perm = torch.randperm(len(data.train_y), generator=self.generator)
+                    perm_device = None
+                if perm_device is None:
+                    perm_device = self.perm.to(device)
+                idx = perm_device[position * s.batch_size:(position + 1) * s.batch_size]
+                x = data.inputs(data.train_x[idx], train=True, generator=self.generator,
+                                dtype=s.dtype)
+                y = data.train_y[idx]
+                factor = self.schedule.factor(self.iteration, ipe)
+                for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                    group["lr"] = base * factor
+                self.optimizer.zero_grad(set_to_none=True)
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                loss.backward()
+                loss_value = loss.item()
+                step_error = None
+                if math.isfinite(loss_value):
+                    try:
+                        self.optimizer.step()
+                    except _divergence_errors() as exc:
+                        step_error = str(exc).splitlines()[0]
+                if not math.isfinite(loss_value) or step_error:
+                    self.status = "diverged"
+                    kept = (f"kept the last good checkpoint {self.checkpoint_path} (iteration "
+                            f"{self.checkpoint_iteration})" if self.checkpoint_iteration is not None
+                            else "no checkpoint had been written yet")
+                    cause = f"optimizer step failed ({step_error})" if step_error else f"loss={loss_value}"
+                    self.message = (f"training diverged: {cause} at iteration "
+                                    f"{self.iteration + 1} (lr={self.lr():.4g}); stopped and {kept}. "
+                                    "Try a smaller learning rate.")
+                    break
+                self.loss_sum += loss_value * len(y)
+                self.correct += int((out.argmax(1) == y).sum())
+                self.seen += len(y)
+                self.iteration += 1
+                bar.update(1)
+                if self.iteration % 50 == 0:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                last = self.iteration == self.total
+                due = (self.iteration % s.eval_every == 0) if s.eval_every else (self.iteration % ipe == 0)
+                if due or last:
+                    self._record(writer)
+                if (s.checkpoint_every and self.iteration % s.checkpoint_every == 0) or last:
+                    self.save_checkpoint()
+            else:
+                self.status = "completed"
+                if self.last_metrics is None or self.last_metrics["iteration"] != self.iteration:
+                    self._record(writer)  # e.g. resumed a finished run without its metrics
+        except KeyboardInterrupt:
+            self.status = "interrupted"
+            self.message = (f"interrupted at iteration {self.iteration}; the checkpoint has "
+                            f"iteration {self.checkpoint_iteration}")
+            raise
+        except Exception as exc:
+            self.status = "failed"
+            self.message = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+            self.summary = self.write_summary()
+        return self.summary
+
+    def write_summary(self) -> dict[str, Any]:
+        last = self.last_metrics or {}
+        summary = {
+            "status": self.status,
+            "message": self.message or None,
+            "final_test_acc": last.get("test_acc"),
+            "best_test_acc": self.best_test_acc,
+            "final_test_loss": last.get("test_loss"),
+            "final_train_loss": last.get("train_loss"),
+            "final_train_acc": last.get("train_acc"),
+            "iterations": self.iteration,
+            "iterations_per_epoch": self.iterations_per_epoch,
+            "epochs": round(self.iteration / self.iterations_per_epoch, 4),
+            "wall_time_s": round(self._elapsed(), 3),
+            "seed": self.settings.seed,
+            "torch_version": torch.__version__,
+            "device": str(self.data.device),
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+        summary.update(self.extra_summary)
+        write_text_atomic(json.dumps(summary, indent=2) + "\n", self.run_dir / SUMMARY)
+        return summary
