@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     _strip_subcommand_from_comp_line(command)
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [argv[0], *rest]
-    result = module.main()
+    try:
+        result = module.main()
+    except BrokenPipeError:          # e.g. `gsgd inspect ... | head`
+        sys.stderr.close()
+        return 0
     return int(result or 0)
 
 

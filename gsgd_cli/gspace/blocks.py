@@ -139,6 +139,8 @@ def find_chain_blocks(model: nn.Module) -> Discovery:
                 chain.append(successor[chain[-1]])
             blocks.append(ChainBlock([c.target for c in chain], [modules[c.target] for c in chain]))
 
+    in_block_names = {name for b in blocks for name in b.names}
+    notes = [note for note in notes if note.split(":")[0] not in in_block_names]
     in_block = {id(p) for b in blocks for m in b.modules for p in m.parameters()}
     owners: dict[int, int] = {}
     for _, module in model.named_modules():
