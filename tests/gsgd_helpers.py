@@ -29,13 +29,14 @@ def mlp(widths, bias, dtype=torch.float64):
     return nn.Sequential(*layers).to(dtype)
 
 
-def randomise(model, generator, low=0.5, high=1.5):
-    """Weights of both signs with magnitudes in [low, high] (well conditioned)."""
+def randomise(model, generator, low=0.5, high=1.5, positive=0.7):
+    """Weights of both signs (a fraction `positive` of them > 0, so that few units are dead)
+    with magnitudes in [low, high] (well conditioned)."""
     with torch.no_grad():
         for p in model.parameters():
             magnitude = low + (high - low) * torch.rand(p.shape, generator=generator,
                                                         dtype=p.dtype)
-            sign = torch.where(torch.rand(p.shape, generator=generator) < 0.5, -1.0, 1.0)
+            sign = torch.where(torch.rand(p.shape, generator=generator) < positive, 1.0, -1.0)
             p.copy_(magnitude * sign.to(p.dtype))
     return model
 

@@ -82,21 +82,52 @@ def _gather(t: Tensor, flat: Tensor) -> Tensor:
 
 
 @dataclass
+class LayerUpdate:
+    """What one weight layer needs to apply its step in place."""
+
+    weight_scale: Tensor | None     # 1/R per row ("in") or column ("out"); None: pivot layer
+    grad_coef: Tensor               # lr-free coefficient of dW, [n_out, n_in, 1]
+    bias_scale: Tensor | None
+    bias_coef: Tensor
+    keep: Tensor                    # values to write back at the skeleton entries
+
+
+@dataclass
 class ChainStep:
-    """Result of one block step, computed out of place (nothing written yet)."""
+    """A planned step of one chain block: computed and checked, nothing written yet.
 
-    weights: list[Tensor]
-    biases: list[Tensor | None]
-    pivot_ratio: Tensor       # R_j = u_j' / u_j
+    `grad_ok[i]` (weight layer i's gradients are finite and the update stays in range) and
+    `pivot_ok` (every pivot ratio is finite and at least `min_ratio` in magnitude) are
+    0-d/1-d boolean tensors, so the caller can check every block with one device sync.
+    """
+
+    layers: list[LayerUpdate]
+    pivot_ratio: Tensor             # R_j = u_j' / u_j
+    grad_ok: list[Tensor]
+    pivot_ok: Tensor
+
+    def checks(self) -> list[Tensor]:
+        return [self.pivot_ok, *self.grad_ok]
 
 
-def chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Tensor],
-               biases: list[Tensor | None], grads: list[Tensor | None],
-               bias_grads: list[Tensor | None], lr: float) -> ChainStep:
-    """One exact G-SGD step of a chain block; returns new tensors, leaves the inputs alone.
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum over dims 1, 2 of a * b for [o, i, K] tensors, without a temporary."""
+    return torch.linalg.vecdot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
 
-    `weights[i]` has `n_{i+1} * n_i * K_i` elements (any shape with that layout, e.g. a Linear
-    weight `[out, in]` or a conv weight `[out, in, kh, kw]`); a `None` gradient counts as zero.
+
+def _max_abs(t: Tensor) -> Tensor:
+    low, high = torch.aminmax(t)      # one pass; NaN propagates
+    return torch.maximum(-low, high)
+
+
+def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Tensor],
+                    biases: list[Tensor | None], grads: list[Tensor | None],
+                    bias_grads: list[Tensor | None], lr: float,
+                    min_ratio: float = 0.0) -> ChainStep:
+    """Compute one exact G-SGD step of a chain block without writing anything.
+
+    `weights[i]` has `n_{i+1} * n_i * K_i` elements (a Linear weight `[out, in]`, a conv
+    weight `[out, in, kh, kw]`, ...); a `None` gradient counts as zero.
     """
     pivot = skeleton.pivot_layer
     skel_values = [_gather(w, index.flat[i]) for i, w in enumerate(weights)]
@@ -105,15 +136,15 @@ def chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Tensor]
     # Inverse-Chain-Rule: S_j collects w * dw over the non-skeleton edges whose path has pivot j.
     pivot_sum = skel_values[pivot].new_zeros(skeleton.num_pivots)
     for i, layer in enumerate(skeleton.layers):
-        if layer.role == "pivot":
+        if layer.role == "pivot" or grads[i] is None:
             continue
-        if grads[i] is not None:
-            wg = _as_layer_view(weights[i] * grads[i], layer)
-            skel_wg = _gather(wg, index.flat[i])
-            if layer.role == "in":          # pivot = output node (row)
-                pivot_sum[: layer.n_out] += wg.sum(dim=(1, 2)) - skel_wg
-            else:                           # pivot = input node (column)
-                pivot_sum[: layer.n_in] += wg.sum(dim=(0, 2)) - skel_wg
+        w, g = _as_layer_view(weights[i], layer), _as_layer_view(grads[i], layer)
+        skel_wg = skel_values[i] * _gather(g, index.flat[i])
+        if layer.role == "in":          # pivot = output node (row)
+            pivot_sum[: layer.n_out] += _row_dot(w, g) - skel_wg
+        else:                           # pivot = input node (column)
+            pivot_sum[: layer.n_in] += torch.einsum("oik,oik->i", w, g) - skel_wg
+    for i, layer in enumerate(skeleton.layers):
         if layer.role == "in" and biases[i] is not None and bias_grads[i] is not None:
             pivot_sum[: layer.n_out] += biases[i] * bias_grads[i]
 
@@ -121,45 +152,57 @@ def chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Tensor]
     du = (_gather(grads[pivot], index.flat[pivot]) if grads[pivot] is not None
           else torch.zeros_like(u))
     t = ins[pivot][index.cols[pivot]] * outs[pivot + 1]
-    # u' = u - lr * (du - S/u) / t^2, written so that it needs no division by u.
     new_u = u - lr * (du - pivot_sum / u) / (t * t)
     ratio = new_u / u
+    pivot_ok = torch.isfinite(ratio) & (ratio.abs() >= min_ratio) & (ratio != 0)
 
     # Weight-Allocation: SGD on every non-skeleton edge's path value, then divide by R_pi(e).
-    new_weights: list[Tensor] = []
-    new_biases: list[Tensor | None] = []
+    layers: list[LayerUpdate] = []
+    grad_ok: list[Tensor] = []
     for i, layer in enumerate(skeleton.layers):
-        w = _as_layer_view(weights[i], layer)
         row_scale = outs[i + 1].reciprocal().square()            # 1 / Out^2 per output node
         col_scale = ins[i].reciprocal().square()                 # 1 / In^2 per input node
-        inv_r = None
         if layer.role == "in":
             inv_r = ratio[: layer.n_out].reciprocal()
-            new_w = w * inv_r[:, None, None]
-            grad_coef = (row_scale * inv_r)[:, None] * col_scale[None, :]
+            row_scale = row_scale * inv_r
         elif layer.role == "out":
             inv_r = ratio[: layer.n_in].reciprocal()
-            new_w = w * inv_r[None, :, None]
-            grad_coef = row_scale[:, None] * (col_scale * inv_r)[None, :]
+            col_scale = col_scale * inv_r
         else:
-            new_w = w.clone()
-            grad_coef = row_scale[:, None] * col_scale[None, :]
+            inv_r = None
+        grad_coef = (row_scale[:, None] * col_scale[None, :])[:, :, None]
+        keep = new_u if layer.role == "pivot" else skel_values[i]
+        bias_scale = inv_r if layer.role == "in" else None
+        # bound on |lr * coef * dW|: finite iff the gradients are finite and nothing overflows
+        bound = row_scale.abs().amax() * col_scale.abs().amax() * lr
         if grads[i] is not None:
-            new_w.addcmul_(_as_layer_view(grads[i], layer), grad_coef[:, :, None], value=-lr)
-        flat_new = new_w.view(-1)
-        if layer.role == "pivot":
-            flat_new.index_copy_(0, index.flat[i], new_u)
-        else:
-            flat_new.index_copy_(0, index.flat[i], skel_values[i])
-        new_weights.append(new_w.view_as(weights[i]))
+            bound = bound * _max_abs(grads[i])
+        if biases[i] is not None and bias_grads[i] is not None:
+            bound = bound + lr * row_scale.abs().amax() * _max_abs(bias_grads[i])
+        ok = torch.isfinite(bound)
+        if inv_r is not None:
+            ok = ok & torch.isfinite(inv_r).all()
+        grad_ok.append(ok)
+        layers.append(LayerUpdate(inv_r, grad_coef, bias_scale, row_scale, keep))
+    return ChainStep(layers, ratio, grad_ok, pivot_ok.all())
 
+
+def apply_chain_step(skeleton: ChainSkeleton, index: ChainIndex, step: ChainStep,
+                     weights: list[Tensor], biases: list[Tensor | None],
+                     grads: list[Tensor | None], bias_grads: list[Tensor | None],
+                     lr: float) -> None:
+    """Write a planned step into the weights and biases, in place."""
+    for i, (layer, update) in enumerate(zip(skeleton.layers, step.layers)):
+        w = _as_layer_view(weights[i], layer)
+        if update.weight_scale is not None:
+            scale = update.weight_scale
+            w.mul_(scale[:, None, None] if layer.role == "in" else scale[None, :, None])
+        if grads[i] is not None:
+            w.addcmul_(_as_layer_view(grads[i], layer), update.grad_coef, value=-lr)
+        w.view(-1).index_copy_(0, index.flat[i], update.keep)
         bias = biases[i]
-        if bias is None:
-            new_biases.append(None)
-            continue
-        new_b = bias * inv_r if layer.role == "in" else bias.clone()
-        if bias_grads[i] is not None:
-            coef = row_scale * inv_r if layer.role == "in" else row_scale
-            new_b.addcmul_(bias_grads[i], coef, value=-lr)
-        new_biases.append(new_b)
-    return ChainStep(new_weights, new_biases, ratio)
+        if bias is not None:
+            if update.bias_scale is not None:
+                bias.mul_(update.bias_scale)
+            if bias_grads[i] is not None:
+                bias.addcmul_(bias_grads[i], update.bias_coef, value=-lr)

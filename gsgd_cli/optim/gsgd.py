@@ -36,7 +36,7 @@ from torch.optim import Optimizer
 
 from ..gspace.blocks import ChainBlock, find_chain_blocks
 from ..gspace.skeleton import ChainSkeleton, UnsupportedWidthProfile, build_skeleton
-from ..gspace.update import ChainIndex, chain_step
+from ..gspace.update import ChainIndex, apply_chain_step, plan_chain_step
 
 SKELETON_INITS = ("one", "keep")
 
@@ -58,9 +58,12 @@ class _BlockPlan:
             self.indices[device] = ChainIndex.build(self.skeleton, device)
         return self.indices[device]
 
-    @property
-    def label(self) -> str:
-        return " -> ".join(self.block.names)
+    def tensors(self):
+        """(weights, biases, grads, bias grads), detached, in layer order."""
+        return ([w.detach() for w in self.weights],
+                [b.detach() if b is not None else None for b in self.biases],
+                [w.grad for w in self.weights],
+                [b.grad if b is not None else None for b in self.biases])
 
 
 def _check_positive(name: str, value, strictly: bool = True) -> None:
@@ -159,53 +162,46 @@ class GSGD(Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         lr = group["lr"]
-        pending: list[tuple[str, Tensor, Tensor]] = []   # (layer name, parameter, new value)
-        ratios: list[tuple[_BlockPlan, Tensor]] = []
+        planned = []
         for plan in self._plans:
-            grads = [w.grad for w in plan.weights]
-            bias_grads = [b.grad if b is not None else None for b in plan.biases]
-            if all(g is None for g in grads + bias_grads):
+            tensors = plan.tensors()
+            if all(g is None for g in tensors[2] + tensors[3]):
                 continue
             index = plan.index_on(plan.weights[0].device)
-            result = chain_step(plan.skeleton, index, [w.detach() for w in plan.weights],
-                                [b.detach() if b is not None else None for b in plan.biases],
-                                grads, bias_grads, lr)
-            ratios.append((plan, result.pivot_ratio))
-            for name, w, new in zip(plan.block.names, plan.weights, result.weights):
-                pending.append((name, w, new))
-            for name, b, new in zip(plan.block.names, plan.biases, result.biases):
-                if b is not None:
-                    pending.append((name, b, new))
-        if pending:
-            self._check(pending, ratios, group["min_pivot_ratio"], lr)
-            for _, param, new in pending:
-                param.copy_(new)
+            step = plan_chain_step(plan.skeleton, index, *tensors, lr, group["min_pivot_ratio"])
+            planned.append((plan, index, step, tensors))
+        if planned:   # every check of every block in one device sync; nothing written yet
+            checks = torch.stack([c for _, _, step, _ in planned for c in step.checks()])
+            if not bool(checks.all()):
+                self._raise_step_error(planned, lr)
+            for plan, index, step, tensors in planned:
+                apply_chain_step(plan.skeleton, index, step, *tensors, lr)
         outside = [p for p in self._outside if p.grad is not None]
         if outside:
             torch._foreach_add_(outside, [p.grad for p in outside], alpha=-lr)
         return loss
 
-    def _check(self, pending, ratios, min_ratio: float, lr: float) -> None:
-        flags = [torch.isfinite(r).all() & (r.abs() >= min_ratio).all() & (r != 0).all()
-                 for _, r in ratios]
-        flags += [torch.isfinite(new).all() for _, _, new in pending]
-        if bool(torch.stack(flags).all()):
-            return
+    def _raise_step_error(self, planned, lr: float) -> None:
         advice = f"lower the learning rate (lr={lr:g}) or check the inputs and loss"
-        for plan, _ in ratios:
+        for plan, _, step, _ in planned:
             for name, p in zip(plan.block.names * 2, [*plan.weights, *plan.biases]):
                 if p is not None and p.grad is not None and not bool(p.grad.isfinite().all()):
                     raise GSGDStepError(f"G-SGD step failed in layer '{name}': its gradient is "
                                         f"not finite; {advice}. Nothing was updated.")
-        for plan, r in ratios:
-            bad = ~torch.isfinite(r) | (r.abs() < min_ratio) | (r == 0)
-            if bool(bad.any()):
-                j = int(bad.nonzero()[0])
+        for plan, _, step, _ in planned:
+            if not bool(step.pivot_ok):
+                r = step.pivot_ratio
+                j = int((~(torch.isfinite(r) & (r != 0))
+                         | (r.abs() < plan_min_ratio(self))).nonzero()[0])
                 name = plan.block.names[plan.skeleton.pivot_layer]
                 raise GSGDStepError(
                     f"G-SGD step failed in layer '{name}': pivot {j} would change by the ratio "
                     f"{float(r[j]):.3g} (to 0 or not finite); {advice}. Nothing was updated.")
-        for name, _, new in pending:
-            if not bool(torch.isfinite(new).all()):
-                raise GSGDStepError(f"G-SGD step failed in layer '{name}': the update is not "
-                                    f"finite; {advice}. Nothing was updated.")
+            for name, ok in zip(plan.block.names, step.grad_ok):
+                if not bool(ok):
+                    raise GSGDStepError(f"G-SGD step failed in layer '{name}': the update is not "
+                                        f"finite; {advice}. Nothing was updated.")
+
+
+def plan_min_ratio(optimizer: GSGD) -> float:
+    return optimizer.param_groups[0]["min_pivot_ratio"]
