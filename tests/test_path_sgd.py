@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gsgd_cli.models.convnets import BasicBlock, PlainNet, ResNet
 from gsgd_cli.models.mlp import MLP
 from gsgd_cli.optim.path_sgd import PathSGD, needs_input_shape
 
@@ -191,6 +192,21 @@ def test_kappa_equals_brute_force_functional_model():
     assert max_rel_err(opt, opt.compute_kappa(), reference) < 1e-10
 
 
+@pytest.mark.parametrize("kind", ["resnet", "plain"])
+def test_kappa_equals_brute_force_on_the_real_conv_models_without_bn(kind):
+    """The project's ResNet (residual sums, identity and projection shortcuts, stride 2, global
+    average pooling) and PlainNet, at tiny width, bn=False."""
+    if kind == "resnet":
+        model, shape = ResNet(1, 2, blocks=(1, 1), widths=(1, 1), bn=False), (1, 3, 3)
+        assert isinstance(model[3], BasicBlock) and isinstance(model[3].shortcut, nn.Sequential)
+    else:
+        model, shape = PlainNet(1, 2, blocks=(1, 1), widths=(2, 2), bn=False), (1, 4, 4)
+    model = randomise(model.double(), seed=31)
+    opt = PathSGD(model, lr=0.1, input_shape=shape)
+    err = max_rel_err(opt, opt.compute_kappa(), brute_force_kappa(model, shape))
+    assert err < 1e-10
+
+
 def test_kappa_depends_on_image_size():
     model, _ = conv_net("gap")
     randomise(model, seed=2)
@@ -286,6 +302,40 @@ def test_invariance_same_function_from_w_and_rescaled_w_sgd_drifts(model_kind):
         assert float((a - b).abs().max()) <= 1e-9 * max(1.0, float(a.abs().max())), t
     assert float((out_w[0] - out_w[-1]).abs().max()) > 1e-2  # the trajectory really moves
 
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=lr)  # noqa: E731
+    sgd_w = _outputs_along_trajectory(copy.deepcopy(model), sgd, x, y, steps)
+    sgd_g = _outputs_along_trajectory(copy.deepcopy(rescaled), sgd, x, y, steps)
+    assert float((sgd_w[-1] - sgd_g[-1]).abs().max()) > 1e-3
+
+
+def _rescale_resnet_internal_channels(model, seed, low=0.2, high=5.0):
+    """g(w) for a bn-free ResNet: scale each block's internal channels (body.0 out, body.2 in)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.modules():
+            if isinstance(block, BasicBlock):
+                a, b = block.body[0], block.body[2]
+                c = low + (high - low) * torch.rand(a.out_channels, generator=gen,
+                                                    dtype=torch.float64)
+                a.weight.mul_(c.reshape(-1, 1, 1, 1))
+                b.weight.div_(c.reshape(1, -1, 1, 1))
+    return model
+
+
+def test_invariance_on_the_real_resnet_without_bn():
+    model = ResNet(1, 3, blocks=(1, 1), widths=(2, 3), bn=False).double()
+    shape = (1, 4, 4)
+    x, y = _data(shape, n=16, classes=3)
+    rescaled = _rescale_resnet_internal_channels(copy.deepcopy(model), seed=17)
+    with torch.no_grad():
+        assert torch.allclose(model(x), rescaled(x), rtol=1e-12, atol=1e-12)
+    steps, lr = 20, 0.05
+    path = lambda m: PathSGD(m, lr=lr, input_shape=shape)  # noqa: E731
+    out_w = _outputs_along_trajectory(copy.deepcopy(model), path, x, y, steps)
+    out_g = _outputs_along_trajectory(copy.deepcopy(rescaled), path, x, y, steps)
+    for t, (a, b) in enumerate(zip(out_w, out_g)):
+        assert float((a - b).abs().max()) <= 1e-9 * max(1.0, float(a.abs().max())), t
+    assert float((out_w[0] - out_w[-1]).abs().max()) > 1e-2
     sgd = lambda m: torch.optim.SGD(m.parameters(), lr=lr)  # noqa: E731
     sgd_w = _outputs_along_trajectory(copy.deepcopy(model), sgd, x, y, steps)
     sgd_g = _outputs_along_trajectory(copy.deepcopy(rescaled), sgd, x, y, steps)
@@ -581,14 +631,22 @@ UNSUPPORTED = [
      "PathSGD does not support normalisation: module '1' (BatchNorm2d): its output is not a sum "
      "over paths of weight products, so the squared-weight construction does not give the path "
      "norm; remove it or use another optimizer"),
+    ("plain-bn", lambda: PlainNet(3, 10, blocks=(1, 1), widths=(4, 8), bn=True),
+     "PathSGD does not support normalisation: module '1' (BatchNorm2d): its output is not a sum "
+     "over paths of weight products, so the squared-weight construction does not give the path "
+     "norm; remove it or use another optimizer"),
+    ("resnet-bn", lambda: ResNet(3, 10, blocks=(1, 1), widths=(4, 8), bn=True),
+     "PathSGD does not support normalisation: module '1' (BatchNorm2d): its output is not a sum "
+     "over paths of weight products, so the squared-weight construction does not give the path "
+     "norm; remove it or use another optimizer"),
     ("maxpool", lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                       nn.Flatten(), nn.Linear(8, 2)),
      "PathSGD does not support max pooling: module '2' (MaxPool2d): which input it passes "
      "depends on the data, so it has no fixed path structure; use average pooling or a strided "
      "convolution"),
     ("sigmoid", lambda: nn.Sequential(nn.Linear(3, 3), nn.Sigmoid(), nn.Linear(3, 2)),
-     "PathSGD does not support module '1' (Sigmoid): only ReLU, flatten, dropout, identity and "
-     "average pooling may join the Linear/Conv2d layers"),
+     "PathSGD does not support module '1' (Sigmoid): only ReLU, flatten, dropout, identity, "
+     "average pooling and residual sums may join the Linear/Conv2d layers"),
     ("prelu", lambda: nn.Sequential(nn.Linear(3, 3), nn.PReLU(), nn.Linear(3, 2)),
      "PathSGD does not support module '1' (PReLU): it has parameters and is not nn.Linear or "
      "nn.Conv2d"),
@@ -605,8 +663,8 @@ UNSUPPORTED = [
     ("twice", _Twice,
      "PathSGD does not support module 'a' (Linear): it is applied more than once in forward"),
     ("scaled", lambda: nn.Sequential(nn.Linear(3, 3), nn.Hardtanh(), nn.Linear(3, 2)),
-     "PathSGD does not support module '1' (Hardtanh): only ReLU, flatten, dropout, identity and "
-     "average pooling may join the Linear/Conv2d layers"),
+     "PathSGD does not support module '1' (Hardtanh): only ReLU, flatten, dropout, identity, "
+     "average pooling and residual sums may join the Linear/Conv2d layers"),
     ("circular", lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular")),
      "PathSGD does not support module '0' (Conv2d, padding_mode='circular'): only "
      "padding_mode='zeros' is supported"),
@@ -638,6 +696,22 @@ def test_tensor_arithmetic_is_refused():
 
     with pytest.raises(ValueError, match=r"^PathSGD does not support function 'mul'"):
         PathSGD(Scaled(), lr=0.1)
+
+
+def test_adding_a_constant_is_refused():
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x) + 1.0
+
+    with pytest.raises(ValueError) as info:
+        PathSGD(Shifted(), lr=0.1)
+    assert str(info.value) == (
+        "PathSGD does not support function 'add': only the sum of two tensors (a residual "
+        "connection) is supported, not adding a constant or scaling by alpha")
 
 
 def test_needs_input_shape_helper():

@@ -30,6 +30,9 @@ module or operation):
 * between them: ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``x.relu()``), flatten
   (``nn.Flatten``, ``torch.flatten``, ``x.flatten()``, ``x.view``/``x.reshape``), dropout
   (``nn.Dropout*``/``F.dropout``: identity in the eval-mode copy), ``nn.Identity``;
+* residual sums ``a + b`` of two tensors (``+``, ``torch.add``, ``a.add(b)``, no ``alpha``):
+  a sum has coefficient 1 on both branches, so paths through either branch are counted; an
+  identity shortcut is a path segment with no weight (ResNet without batch norm);
 * average pooling: ``nn.AvgPool2d``/``F.avg_pool2d`` (any kernel, stride, padding, ceil_mode,
   count_include_pad, divisor_override), ``nn.AdaptiveAvgPool2d``/``F.adaptive_avg_pool2d``
   and ``x.mean(dims)``/``torch.mean`` (global average pooling). A pooling output is
@@ -78,6 +81,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import operator
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -222,14 +226,23 @@ def _unsupported(what: str, why: str) -> ValueError:
     return ValueError(f"PathSGD does not support {what}: {why}")
 
 
+def _check_tensor_sum(node: fx.Node) -> None:
+    """``a + b`` of two tensors (a residual sum) is a sum over paths with coefficient 1."""
+    if (len(node.args) != 2 or node.kwargs
+            or not all(isinstance(a, fx.Node) for a in node.args)):
+        raise _unsupported(_describe(node), "only the sum of two tensors (a residual "
+                                            "connection) is supported, not adding a constant "
+                                            "or scaling by alpha")
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise ValueError(
             f"PathSGD could not trace the model with torch.fx ({type(exc).__name__}: {exc}). "
-            "Path-SGD supports Linear/Conv2d layers joined by ReLU, flatten, average pooling and "
-            "dropout, written without data-dependent control flow.") from exc
+            "Path-SGD supports Linear/Conv2d layers joined by ReLU, flatten, average pooling, "
+            "dropout and residual sums, written without data-dependent control flow.") from exc
 
 
 def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional[tuple]]:
@@ -307,8 +320,8 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
                 raise _unsupported(
                     f"module '{node.target}' ({type(mod).__name__})",
                     ("it has parameters and is not nn.Linear or nn.Conv2d" if has_params else
-                     "only ReLU, flatten, dropout, identity and average pooling may join the "
-                     "Linear/Conv2d layers"))
+                     "only ReLU, flatten, dropout, identity, average pooling and residual sums "
+                     "may join the Linear/Conv2d layers"))
             name = f"_pathsgd_squared_pool_{n_pool}"
             n_pool += 1
             gm.add_submodule(name, new)
@@ -320,6 +333,10 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
                 if node.target not in _FLAT_SAFE_FUNCTIONS:
                     flat_safe_prefix = False
                 continue
+            if node.target in (operator.add, torch.add):
+                _check_tensor_sum(node)
+                flat_safe_prefix = False
+                continue
             if node.target is F.avg_pool2d:
                 node.target = _sq_avg_pool2d
             elif node.target is F.adaptive_avg_pool2d:
@@ -327,8 +344,8 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
             elif node.target is torch.mean:
                 node.target = _sq_mean
             else:
-                raise _unsupported(_describe(node), "only ReLU, flatten, dropout and average "
-                                   "pooling may join the Linear/Conv2d layers")
+                raise _unsupported(_describe(node), "only ReLU, flatten, dropout, average "
+                                   "pooling and residual sums may join the Linear/Conv2d layers")
             flat_safe_prefix = False
             continue
         if node.op == "call_method":
@@ -336,14 +353,18 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
                 if node.target not in _FLAT_SAFE_METHODS:
                     flat_safe_prefix = False
                 continue
+            if node.target == "add":
+                _check_tensor_sum(node)
+                flat_safe_prefix = False
+                continue
             if node.target == "mean":
                 # x.mean(dims) -> _sq_mean(x, dims)
                 node.op = "call_function"
                 node.target = _sq_mean
                 flat_safe_prefix = False
                 continue
-            raise _unsupported(_describe(node), "only ReLU, flatten, dropout and average pooling "
-                                                "may join the Linear/Conv2d layers")
+            raise _unsupported(_describe(node), "only ReLU, flatten, dropout, average pooling "
+                                                "and residual sums may join the Linear/Conv2d layers")
         raise _unsupported(_describe(node), f"unexpected graph node kind {node.op!r}")
     if not layer_nodes:
         raise _unsupported("this model", "it has no nn.Linear or nn.Conv2d layer")
