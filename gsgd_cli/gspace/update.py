@@ -110,9 +110,13 @@ class ChainStep:
         return [self.pivot_ok, *self.grad_ok]
 
 
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum over dims 1, 2 of a * b for [o, i, K] tensors, without a temporary."""
-    return torch.linalg.vecdot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+def _node_sums(w: Tensor, g: Tensor, dim: int) -> Tensor:
+    """Sums of w * g ([o, i, K]) per row (dim 0) or per column (dim 1).
+
+    (einsum/vecdot lower this to many tiny batched matmuls on the CPU: far slower.)"""
+    prod = w * g
+    prod = prod.sum(2) if prod.shape[2] > 1 else prod.squeeze(2)
+    return prod.sum(1 - dim)
 
 
 def _max_abs(t: Tensor) -> Tensor:
@@ -141,9 +145,9 @@ def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Te
         w, g = _as_layer_view(weights[i], layer), _as_layer_view(grads[i], layer)
         skel_wg = skel_values[i] * _gather(g, index.flat[i])
         if layer.role == "in":          # pivot = output node (row)
-            pivot_sum[: layer.n_out] += _row_dot(w, g) - skel_wg
+            pivot_sum[: layer.n_out] += _node_sums(w, g, 0) - skel_wg
         else:                           # pivot = input node (column)
-            pivot_sum[: layer.n_in] += torch.einsum("oik,oik->i", w, g) - skel_wg
+            pivot_sum[: layer.n_in] += _node_sums(w, g, 1) - skel_wg
     for i, layer in enumerate(skeleton.layers):
         if layer.role == "in" and biases[i] is not None and bias_grads[i] is not None:
             pivot_sum[: layer.n_out] += biases[i] * bias_grads[i]
