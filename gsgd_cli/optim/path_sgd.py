@@ -29,7 +29,8 @@ module or operation):
   padding, dilation, groups), each used once, weights not shared;
 * between them: ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``x.relu()``), flatten
   (``nn.Flatten``, ``torch.flatten``, ``x.flatten()``, ``x.view``/``x.reshape``), dropout
-  (``nn.Dropout*``/``F.dropout``: identity in the eval-mode copy), ``nn.Identity``;
+  (``nn.Dropout*``/``F.dropout*``: identity in the copy, whatever their ``training`` flag),
+  ``nn.Identity``;
 * residual sums ``a + b`` of two tensors (``+``, ``torch.add``, ``a.add(b)``, no ``alpha``):
   a sum has coefficient 1 on both branches, so paths through either branch are counted; an
   identity shortcut is a path segment with no weight (ResNet without batch norm);
@@ -44,6 +45,10 @@ module or operation):
   over paths of weight products), max pooling (its paths depend on the input), any other module
   or function, parameters used outside ``nn.Linear``/``nn.Conv2d``, tuple outputs, models that
   ``torch.fx`` cannot trace.
+
+``compute_kappa()`` returns kappa at the current weights (one tensor per parameter, ``None``
+for a parameter outside the supported layers); ``needs_input_shape(model)`` tells a trainer
+whether it must pass ``input_shape``.
 
 ``input_shape`` (the input's shape without the batch dimension) is inferred only when the first
 parameterised layer is an ``nn.Linear`` reached from the input through flatten/ReLU/dropout only
@@ -104,11 +109,17 @@ _NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
                  nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
               nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_PASS_FUNCTIONS = (F.relu, torch.relu, torch.flatten, F.dropout, F.dropout1d, F.dropout2d)
+_PASS_FUNCTIONS = (F.relu, torch.relu, torch.flatten)
+_DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
 _PASS_METHODS = ("relu", "relu_", "flatten", "view", "reshape", "size", "dim", "contiguous")
 # Operations allowed between the input and the first Linear when input_shape is inferred.
 _FLAT_SAFE_MODULES = (nn.ReLU, nn.Flatten, nn.Identity, nn.Dropout)
 _FLAT_SAFE_FUNCTIONS = (F.relu, torch.relu, torch.flatten, F.dropout)
+
+
+def _first_argument(x, *args, **kwargs):
+    """Identity (dropout in the squared-weight copy)."""
+    return x
 _FLAT_SAFE_METHODS = ("relu", "relu_", "flatten")
 
 
@@ -329,6 +340,10 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
             flat_safe_prefix = False
             continue
         if node.op == "call_function":
+            if node.target in _DROPOUT_FUNCTIONS:
+                # F.dropout(x, p) defaults to training=True: make it the identity in the copy.
+                node.target = _first_argument
+                continue
             if node.target in _PASS_FUNCTIONS:
                 if node.target not in _FLAT_SAFE_FUNCTIONS:
                     flat_safe_prefix = False
