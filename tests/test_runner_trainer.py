@@ -1,0 +1,145 @@
+"""The Hydra-independent trainer: budget, schedule, records, resume equality, divergence."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gsgd_cli.data import load_data
+from gsgd_cli.models import MLP, ResNet
+from gsgd_cli.optim.sgd import make_sgd
+from gsgd_cli.train import Schedule, Trainer, TrainSettings, UserError
+from gsgd_cli.train.checkpoint import load
+
+SYNTH = {"name": "synthetic", "shape": [3, 8, 8], "num_classes": 4, "train_size": 100,
+         "test_size": 40, "augment": True}
+
+
+def make_trainer(run_dir, *, iterations=20, dtype=torch.float64, lr=0.05, model="mlp",
+                 schedule=None, **settings):
+    torch.manual_seed(0)
+    data = load_data(SYNTH)
+    if model == "mlp":
+        net = MLP(3 * 8 * 8, 4, width=16)
+    else:
+        net = ResNet(3, 4, blocks=[1, 1], widths=[4, 8])
+    net = net.to(dtype)
+    opt = make_sgd(net, lr=lr, momentum=0.9)
+    settings = TrainSettings(**{"iterations": iterations, "batch_size": 16, "dtype": dtype,
+                                "progress": False, "tensorboard": False, **settings})
+    return Trainer(net, opt, data, run_dir, settings,
+                   schedule or Schedule("multistep", "iteration", (7, 15), 0.5), log=lambda m: None)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model", ["mlp", "resnet"])
+def test_resume_gives_the_same_weights(tmp_path, model):
+    # float64, SGD with momentum (optimizer state), augmentation on (data RNG), a multistep
+    # schedule, BN running stats (resnet) and an interruption in the middle of an epoch.
+    full = make_trainer(tmp_path / "full", iterations=17, model=model, eval_every=5)
+    full.fit()
+    part = make_trainer(tmp_path / "part", iterations=9, model=model, eval_every=5)
+    part.fit()
+    assert part.iteration == 9 and 9 % part.iterations_per_epoch != 0
+    resumed = make_trainer(tmp_path / "part", iterations=17, model=model, eval_every=5)
+    resumed.fit(resume=True)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [m["iteration"] for m in read_metrics(tmp_path / "part")] == [5, 9, 10, 15, 17]
+    full_metrics = {m["iteration"]: m for m in read_metrics(tmp_path / "full")}
+    assert read_metrics(tmp_path / "part")[-1]["test_loss"] == full_metrics[17]["test_loss"]
+
+
+def test_resume_from_mid_run_checkpoint_drops_later_metrics(tmp_path):
+    first = make_trainer(tmp_path, iterations=12, eval_every=2, checkpoint_every=5)
+    first.fit()
+    # Pretend the run was killed after iteration 12's metrics but the checkpoint said 10.
+    state = load(tmp_path / "checkpoint.pt")
+    assert state["iteration"] == 12
+    reference = make_trainer(tmp_path / "ref", iterations=10, eval_every=2, checkpoint_every=5)
+    reference.fit()
+    (tmp_path / "checkpoint.pt").write_bytes((tmp_path / "ref" / "checkpoint.pt").read_bytes())
+    again = make_trainer(tmp_path, iterations=12, eval_every=2, checkpoint_every=5)
+    again.fit(resume=True)
+    iterations = [m["iteration"] for m in read_metrics(tmp_path)]
+    assert iterations == [2, 4, 6, 8, 10, 12]
+    for a, b in zip(first.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_without_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="resume=true but there is no checkpoint at"):
+        make_trainer(tmp_path).fit(resume=True)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, iterations=50, lr=1e12, checkpoint_every=1,
+                           schedule=Schedule(), dtype=torch.float32)
+    summary = trainer.fit()
+    assert summary["status"] == "diverged"
+    assert "training diverged" in summary["message"] and "last good checkpoint" in summary["message"]
+    state = load(tmp_path / "checkpoint.pt")
+    assert state["iteration"] == trainer.iteration < 50
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["status"] == "diverged"
+
+
+def test_schedule_factors():
+    ms = Schedule("multistep", "epoch", (2, 4), 0.1)
+    assert [ms.factor(i, 10) for i in (0, 19, 20, 39, 40, 99)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    it = Schedule("multistep", "iteration", (3,), 0.5)
+    assert [it.factor(i, 100) for i in (2, 3)] == [1, 0.5]
+    ex = Schedule("exponential", "epoch", gamma=0.5)
+    assert [ex.factor(i, 10) for i in (0, 9, 10, 25)] == [1, 1, 0.5, 0.25]
+    assert Schedule("exponential", "iteration", gamma=0.5).factor(3, 10) == 0.125
+    assert Schedule().factor(12345, 10) == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"kind": "cosine"}, "Invalid schedule.name='cosine'"),
+    ({"unit": "step"}, "Invalid schedule.unit='step'"),
+    ({"kind": "multistep", "milestones": (5, 2)}, r"Invalid schedule.milestones=\[5, 2\]"),
+    ({"gamma": 0}, "Invalid schedule.gamma=0"),
+])
+def test_schedule_errors(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        Schedule(**kwargs)
+
+
+def test_lr_in_metrics_follows_schedule(tmp_path):
+    make_trainer(tmp_path, iterations=18, eval_every=6).fit()
+    assert [m["lr"] for m in read_metrics(tmp_path)] == pytest.approx([0.05, 0.025, 0.0125])
+
+
+def test_epoch_budget_and_records(tmp_path):
+    trainer = make_trainer(tmp_path, iterations=None, epochs=2, tensorboard=True)
+    summary = trainer.fit()
+    assert trainer.iterations_per_epoch == 100 // 16
+    assert summary["iterations"] == 2 * 6 and summary["status"] == "completed"
+    metrics = read_metrics(tmp_path)
+    assert [m["epoch"] for m in metrics] == [1.0, 2.0]
+    assert set(metrics[0]) == {"iteration", "epoch", "lr", "train_loss", "train_acc",
+                               "test_loss", "test_acc", "elapsed_s"}
+    assert summary["final_test_acc"] == metrics[-1]["test_acc"]
+    assert summary["best_test_acc"] == max(m["test_acc"] for m in metrics)
+    assert summary["final_train_loss"] == metrics[-1]["train_loss"]
+    for key in ("wall_time_s", "seed", "torch_version", "device"):
+        assert key in summary
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"batch_size": 0}, r"Invalid train.batch_size=0. Must be a positive integer"),
+    ({"iterations": -3}, r"Invalid train.iterations=-3"),
+    ({"iterations": None, "epochs": None}, "No training budget"),
+    ({"eval_every": 0}, r"Invalid train.eval_every=0"),
+    ({"batch_size": 1000}, r"train.batch_size=1000: larger than the training split"),
+])
+def test_bad_settings(tmp_path, settings, message):
+    with pytest.raises(UserError, match=message):
+        make_trainer(tmp_path, **settings)
