@@ -6,8 +6,11 @@ no Python traceback is shown for user errors. Messages say what is wrong and how
 from __future__ import annotations
 
 
-class UserError(Exception):
-    """A problem in the user's configuration or environment, with a one-line fix in the message."""
+class UserError(ValueError):
+    """A problem in the user's configuration or environment, with a one-line fix in the message.
+
+    A `ValueError`, so callers that only know bad values (e.g. `gsgd inspect`) catch it too.
+    """
 
 
 class DataNotFoundError(UserError):
