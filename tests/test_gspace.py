@@ -53,7 +53,8 @@ def test_fast_skeleton_matches_reference_skeleton(name, widths):
     skeleton = build_skeleton(widths)
     fast_free, fast_pivots = set(), set()
     for layer in skeleton.layers:
-        ids = {weight_id[layer.index][int(r)][int(c)] for r, c in zip(layer.rows, layer.cols)}
+        ids = {weight_id[layer.index][int(r)][int(c)][layer.centre]
+               for r, c in zip(layer.rows, layer.cols)}
         (fast_pivots if layer.role == "pivot" else fast_free).update(ids)
     assert fast_free == set(basis.free)
     assert fast_pivots == set(basis.pivots)

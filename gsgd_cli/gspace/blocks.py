@@ -1,11 +1,23 @@
 """Find a model's chain blocks: runs of layers joined only by ReLU, by tracing with torch.fx.
 
-A chain block is a sequence of `nn.Linear` layers `f_0, f_1, ...` where the output of `f_i`
-reaches `f_{i+1}` through ReLU (at least one) and operations that commute with a positive
-per-feature scale (dropout, identity, flatten of `[batch, features]` activations), and
-through nothing else: every intermediate value has exactly one user, so no hidden activation
-leaks out (a skip connection reading it would break the invariance). The block's input and
-output nodes are not rescaled, so anything may come before its first and after its last layer.
+A chain block is a sequence of layers `f_0, f_1, ...` (`nn.Linear`, or `nn.Conv2d` with
+`groups=1` and zero padding) where the output of `f_i` reaches `f_{i+1}` through ReLU (at
+least one) and operations that commute with a positive per-channel scale (dropout, identity,
+average and max pooling, zero padding, flatten), and through nothing else: every intermediate
+value has exactly one user, so no hidden activation leaks out (a skip connection reading it
+would break the invariance). The block's input and output nodes are not rescaled, so anything
+may come before its first and after its last layer; in a residual block the shortcut pins
+the block's input and output channels and the chain lies inside the block.
+
+A hidden node is a feature of a Linear layer or a channel of a convolution. Every layer is seen
+as `[n_out, n_in, K]`: K parallel edges per node pair (the kernel elements of a convolution;
+the spatial positions when a Linear layer reads a flattened feature map of `n_in` channels).
+The skeleton edge of a node pair is the kernel centre (offset 0 for a Linear layer).
+
+With `bn="approx"`, batch norm between two layers is let through as well and the layer it
+follows is flagged: G-SGD then applies the paper's approximation (appendix 11.2) to it, since
+batch norm makes each filter scale-invariant by itself and the chain is no longer exactly
+invariant. With `bn="split"` batch norm ends a chain.
 
 Parameters outside every chain block (a lone Linear, normalisation layers, ...) are listed in
 `Discovery.outside` and take a plain SGD step.
@@ -21,13 +33,39 @@ from torch import fx, nn
 _RELU_MODULES = (nn.ReLU,)
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_}
 _RELU_METHODS = {"relu", "relu_"}
-_PASS_MODULES = (nn.Dropout, nn.Identity, nn.Flatten)
-_PASS_FUNCTIONS = {F.dropout, torch.flatten}
+_PASS_MODULES = (nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten, nn.AvgPool2d,
+                 nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d)
+_PASS_FUNCTIONS = {F.dropout, torch.flatten, F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d,
+                   F.adaptive_max_pool2d}
 _PASS_METHODS = {"flatten"}
+_FLATTENS = (nn.Flatten,)
+_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
+BN_MODES = ("approx", "split")
 
 
 class ModelNotTraceable(ValueError):
     """torch.fx could not trace the model's forward."""
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """A layer seen as `[n_out, n_in, K]`, skeleton edges at kernel offset `centre`."""
+
+    n_out: int
+    n_in: int
+    kernel: int
+    centre: int
+
+
+def _out_nodes(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _is_layer(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1
+            and module.padding_mode == "zeros")
 
 
 @dataclass
@@ -36,10 +74,33 @@ class ChainBlock:
 
     names: list[str]              # qualified module names, e.g. "net.3"
     modules: list[nn.Module]
+    bn_after: list[bool] = field(default_factory=list)   # batch norm follows layer i
+
+    def __post_init__(self):
+        if not self.bn_after:
+            self.bn_after = [False] * len(self.modules)
+
+    @property
+    def views(self) -> list[LayerView]:
+        views = []
+        for k, module in enumerate(self.modules):
+            if isinstance(module, nn.Conv2d):
+                kh, kw = module.kernel_size
+                views.append(LayerView(module.out_channels, module.in_channels, kh * kw,
+                                       (kh // 2) * kw + kw // 2))
+            else:
+                n_in = module.in_features if k == 0 else _out_nodes(self.modules[k - 1])
+                views.append(LayerView(module.out_features, n_in, module.in_features // n_in, 0))
+        return views
 
     @property
     def widths(self) -> tuple[int, ...]:
-        return (self.modules[0].in_features, *[m.out_features for m in self.modules])
+        views = self.views
+        return (views[0].n_in, *[v.n_out for v in views])
+
+    @property
+    def bn_approx(self) -> bool:
+        return any(self.bn_after)
 
     @property
     def num_weights(self) -> int:
@@ -67,9 +128,11 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in _RELU_METHODS
 
 
-def _is_pass_through(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _is_pass_through(node: fx.Node, modules: dict[str, nn.Module], bn: str) -> bool:
     if node.op == "call_module":
-        return isinstance(modules[node.target], _PASS_MODULES)
+        module = modules[node.target]
+        return isinstance(module, _PASS_MODULES) or (
+            bn == "approx" and isinstance(module, _BN_MODULES))
     if node.op == "call_function":
         return node.target in _PASS_FUNCTIONS
     return node.op == "call_method" and node.target in _PASS_METHODS
@@ -85,49 +148,74 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             "blocks by tracing, so the forward must avoid data-dependent control flow") from exc
 
 
-def _next_linear(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | None, str]:
-    """Follow the single-user chain from a Linear's output to the next Linear, if any."""
-    seen_relu = False
+def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _FLATTENS)
+    return node.target in (torch.flatten, "flatten")
+
+
+def _next_layer(node: fx.Node, modules: dict[str, nn.Module],
+                bn: str) -> tuple[fx.Node | None, bool, str]:
+    """Follow the single-user chain from a layer's output to the next layer, if any.
+
+    Returns (next layer node or None, batch norm seen on the way, why not)."""
+    seen_relu = seen_bn = seen_flatten = False
     current = node
     while True:
         users = list(current.users)
         if len(users) != 1:
-            return None, "its output is used more than once" if users else "its output is unused"
+            why = "its output is used more than once" if users else "its output is unused"
+            return None, False, why
         user = users[0]
-        if user.op == "call_module" and isinstance(modules[user.target], nn.Linear):
+        if user.op == "call_module" and _is_layer(modules[user.target]):
             if user.args[0] is not current or len(user.args) != 1 or user.kwargs:
-                return None, "it feeds a Linear in an unexpected way"
+                return None, False, "it feeds the next layer in an unexpected way"
             if not seen_relu:
-                return None, "it feeds the next Linear without a ReLU in between"
-            return user, ""
+                return None, False, "it feeds the next layer without a ReLU in between"
+            this, nxt = modules[node.target], modules[user.target]
+            if isinstance(nxt, nn.Conv2d) and (isinstance(this, nn.Linear) or seen_flatten):
+                return None, False, "a convolution reads a flattened or linear output"
+            if isinstance(this, nn.Conv2d) and isinstance(nxt, nn.Linear) and (
+                    not seen_flatten or nxt.in_features % this.out_channels):
+                return None, False, "a Linear layer reads conv channels without a flatten"
+            return user, seen_bn, ""
         if _is_relu(user, modules):
             seen_relu = True
-        elif not _is_pass_through(user, modules):
+        elif user.op == "call_module" and isinstance(modules[user.target], _BN_MODULES) \
+                and bn == "approx":
+            seen_bn = True
+        elif not _is_pass_through(user, modules, bn):
             what = user.target if user.op != "call_module" else type(modules[user.target]).__name__
-            return None, f"it is followed by {getattr(what, '__name__', what)}"
+            return None, False, f"it is followed by {getattr(what, '__name__', what)}"
+        if _is_flatten(user, modules):
+            seen_flatten = True
         # the activation must be the first argument, and no other tensor may flow in
         if user.args[0] is not current or any(isinstance(a, fx.Node) for a in user.args[1:]):
-            return None, "an activation is combined with another tensor"
+            return None, False, "an activation is combined with another tensor"
         current = user
 
 
-def find_chain_blocks(model: nn.Module) -> Discovery:
+def find_chain_blocks(model: nn.Module, bn: str = "approx") -> Discovery:
+    if bn not in BN_MODES:
+        raise ValueError(f"Invalid bn={bn!r}. Must be one of {', '.join(map(repr, BN_MODES))}.")
     graph_module = _trace(model)
     modules = dict(graph_module.named_modules())
     linear_nodes = [n for n in graph_module.graph.nodes
-                    if n.op == "call_module" and isinstance(modules[n.target], nn.Linear)]
+                    if n.op == "call_module" and _is_layer(modules[n.target])]
     calls: dict[str, int] = {}
     for n in linear_nodes:
         calls[n.target] = calls.get(n.target, 0) + 1
     notes: list[str] = []
     successor: dict[fx.Node, fx.Node] = {}
+    bn_between: dict[fx.Node, bool] = {}
     for n in linear_nodes:
         if calls[n.target] > 1:
             notes.append(f"{n.target}: called {calls[n.target]} times in forward")
             continue
-        nxt, why = _next_linear(n, modules)
+        nxt, seen_bn, why = _next_layer(n, modules, bn)
         if nxt is not None and calls[nxt.target] == 1:
             successor[n] = nxt
+            bn_between[n] = seen_bn
         elif why and why != "its output is unused":
             notes.append(f"{n.target}: not joined to a next layer ({why})")
     has_predecessor = set(successor.values())
@@ -137,7 +225,8 @@ def find_chain_blocks(model: nn.Module) -> Discovery:
             chain = [n]
             while chain[-1] in successor:
                 chain.append(successor[chain[-1]])
-            blocks.append(ChainBlock([c.target for c in chain], [modules[c.target] for c in chain]))
+            blocks.append(ChainBlock([c.target for c in chain], [modules[c.target] for c in chain],
+                                     [bn_between.get(c, False) for c in chain]))
 
     in_block_names = {name for b in blocks for name in b.names}
     notes = [note for note in notes if note.split(":")[0] not in in_block_names]

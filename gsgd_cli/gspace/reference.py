@@ -14,8 +14,14 @@ paper's equations densely:
 It shares no code with `skeleton.py` / `update.py`: the skeleton rule is re-implemented here
 from its description, node by node.
 
-Edges are numbered in parameter order: layer 0 weight (row-major `[out, in]`), layer 0 bias,
-layer 1 weight, ...
+Convolutions are handled as the channel graph they define: a weight `[out, in, K]` has K
+parallel edges from each input channel to each output channel (the kernel elements; a Linear
+layer reading a flattened map of `in` channels has one per position), and the skeleton edge of
+a channel pair is the one at offset `centres[i]`. The loss depends on the weights only through
+the values of these channel-graph paths, so eqs. (4) and (6) apply unchanged.
+
+Edges are numbered in parameter order: layer 0 weight (row-major `[out, in, K]`), layer 0
+bias, layer 1 weight, ...
 """
 from __future__ import annotations
 
@@ -28,22 +34,31 @@ from torch import Tensor
 
 @dataclass
 class Net:
-    """A tiny MLP: `weights[i]` is `[n_{i+1}, n_i]`, `biases[i]` is `[n_{i+1}]` or None."""
+    """A tiny chain: `weights[i]` is `[n_{i+1}, n_i]` or `[n_{i+1}, n_i, K_i]`, `biases[i]` is
+    `[n_{i+1}]` or None; `centres[i]` is the offset of the skeleton edge (default 0)."""
 
     weights: list[Tensor]
     biases: list[Tensor | None]
+    centres: list[int] | None = None
 
     @property
     def widths(self) -> list[int]:
         return [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
 
+    def kernel(self, i: int) -> int:
+        return self.weights[i].shape[2] if self.weights[i].dim() == 3 else 1
+
+    def centre(self, i: int) -> int:
+        return self.centres[i] if self.centres else 0
+
     def edge_ids(self):
-        """weight_id[i][b][a], bias_id[i][b] (None if no bias), and m."""
+        """weight_id[i][b][a][k], bias_id[i][b] (None if no bias), and m."""
         weight_id, bias_id, m = [], [], 0
-        for w, b in zip(self.weights, self.biases):
-            rows, cols = w.shape
-            weight_id.append([[m + r * cols + c for c in range(cols)] for r in range(rows)])
-            m += rows * cols
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            rows, cols, kernel = w.shape[0], w.shape[1], self.kernel(i)
+            weight_id.append([[[m + (r * cols + c) * kernel + k for k in range(kernel)]
+                               for c in range(cols)] for r in range(rows)])
+            m += rows * cols * kernel
             if b is None:
                 bias_id.append(None)
             else:
@@ -69,7 +84,7 @@ class Net:
             else:
                 biases.append(vector[k:k + b.numel()].clone())
                 k += b.numel()
-        return Net(weights, biases)
+        return Net(weights, biases, self.centres)
 
 
 def all_paths(net: Net) -> list[tuple[int, ...]]:
@@ -77,17 +92,21 @@ def all_paths(net: Net) -> list[tuple[int, ...]]:
     widths = net.widths
     weight_id, bias_id, _ = net.edge_ids()
     num_layers = len(net.weights)
+    kernels = [net.kernel(i) for i in range(num_layers)]
     paths = []
     for nodes in itertools.product(*[range(n) for n in widths]):
-        paths.append(tuple(weight_id[i][nodes[i + 1]][nodes[i]] for i in range(num_layers)))
+        for offsets in itertools.product(*[range(k) for k in kernels]):
+            paths.append(tuple(weight_id[i][nodes[i + 1]][nodes[i]][offsets[i]]
+                               for i in range(num_layers)))
     for start in range(num_layers):
         if bias_id[start] is None:
             continue
         for nodes in itertools.product(*[range(n) for n in widths[start + 1:]]):
-            path = [bias_id[start][nodes[0]]]
-            for k in range(1, len(nodes)):
-                path.append(weight_id[start + k][nodes[k]][nodes[k - 1]])
-            paths.append(tuple(path))
+            for offsets in itertools.product(*[range(k) for k in kernels[start + 1:]]):
+                path = [bias_id[start][nodes[0]]]
+                for k in range(1, len(nodes)):
+                    path.append(weight_id[start + k][nodes[k]][nodes[k - 1]][offsets[k - 1]])
+                paths.append(tuple(path))
     return paths
 
 
@@ -130,19 +149,22 @@ def skeleton_basis(net: Net) -> Basis:
                 out_edge[k, n] = (layer, n % widths[k + 1], n)
             else:
                 out_edge[k, n] = (layer, n, n)         # node n feeds node n (solid)
+    def edge(layer: int, r: int, c: int) -> int:       # the skeleton edge of a node pair
+        return weight_id[layer][r][c][net.centre(layer)]
+
     skeleton = set()
     for layer in range(num_layers):
         for j in range(widths[layer + 1] if layer <= p else widths[layer]):
             r, c = (j, j % widths[layer]) if layer <= p else (j % widths[layer + 1], j)
-            skeleton.add(weight_id[layer][r][c])
-    pivots = [weight_id[p][j][j % widths[p]] for j in range(widths[p + 1])]
+            skeleton.add(edge(layer, r, c))
+    pivots = [edge(p, j, j % widths[p]) for j in range(widths[p + 1])]
     free = sorted(skeleton - set(pivots))
 
     def in_chain(k: int, n: int) -> list[int]:
         edges = []
         while k > 0:
             layer, r, c = in_edge[k, n]
-            edges.append(weight_id[layer][r][c])
+            edges.append(edge(layer, r, c))
             k, n = k - 1, c
         return edges
 
@@ -150,7 +172,7 @@ def skeleton_basis(net: Net) -> Basis:
         edges = []
         while k < num_layers:
             layer, r, c = out_edge[k, n]
-            edges.append(weight_id[layer][r][c])
+            edges.append(edge(layer, r, c))
             k, n = k + 1, r
         return edges
 
@@ -159,10 +181,11 @@ def skeleton_basis(net: Net) -> Basis:
     for layer in range(num_layers):
         for r in range(widths[layer + 1]):
             for c in range(widths[layer]):
-                e = weight_id[layer][r][c]
-                if e in free_set:
-                    continue
-                paths.append(tuple(sorted(in_chain(layer, c) + [e] + out_chain(layer + 1, r))))
+                for e in weight_id[layer][r][c]:
+                    if e in free_set:
+                        continue
+                    paths.append(tuple(sorted(in_chain(layer, c) + [e]
+                                              + out_chain(layer + 1, r))))
             if bias_id[layer] is not None:
                 e = bias_id[layer][r]
                 paths.append(tuple(sorted([e] + out_chain(layer + 1, r))))

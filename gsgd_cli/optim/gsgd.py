@@ -34,11 +34,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..gspace.blocks import ChainBlock, find_chain_blocks
+from ..gspace.blocks import BN_MODES, ChainBlock, find_chain_blocks
 from ..gspace.skeleton import ChainSkeleton, UnsupportedWidthProfile, build_skeleton
 from ..gspace.update import ChainIndex, apply_chain_step, plan_chain_step
 
-SKELETON_INITS = ("one", "keep")
+SKELETON_INITS = ("one", "keep", "rescale")
+BLOCK_SPLITS = ("none", "stage")
 
 
 class GSGDStepError(RuntimeError):
@@ -59,11 +60,18 @@ class _BlockPlan:
         return self.indices[device]
 
     def tensors(self):
-        """(weights, biases, grads, bias grads), detached, in layer order."""
-        return ([w.detach() for w in self.weights],
-                [b.detach() if b is not None else None for b in self.biases],
-                [w.grad for w in self.weights],
-                [b.grad if b is not None else None for b in self.biases])
+        """(weights, biases, grads, bias grads), detached, in layer order.
+
+        For a layer followed by batch norm (bn="approx") the weight gradient is multiplied,
+        per output channel, by the norm of that channel's incoming filter (paper, eq. 39)."""
+        weights = [w.detach() for w in self.weights]
+        grads = [w.grad for w in self.weights]
+        for i, follows in enumerate(self.block.bn_after):
+            if follows and grads[i] is not None:
+                norms = weights[i].reshape(weights[i].shape[0], -1).norm(dim=1)
+                grads[i] = grads[i] * norms.view(-1, *[1] * (grads[i].dim() - 1))
+        return (weights, [b.detach() if b is not None else None for b in self.biases],
+                grads, [b.grad if b is not None else None for b in self.biases])
 
 
 def _check_positive(name: str, value, strictly: bool = True) -> None:
@@ -81,14 +89,30 @@ class GSGD(Optimizer):
         model: the network; its chain blocks are found by tracing it with torch.fx.
         lr: learning rate `eta` (> 0).
         skeleton_init: `"one"` (default) sets every skeleton weight to 1 at construction, as
-            the paper does; `"keep"` keeps the current values (none may be 0).
+            the paper does; `"keep"` keeps the current values (none may be 0); `"rescale"`
+            rescales hidden units (a positive scaling: the network function is unchanged)
+            so that every free skeleton weight becomes +1 or -1. The paper notes that only
+            the signs of the free weights matter; `"rescale"` keeps the initialisation's
+            scale, which deep networks without batch norm need (setting their kernel centres
+            to 1 makes the activations explode).
         min_pivot_ratio: a step that shrinks a pivot to less than this fraction of its
             magnitude (or to 0) raises `GSGDStepError` instead of dividing the weights
             downstream by a vanishing number.
+        bn: `"approx"` (default) lets chains run through batch norm and applies the paper's
+            approximation (appendix 11.2, eqs. 39-40): the gradient of every incoming weight
+            of a channel followed by batch norm is multiplied by the norm of that channel's
+            whole incoming filter before the G-space step. It is an approximation: batch norm
+            makes each filter scale-invariant by itself, which is not the chain's invariance.
+            `"split"`: batch norm ends a chain (the layers around it take plain SGD unless
+            they form chains of their own).
+        block_split: `"none"` (default): each chain found is one block, e.g. the whole
+            BN-free plain network from stem to classifier. `"stage"`: split chains wherever
+            the width changes (one block per stage of equal width, as the published code
+            does), for comparison.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
-                 min_pivot_ratio: float = 1e-6):
+                 min_pivot_ratio: float = 1e-6, bn: str = "approx", block_split: str = "none"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GSGD takes the model (an nn.Module), got {type(model).__name__}; "
                             "write GSGD(model, lr) rather than GSGD(model.parameters(), lr)")
@@ -97,13 +121,21 @@ class GSGD(Optimizer):
             raise ValueError(f"Invalid skeleton_init={skeleton_init!r}. Must be one of "
                              f"{', '.join(repr(s) for s in SKELETON_INITS)}.")
         _check_positive("min_pivot_ratio", min_pivot_ratio, strictly=False)
+        for name, value, choices in (("bn", bn, BN_MODES), ("block_split", block_split,
+                                                            BLOCK_SPLITS)):
+            if value not in choices:
+                raise ValueError(f"Invalid {name}={value!r}. Must be one of "
+                                 f"{', '.join(repr(c) for c in choices)}.")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("GSGD got a model with no trainable parameters")
         super().__init__(params, dict(lr=lr, min_pivot_ratio=min_pivot_ratio))
         self.skeleton_init = skeleton_init
-        self.discovery = find_chain_blocks(model)
-        self._plans = [self._plan(block) for block in self.discovery.blocks]
+        self.discovery = find_chain_blocks(model, bn=bn)
+        blocks = self.discovery.blocks
+        if block_split == "stage":
+            blocks = [part for block in blocks for part in split_by_stage(block)]
+        self._plans = [self._plan(block) for block in blocks]
         if not self._plans:
             warnings.warn(f"GSGD found no chain block (Linear layers joined by ReLU) in "
                           f"{type(model).__name__}; every parameter takes a plain SGD step",
@@ -117,7 +149,9 @@ class GSGD(Optimizer):
 
     def _plan(self, block: ChainBlock) -> _BlockPlan:
         try:
-            skeleton = build_skeleton(block.widths)
+            views = block.views
+            skeleton = build_skeleton(block.widths, tuple(v.kernel for v in views),
+                                      tuple(v.centre for v in views))
         except UnsupportedWidthProfile as exc:
             names = block.names
             k = int(str(exc).split()[2]) if str(exc).startswith("hidden layer") else 0
@@ -144,6 +178,14 @@ class GSGD(Optimizer):
                 raise ValueError(f"layer '{name}' has a skeleton weight equal to 0; G-SGD "
                                  "divides by skeleton weights: use skeleton_init='one' or "
                                  "re-initialise the layer")
+        if self.skeleton_init == "rescale":
+            if plan.block.bn_approx:
+                raise ValueError(f"skeleton_init='rescale' keeps the network function only "
+                                 f"without batch norm, and block {plan.block.names[0]} -> ... "
+                                 "has batch norm: use skeleton_init='one'")
+            rescale_free_weights_to_unit(plan.skeleton, [w.data for w in plan.weights],
+                                         [b.data if b is not None else None
+                                          for b in plan.biases])
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -201,6 +243,44 @@ class GSGD(Optimizer):
                 if not bool(ok):
                     raise GSGDStepError(f"G-SGD step failed in layer '{name}': the update is not "
                                         f"finite; {advice}. Nothing was updated.")
+
+
+def rescale_free_weights_to_unit(skeleton: ChainSkeleton, weights: list[Tensor],
+                                 biases: list[Tensor | None]) -> None:
+    """Positively rescale the hidden nodes so that every free skeleton weight is +1 or -1.
+
+    Node scales `c` (1 on inputs and outputs) follow the free weights: forwards through the
+    layers before the pivot layer (`c_j = c_a / |w_{j,a}|` for node j's incoming free
+    weight), backwards through the layers after it (`c_j = c_b * |w_{b,j}|`); then every
+    layer is multiplied by `c_out / c_in` and every bias by `c_out`. In place."""
+    widths = skeleton.widths
+    device, dtype = weights[0].device, weights[0].dtype
+    scales = [torch.ones(n, device=device, dtype=dtype) for n in widths]
+    free = [w.reshape(-1).index_select(0, layer.flat.to(device)).abs()
+            for w, layer in zip(weights, skeleton.layers)]
+    for i, layer in enumerate(skeleton.layers[: skeleton.pivot_layer]):
+        scales[i + 1] = scales[i][layer.cols.to(device)] / free[i]
+    for i in range(len(skeleton.layers) - 1, skeleton.pivot_layer, -1):
+        layer = skeleton.layers[i]
+        scales[i] = scales[i + 1][layer.rows.to(device)] * free[i]
+    for i, layer in enumerate(skeleton.layers):
+        view = weights[i].view(layer.n_out, layer.n_in, layer.kernel)
+        view.mul_((scales[i + 1][:, None] / scales[i][None, :])[:, :, None])
+        if biases[i] is not None:
+            biases[i].mul_(scales[i + 1])
+
+
+def split_by_stage(block: ChainBlock) -> list[ChainBlock]:
+    """Cut a chain before every layer that changes the width; keep parts of >= 2 layers."""
+    parts, start = [], 0
+    views = block.views
+    for k in range(1, len(views) + 1):
+        if k == len(views) or views[k].n_out != views[k].n_in:
+            if k - start >= 2:
+                parts.append(ChainBlock(block.names[start:k], block.modules[start:k],
+                                        block.bn_after[start:k]))
+            start = k
+    return parts
 
 
 def plan_min_ratio(optimizer: GSGD) -> float:
