@@ -181,10 +181,16 @@ def test_cuda_unavailable_message(gsgd_train_inproc):
 
 
 def test_multirun_one_dir_per_job(gsgd_train, tmp_path):
-    proc = ok(gsgd_train("-m", *SYNTH, "optimizer=sgd", "model.width=8,16", "seed=0,1",
+    try:
+        import gsgd_cli.optim.gsgd  # noqa: F401
+        optimizers = "sgd,gsgd"  # the example sweep
+    except ImportError:
+        optimizers = "sgd"
+    n = 4 * len(optimizers.split(","))
+    proc = ok(gsgd_train("-m", *SYNTH, f"optimizer={optimizers}", "model.width=8,16", "seed=0,1",
                          "train.iterations=3"))
-    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    jobs = sorted((p for p in (tmp_path / "sweep").iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    assert [p.name for p in jobs] == [str(i) for i in range(n)]
     seen = set()
     for job in jobs:
         s = summary(job)
@@ -192,8 +198,8 @@ def test_multirun_one_dir_per_job(gsgd_train, tmp_path):
         cfg = (job / ".hydra" / "overrides.yaml").read_text()
         seen.add(cfg)
         assert (job / "metrics.jsonl").is_file() and (job / "checkpoint.pt").is_file()
-    assert len(seen) == 4
-    assert "4 of 4 jobs completed" in proc.stdout
+    assert len(seen) == n
+    assert f"{n} of {n} jobs completed" in proc.stdout
 
 
 def test_failing_job_does_not_damage_others(gsgd_train, tmp_path):
@@ -229,3 +235,28 @@ def test_console_script_from_another_directory(tmp_path):
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "blocks:" in proc.stdout and "- 3" in proc.stdout
+
+
+def test_shell_completion_sees_the_config_groups(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(COMP_LINE="gsgd train optimizer=", COMP_POINT="21", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "gsgd_cli", "train", "-sc", "query=bash"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert {"optimizer=sgd", "optimizer=gsgd"} <= set(proc.stdout.split())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_and_resume(gsgd_train, tmp_path):
+    write_fake_cifar(tmp_path / "data", "cifar10", n_per_batch=16, n_test=32)
+    base = ["data=cifar10", f"data.root={tmp_path / 'data'}", "model=resnet_tiny", "optimizer=sgd",
+            "optimizer.momentum=0.9", "train.batch_size=16", "device=cuda", "dtype=float64"]
+    ok(gsgd_train(*base, "train.iterations=9", f"hydra.run.dir={tmp_path / 'full'}"))
+    ok(gsgd_train(*base, "train.iterations=4", f"hydra.run.dir={tmp_path / 'part'}"))
+    ok(gsgd_train(*base, "train.iterations=9", "resume=true", f"hydra.run.dir={tmp_path / 'part'}"))
+    assert summary(tmp_path / "full")["device"].startswith("cuda")
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    part = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["model"]
+    for key in full:  # cuDNN may pick different kernels: compare closely, not bitwise
+        torch.testing.assert_close(full[key], part[key], rtol=1e-9, atol=1e-9)
