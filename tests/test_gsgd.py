@@ -3,6 +3,7 @@ state_dict, schedulers, None grads, dtypes, argument and step errors."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -204,7 +205,15 @@ BAD_ARGUMENTS = [
     (dict(lr=0), ValueError, r"Invalid lr=0. Must be a number > 0."),
     (dict(lr="fast"), ValueError, r"Invalid lr='fast'. Must be a number > 0."),
     (dict(lr=0.1, skeleton_init="random"), ValueError,
-     r"Invalid skeleton_init='random'. Must be one of 'one', 'keep'."),
+     r"Invalid skeleton_init='random'. Must be one of 'one', 'keep', 'rescale'."),
+    (dict(lr=0.1, momentum=1.0), ValueError, r"Invalid momentum=1.0. Must be a number in [0, 1)."),
+    (dict(lr=0.1, momentum=-0.5), ValueError, r"Invalid momentum=-0.5. Must be a number >= 0."),
+    (dict(lr=0.1, weight_decay=-1e-4), ValueError,
+     r"Invalid weight_decay=-0.0001. Must be a number >= 0."),
+    (dict(lr=0.1, bpr=None), ValueError, r"Invalid bpr=None. Must be a number >= 0."),
+    (dict(lr=0.1, bn="ignore"), ValueError, r"Invalid bn='ignore'. Must be one of 'approx', 'split'."),
+    (dict(lr=0.1, block_split="layer"), ValueError,
+     r"Invalid block_split='layer'. Must be one of 'none', 'stage'."),
     (dict(lr=0.1, min_pivot_ratio=-1), ValueError,
      r"Invalid min_pivot_ratio=-1. Must be a number >= 0."),
 ]
@@ -213,7 +222,7 @@ BAD_ARGUMENTS = [
 @pytest.mark.parametrize("kwargs,error,message", BAD_ARGUMENTS,
                          ids=[str(k) for k, _, _ in BAD_ARGUMENTS])
 def test_bad_arguments(kwargs, error, message):
-    with pytest.raises(error, match=f"^{message}$".replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(error, match="^" + re.escape(message.replace("\\", "")) + "$"):
         GSGD(mlp([3, 3, 2], bias=False), **kwargs)
 
 

@@ -5,8 +5,9 @@ Everything here is deliberately explicit and slow: every input->output path is e
 built densely, the basis paths are written out edge by edge, and one G-SGD step solves the
 paper's equations densely:
 
-* eq. (4), Inverse-Chain-Rule:  dL/dw_e = sum_p dL/dv_p * dv_p/dw_e  for all m weights, solved
-  for the m - H basis-path gradients by least squares (the system is consistent);
+* eq. (4), Inverse-Chain-Rule:  dL/dw_e = sum_p dL/dv_p * dv_p/dw_e  for all m weights: the
+  m - H basis-path gradients solve the rows of the non-free weights (a dense square solve),
+  and the remaining H rows are checked to hold as well (the system is consistent);
 * eq. (6), Weight-Allocation: the weight ratios r with free weights' ratio 1 and
   prod_{e in p} r_e = R_p = v_p'/v_p on every basis path, solved in log-magnitude space with
   the dense inverse of A~, and the signs from the same (integer) inverse mod 2.
@@ -204,25 +205,63 @@ def forward(net: Net, x: Tensor) -> Tensor:
     return x
 
 
-def gsgd_step(net: Net, weight_grad: Tensor, lr: float, basis: Basis | None = None) -> Net:
-    """One G-SGD step by dense solves of eqs. (4) and (6); `weight_grad` is flat dL/dw."""
+def path_values(net: Net, basis: Basis) -> Tensor:
+    w = net.flat()
+    return torch.stack([torch.prod(w[list(path)]) for path in basis.paths])
+
+
+def bpr_value(net: Net, coefficient: float, basis: Basis | None = None) -> Tensor:
+    """lambda * (sum over paths with a non-skeleton edge of v^2 + sum over all-skeleton
+    paths of log(|v|)^2), as a differentiable function of the net's tensors."""
+    basis = basis or skeleton_basis(net)
+    skeleton = set(basis.free) | set(basis.pivots)
+    w = torch.cat([t.reshape(-1) for pair in zip(net.weights, net.biases)
+                   for t in pair if t is not None])
+    total = w.new_zeros(())
+    for path in basis.paths:
+        v = torch.prod(w[list(path)])
+        total = total + (v.abs().log() ** 2 if set(path) <= skeleton else v ** 2)
+    return coefficient * total
+
+
+def gsgd_step(net: Net, weight_grad: Tensor, lr: float, basis: Basis | None = None,
+              momentum: float = 0.0, buffer: Tensor | None = None, bpr: float = 0.0,
+              weight_decay: float = 0.0) -> tuple[Net, Tensor] | Net:
+    """One G-SGD step by dense solves of eqs. (4) and (6); `weight_grad` is flat dL/dw.
+
+    With `momentum`, `buffer` (one entry per basis path, None at first) is the heavy-ball
+    buffer in v-space and `(new net, new buffer)` is returned. `bpr` adds the gradient of
+    `bpr_value` to the basis-path gradient; `weight_decay` adds `wd * w` to `weight_grad`."""
     basis = basis or skeleton_basis(net)
     w = net.flat()
+    weight_grad = weight_grad.to(torch.float64) + weight_decay * w
     m = w.numel()
     k = len(basis.paths)
     # v_p and dv_p/dw_e = product of the other weights on p
-    values = torch.stack([torch.prod(w[list(path)]) for path in basis.paths])
+    values = path_values(net, basis)
     dv_dw = torch.zeros(m, k, dtype=torch.float64)
     for p, path in enumerate(basis.paths):
         for e in path:
             others = [f for f in path if f != e]
             dv_dw[e, p] = torch.prod(w[others]) if others else 1.0
-    # eq. (4): dL/dw = G dL/dv, consistent overdetermined system
-    solution = torch.linalg.lstsq(dv_dw, weight_grad.to(torch.float64)[:, None],
-                                  driver="gelsd").solution[:, 0]
-    residual = (dv_dw @ solution - weight_grad).abs().max()
-    scale = max(1.0, float(weight_grad.abs().max()))
-    assert residual <= 1e-8 * scale, f"eq. (4) is inconsistent: residual {float(residual):.3g}"
+    # eq. (4): dL/dw = G dL/dv. In the chart (free weights fixed) dL/dv solves the rows of
+    # the non-free weights, a square system; for a loss invariant under rescaling (no weight
+    # decay) the free weights' rows must then hold too: the whole system is consistent.
+    free = set(basis.free)
+    rows = [e for e in range(m) if e not in free]
+    solution = torch.linalg.solve(dv_dw[rows], weight_grad[rows])
+    if not weight_decay:
+        residual = (dv_dw @ solution - weight_grad).abs().max()
+        scale = max(1.0, float(weight_grad.abs().max()))
+        assert residual <= 1e-8 * scale, f"eq. (4) is inconsistent: residual {float(residual):.3g}"
+    if bpr:
+        skeleton = set(basis.free) | set(basis.pivots)
+        all_skeleton = torch.tensor([set(path) <= skeleton for path in basis.paths])
+        solution = solution + 2 * bpr * torch.where(all_skeleton, values.abs().log() / values,
+                                                    values)
+    if momentum:
+        buffer = solution if buffer is None else momentum * buffer + solution
+        solution = buffer
     new_values = values - lr * solution
     ratio = new_values / values
     # eq. (6): A~ = [free indicator columns | basis path columns], m x m
@@ -240,7 +279,8 @@ def gsgd_step(net: Net, weight_grad: Tensor, lr: float, basis: Basis | None = No
     log_r = rhs_log @ inverse           # row vector times A~^{-1}, as in eq. (6)
     negative = torch.remainder(rhs_neg @ inverse, 2.0) > 0.5
     r = torch.where(negative, -1.0, 1.0) * log_r.exp()
-    return net.unflat(w * r)
+    new_net = net.unflat(w * r)
+    return (new_net, buffer) if momentum else new_net
 
 
 def hidden_count(net: Net) -> int:

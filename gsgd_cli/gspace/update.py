@@ -16,9 +16,18 @@ the basis-path values, then Weight-Allocation with the free weights fixed):
 
     S_j   = sum over non-skeleton e with pi(e) = j of  w_e * dw_e
     g_j   = (u_j * du_j - S_j) / v_j                 # dLoss/dv_j of the all-skeleton path j
+    g_e   = dw_e / s_e                               # dLoss/dv_e of the path of edge e
     u_j'  = u_j - lr * g_j / t_j,   R_j = u_j' / u_j
-    w_e'  = (w_e - lr * dw_e / s_e**2) / R_pi(e)      # every non-skeleton edge (R = 1 if none)
+    w_e'  = (w_e - lr * g_e / s_e) / R_pi(e)         # every non-skeleton edge (R = 1 if none)
     free weights unchanged
+
+Options, all in G-space:
+* `weight_decay` (L2 on the weights, as SGD's): `dw <- dw + weight_decay * w` first;
+* `bpr` (basis-path regularisation, smooth form): `lambda * (sum over paths with a
+  non-skeleton edge of v^2 + sum over all-skeleton paths of log(|v|)^2)` is added to the loss,
+  i.e. `g_e += 2 lambda v_e` and `g_j += 2 lambda log|v_j| / v_j`;
+* `momentum` mu (heavy ball on the basis-path gradient): `b <- mu b + g`, and `b` takes the
+  place of `g` in the update. The buffers live in v-space: one per edge, one per pivot.
 
 No Python loop runs over nodes or edges: each layer costs a few broadcast tensor operations.
 """
@@ -82,13 +91,21 @@ def _gather(t: Tensor, flat: Tensor) -> Tensor:
 
 
 @dataclass
+class StepOptions:
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    bpr: float = 0.0
+    min_ratio: float = 0.0
+
+
+@dataclass
 class LayerUpdate:
     """What one weight layer needs to apply its step in place."""
 
     weight_scale: Tensor | None     # 1/R per row ("in") or column ("out"); None: pivot layer
-    grad_coef: Tensor               # lr-free coefficient of dW, [n_out, n_in, 1]
-    bias_scale: Tensor | None
-    bias_coef: Tensor
+    row_inv_s: Tensor               # 1 / Out per output node
+    col_inv_s: Tensor               # 1 / In per input node
     keep: Tensor                    # values to write back at the skeleton entries
 
 
@@ -97,12 +114,13 @@ class ChainStep:
     """A planned step of one chain block: computed and checked, nothing written yet.
 
     `grad_ok[i]` (weight layer i's gradients are finite and the update stays in range) and
-    `pivot_ok` (every pivot ratio is finite and at least `min_ratio` in magnitude) are
-    0-d/1-d boolean tensors, so the caller can check every block with one device sync.
+    `pivot_ok` (every pivot ratio is finite and at least `min_ratio` in magnitude) are boolean
+    tensors, so the caller can check every block with one device sync.
     """
 
     layers: list[LayerUpdate]
     pivot_ratio: Tensor             # R_j = u_j' / u_j
+    pivot_buffer: Tensor | None     # new momentum buffer of the pivots' paths
     grad_ok: list[Tensor]
     pivot_ok: Tensor
 
@@ -126,13 +144,15 @@ def _max_abs(t: Tensor) -> Tensor:
 
 def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Tensor],
                     biases: list[Tensor | None], grads: list[Tensor | None],
-                    bias_grads: list[Tensor | None], lr: float,
-                    min_ratio: float = 0.0) -> ChainStep:
+                    bias_grads: list[Tensor | None], options: StepOptions,
+                    pivot_buffer: Tensor | None = None) -> ChainStep:
     """Compute one exact G-SGD step of a chain block without writing anything.
 
     `weights[i]` has `n_{i+1} * n_i * K_i` elements (a Linear weight `[out, in]`, a conv
-    weight `[out, in, kh, kw]`, ...); a `None` gradient counts as zero.
+    weight `[out, in, kh, kw]`, ...); a `None` gradient counts as zero. `pivot_buffer` is the
+    pivots' momentum buffer (None before the first step).
     """
+    lr, wd = options.lr, options.weight_decay
     pivot = skeleton.pivot_layer
     skel_values = [_gather(w, index.flat[i]) for i, w in enumerate(weights)]
     ins, outs = chain_products(skeleton, index, skel_values)
@@ -140,73 +160,145 @@ def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Te
     # Inverse-Chain-Rule: S_j collects w * dw over the non-skeleton edges whose path has pivot j.
     pivot_sum = skel_values[pivot].new_zeros(skeleton.num_pivots)
     for i, layer in enumerate(skeleton.layers):
-        if layer.role == "pivot" or grads[i] is None:
+        if layer.role == "pivot":
             continue
-        w, g = _as_layer_view(weights[i], layer), _as_layer_view(grads[i], layer)
-        skel_wg = skel_values[i] * _gather(g, index.flat[i])
-        if layer.role == "in":          # pivot = output node (row)
-            pivot_sum[: layer.n_out] += _node_sums(w, g, 0) - skel_wg
-        else:                           # pivot = input node (column)
-            pivot_sum[: layer.n_in] += _node_sums(w, g, 1) - skel_wg
+        w = _as_layer_view(weights[i], layer)
+        contribution = None
+        if grads[i] is not None:
+            g = _as_layer_view(grads[i], layer)
+            contribution = (_node_sums(w, g, 0 if layer.role == "in" else 1)
+                            - skel_values[i] * _gather(g, index.flat[i]))
+        if wd:
+            decay = wd * (_node_sums(w, w, 0 if layer.role == "in" else 1)
+                          - skel_values[i] * skel_values[i])
+            contribution = decay if contribution is None else contribution + decay
+        if contribution is not None:
+            pivot_sum[: layer.n_out if layer.role == "in" else layer.n_in] += contribution
     for i, layer in enumerate(skeleton.layers):
-        if layer.role == "in" and biases[i] is not None and bias_grads[i] is not None:
-            pivot_sum[: layer.n_out] += biases[i] * bias_grads[i]
+        bias = biases[i]
+        if layer.role == "in" and bias is not None:
+            if bias_grads[i] is not None:
+                pivot_sum[: layer.n_out] += bias * bias_grads[i]
+            if wd:
+                pivot_sum[: layer.n_out] += wd * bias * bias
 
     u = skel_values[pivot]
     du = (_gather(grads[pivot], index.flat[pivot]) if grads[pivot] is not None
           else torch.zeros_like(u))
+    if wd:
+        du = du + wd * u
     t = ins[pivot][index.cols[pivot]] * outs[pivot + 1]
-    new_u = u - lr * (du - pivot_sum / u) / (t * t)
+    v = u * t
+    path_grad = (u * du - pivot_sum) / v
+    if options.bpr:
+        path_grad = path_grad + 2 * options.bpr * v.abs().log() / v
+    new_buffer = None
+    if options.momentum:
+        new_buffer = (path_grad if pivot_buffer is None
+                      else options.momentum * pivot_buffer + path_grad)
+        path_grad = new_buffer
+    new_u = u - lr * path_grad / t
     ratio = new_u / u
-    pivot_ok = torch.isfinite(ratio) & (ratio.abs() >= min_ratio) & (ratio != 0)
+    pivot_ok = (torch.isfinite(ratio) & (ratio.abs() >= options.min_ratio) & (ratio != 0)).all()
 
     # Weight-Allocation: SGD on every non-skeleton edge's path value, then divide by R_pi(e).
     layers: list[LayerUpdate] = []
     grad_ok: list[Tensor] = []
     for i, layer in enumerate(skeleton.layers):
-        row_scale = outs[i + 1].reciprocal().square()            # 1 / Out^2 per output node
-        col_scale = ins[i].reciprocal().square()                 # 1 / In^2 per input node
+        row_inv_s, col_inv_s = outs[i + 1].reciprocal(), ins[i].reciprocal()
         if layer.role == "in":
             inv_r = ratio[: layer.n_out].reciprocal()
-            row_scale = row_scale * inv_r
         elif layer.role == "out":
             inv_r = ratio[: layer.n_in].reciprocal()
-            col_scale = col_scale * inv_r
         else:
             inv_r = None
-        grad_coef = (row_scale[:, None] * col_scale[None, :])[:, :, None]
         keep = new_u if layer.role == "pivot" else skel_values[i]
-        bias_scale = inv_r if layer.role == "in" else None
-        # bound on |lr * coef * dW|: finite iff the gradients are finite and nothing overflows
-        bound = row_scale.abs().amax() * col_scale.abs().amax() * lr
+        # bound on |lr * dW / s^2|: finite iff the gradients are finite and nothing overflows
+        bound = (row_inv_s.square().amax() * col_inv_s.square().amax() * lr
+                 * (inv_r.abs().amax() if inv_r is not None else 1.0))
         if grads[i] is not None:
             bound = bound * _max_abs(grads[i])
         if biases[i] is not None and bias_grads[i] is not None:
-            bound = bound + lr * row_scale.abs().amax() * _max_abs(bias_grads[i])
-        ok = torch.isfinite(bound)
-        if inv_r is not None:
-            ok = ok & torch.isfinite(inv_r).all()
+            bound = bound + lr * row_inv_s.square().amax() * _max_abs(bias_grads[i])
+        ok = torch.isfinite(bound) & torch.isfinite(row_inv_s).all() & torch.isfinite(
+            col_inv_s).all()
         grad_ok.append(ok)
-        layers.append(LayerUpdate(inv_r, grad_coef, bias_scale, row_scale, keep))
-    return ChainStep(layers, ratio, grad_ok, pivot_ok.all())
+        layers.append(LayerUpdate(inv_r, row_inv_s, col_inv_s, keep))
+    return ChainStep(layers, ratio, new_buffer, grad_ok, pivot_ok)
+
+
+def _broadcast(vector: Tensor, role: str) -> Tensor:
+    """A per-node vector as [o, 1, 1] ("in": rows) or [1, i, 1] ("out": columns)."""
+    return vector[:, None, None] if role == "in" else vector[None, :, None]
 
 
 def apply_chain_step(skeleton: ChainSkeleton, index: ChainIndex, step: ChainStep,
                      weights: list[Tensor], biases: list[Tensor | None],
                      grads: list[Tensor | None], bias_grads: list[Tensor | None],
-                     lr: float) -> None:
-    """Write a planned step into the weights and biases, in place."""
+                     options: StepOptions, buffers: list[Tensor | None] | None = None,
+                     bias_buffers: list[Tensor | None] | None = None) -> None:
+    """Write a planned step into the weights and biases, in place.
+
+    With momentum, `buffers[i]` / `bias_buffers[i]` are the edges' v-space momentum buffers
+    (shaped like the weights and biases; zeros before the first step), updated in place."""
+    lr, mu, wd, bpr = options.lr, options.momentum, options.weight_decay, options.bpr
     for i, (layer, update) in enumerate(zip(skeleton.layers, step.layers)):
         w = _as_layer_view(weights[i], layer)
-        if update.weight_scale is not None:
-            scale = update.weight_scale
-            w.mul_(scale[:, None, None] if layer.role == "in" else scale[None, :, None])
-        if grads[i] is not None:
-            w.addcmul_(_as_layer_view(grads[i], layer), update.grad_coef, value=-lr)
+        g = _as_layer_view(grads[i], layer) if grads[i] is not None else None
+        inv_s = (update.row_inv_s[:, None] * update.col_inv_s[None, :])[:, :, None]
+        scale = update.weight_scale
+        if not mu:
+            # w' = (w * (1 - 2 lr bpr) - lr * (dw + wd * w) / s^2) / R
+            coef = inv_s.square()
+            if scale is not None:
+                coef = coef * _broadcast(scale, layer.role)
+            multiplier = 1.0 - 2 * lr * bpr
+            if wd:
+                factor = (multiplier * _broadcast(scale, layer.role) if scale is not None
+                          else multiplier) - lr * wd * coef
+                w.mul_(factor)
+            elif scale is not None or bpr:
+                w.mul_(multiplier * _broadcast(scale, layer.role) if scale is not None
+                       else multiplier)
+            if g is not None:
+                w.addcmul_(g, coef, value=-lr)
+        else:
+            # b <- mu b + (dw + wd w) / s + 2 bpr w s;   w' = (w - lr * b / s) / R
+            buffer = _as_layer_view(buffers[i], layer)
+            buffer.mul_(mu)
+            if g is not None:
+                buffer.addcmul_(g, inv_s)
+            if wd or bpr:
+                buffer.addcmul_(w, wd * inv_s + 2 * bpr * inv_s.reciprocal())
+            coef = inv_s if scale is None else inv_s * _broadcast(scale, layer.role)
+            if scale is not None:
+                w.mul_(_broadcast(scale, layer.role))
+            w.addcmul_(buffer, coef, value=-lr)
         w.view(-1).index_copy_(0, index.flat[i], update.keep)
+
         bias = biases[i]
-        if bias is not None:
-            if update.bias_scale is not None:
-                bias.mul_(update.bias_scale)
-            if bias_grads[i] is not None:
-                bias.addcmul_(bias_grads[i], update.bias_coef, value=-lr)
+        if bias is None:
+            continue
+        b_scale = scale if layer.role == "in" else None
+        inv_s_b = update.row_inv_s
+        gb = bias_grads[i]
+        if not mu:
+            coef_b = inv_s_b.square() * (b_scale if b_scale is not None else 1.0)
+            multiplier = (1.0 - 2 * lr * bpr) * (b_scale if b_scale is not None else 1.0)
+            if wd:
+                bias.mul_(multiplier - lr * wd * coef_b)
+            else:
+                bias.mul_(multiplier)
+            if gb is not None:
+                bias.addcmul_(gb, coef_b, value=-lr)
+        else:
+            buffer = bias_buffers[i]
+            buffer.mul_(mu)
+            if gb is not None:
+                buffer.addcmul_(gb, inv_s_b)
+            if wd or bpr:
+                buffer.addcmul_(bias, wd * inv_s_b + 2 * bpr * inv_s_b.reciprocal())
+            if b_scale is not None:
+                bias.mul_(b_scale)
+            bias.addcmul_(buffer, inv_s_b * (b_scale if b_scale is not None else 1.0),
+                          value=-lr)

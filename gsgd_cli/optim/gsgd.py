@@ -36,7 +36,7 @@ from torch.optim import Optimizer
 
 from ..gspace.blocks import BN_MODES, ChainBlock, find_chain_blocks
 from ..gspace.skeleton import ChainSkeleton, UnsupportedWidthProfile, build_skeleton
-from ..gspace.update import ChainIndex, apply_chain_step, plan_chain_step
+from ..gspace.update import ChainIndex, StepOptions, apply_chain_step, plan_chain_step
 
 SKELETON_INITS = ("one", "keep", "rescale")
 BLOCK_SPLITS = ("none", "stage")
@@ -105,6 +105,19 @@ class GSGD(Optimizer):
             makes each filter scale-invariant by itself, which is not the chain's invariance.
             `"split"`: batch norm ends a chain (the layers around it take plain SGD unless
             they form chains of their own).
+        momentum: heavy-ball momentum `mu` on the basis-path gradient (`b <- mu b + g`,
+            `v <- v - lr b`); its buffers live in v-space in `state` (per edge under
+            `"momentum_buffer"`, per pivot under `"pivot_momentum_buffer"` of the pivot layer's
+            weight) and survive `state_dict()` round trips. Parameters outside chain blocks
+            use SGD's momentum.
+        weight_decay: L2 on the weights, as in `torch.optim.SGD`: `dw <- dw + wd * w` before
+            the G-space step (not invariant under rescaling).
+        bpr: basis-path regularisation coefficient `lambda`: the smooth regulariser
+            `lambda * (sum_{P+} v_p^2 + sum_{P-} log(|v_p|)^2)` over the basis paths (P-: the
+            all-skeleton paths, P+: the paths with one non-skeleton weight) is added to the
+            loss inside the optimizer, i.e. `2 lambda v_p` resp. `2 lambda log|v_p| / v_p` is
+            added to each basis path's gradient. This is the smooth form of the basis-path
+            norm of Zheng et al. (AAAI 2019) that the paper pairs with G-SGD (appendix 11.5).
         block_split: `"none"` (default): each chain found is one block, e.g. the whole
             BN-free plain network from stem to classifier. `"stage"`: split chains wherever
             the width changes (one block per stage of equal width, as the published code
@@ -112,6 +125,7 @@ class GSGD(Optimizer):
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
+                 momentum: float = 0.0, weight_decay: float = 0.0, bpr: float = 0.0,
                  min_pivot_ratio: float = 1e-6, bn: str = "approx", block_split: str = "none"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GSGD takes the model (an nn.Module), got {type(model).__name__}; "
@@ -120,7 +134,11 @@ class GSGD(Optimizer):
         if skeleton_init not in SKELETON_INITS:
             raise ValueError(f"Invalid skeleton_init={skeleton_init!r}. Must be one of "
                              f"{', '.join(repr(s) for s in SKELETON_INITS)}.")
-        _check_positive("min_pivot_ratio", min_pivot_ratio, strictly=False)
+        for name, value in (("momentum", momentum), ("weight_decay", weight_decay),
+                            ("bpr", bpr), ("min_pivot_ratio", min_pivot_ratio)):
+            _check_positive(name, value, strictly=False)
+        if momentum >= 1:
+            raise ValueError(f"Invalid momentum={momentum!r}. Must be a number in [0, 1).")
         for name, value, choices in (("bn", bn, BN_MODES), ("block_split", block_split,
                                                             BLOCK_SPLITS)):
             if value not in choices:
@@ -129,7 +147,8 @@ class GSGD(Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("GSGD got a model with no trainable parameters")
-        super().__init__(params, dict(lr=lr, min_pivot_ratio=min_pivot_ratio))
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      bpr=bpr, min_pivot_ratio=min_pivot_ratio))
         self.skeleton_init = skeleton_init
         self.discovery = find_chain_blocks(model, bn=bn)
         blocks = self.discovery.blocks
@@ -190,7 +209,9 @@ class GSGD(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("min_pivot_ratio", 1e-6)
+            for key, default in (("min_pivot_ratio", 1e-6), ("momentum", 0.0),
+                                 ("weight_decay", 0.0), ("bpr", 0.0)):
+                group.setdefault(key, default)
 
     @property
     def blocks(self) -> list[ChainBlock]:
@@ -204,24 +225,55 @@ class GSGD(Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         lr = group["lr"]
+        options = StepOptions(lr, group["momentum"], group["weight_decay"], group["bpr"],
+                              group["min_pivot_ratio"])
         planned = []
         for plan in self._plans:
             tensors = plan.tensors()
             if all(g is None for g in tensors[2] + tensors[3]):
                 continue
             index = plan.index_on(plan.weights[0].device)
-            step = plan_chain_step(plan.skeleton, index, *tensors, lr, group["min_pivot_ratio"])
+            pivot_state = self.state[plan.weights[plan.skeleton.pivot_layer]]
+            step = plan_chain_step(plan.skeleton, index, *tensors, options,
+                                   pivot_state.get("pivot_momentum_buffer"))
             planned.append((plan, index, step, tensors))
         if planned:   # every check of every block in one device sync; nothing written yet
             checks = torch.stack([c for _, _, step, _ in planned for c in step.checks()])
             if not bool(checks.all()):
                 self._raise_step_error(planned, lr)
             for plan, index, step, tensors in planned:
-                apply_chain_step(plan.skeleton, index, step, *tensors, lr)
-        outside = [p for p in self._outside if p.grad is not None]
-        if outside:
-            torch._foreach_add_(outside, [p.grad for p in outside], alpha=-lr)
+                buffers = bias_buffers = None
+                if options.momentum:
+                    buffers = [self._buffer(w) for w in plan.weights]
+                    bias_buffers = [self._buffer(b) if b is not None else None
+                                    for b in plan.biases]
+                    self.state[plan.weights[plan.skeleton.pivot_layer]][
+                        "pivot_momentum_buffer"] = step.pivot_buffer
+                apply_chain_step(plan.skeleton, index, step, *tensors, options, buffers,
+                                 bias_buffers)
+        self._sgd_outside(options)
         return loss
+
+    def _buffer(self, param: Tensor) -> Tensor:
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        return state["momentum_buffer"]
+
+    def _sgd_outside(self, options: StepOptions) -> None:
+        """torch.optim.SGD's step (momentum, weight decay) for parameters outside blocks."""
+        params = [p for p in self._outside if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        if options.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=options.weight_decay)
+        if options.momentum:
+            buffers = [self._buffer(p) for p in params]
+            torch._foreach_mul_(buffers, options.momentum)
+            torch._foreach_add_(buffers, grads)
+            grads = buffers
+        torch._foreach_add_(params, grads, alpha=-options.lr)
 
     def _raise_step_error(self, planned, lr: float) -> None:
         advice = f"lower the learning rate (lr={lr:g}) or check the inputs and loss"
