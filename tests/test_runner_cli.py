@@ -260,3 +260,19 @@ def test_cuda_training_and_resume(gsgd_train, tmp_path):
     part = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["model"]
     for key in full:  # cuDNN may pick different kernels: compare closely, not bitwise
         torch.testing.assert_close(full[key], part[key], rtol=1e-9, atol=1e-9)
+
+
+def test_conf_found_from_a_plain_clone(tmp_path):
+    """Without any install: a copy of the tree uses its own conf/ (found next to the package)."""
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "gsgd_cli", clone / "gsgd_cli",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "conf", clone / "conf")
+    train_yaml = clone / "conf" / "train.yaml"
+    train_yaml.write_text(train_yaml.read_text().replace("\nseed: 0 ", "\nseed: 4321 "))
+    env = {k: v for k, v in os.environ.items() if k != "COMP_LINE"}
+    env["PYTHONPATH"] = str(clone)
+    proc = subprocess.run([sys.executable, "-m", "gsgd_cli", "train", "--cfg", "job"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "seed: 4321" in proc.stdout
