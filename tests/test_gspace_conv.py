@@ -161,6 +161,9 @@ def test_discovery_on_paper_models():
     assert outside == {"0", "5.shortcut.0", "9.shortcut.0", "15.shortcut.0", "20"}
     bn_plain = find_chain_blocks(PlainNet(bn=True))
     assert len(bn_plain.blocks) == 1 and bn_plain.blocks[0].bn_after[0]
+    assert bn_plain.blocks[0].bn_after == [True] * 33 + [False]   # not the classifier
+    bn_resnet = find_chain_blocks(ResNet(bn=True))
+    assert all(b.bn_after == [True, True] for b in bn_resnet.blocks)   # BN before the add too
     assert find_chain_blocks(PlainNet(bn=True), bn="split").blocks == []
 
 
@@ -189,13 +192,14 @@ def test_bn_approximation_multiplies_gradients_by_filter_norm():
 
 
 def test_block_split_by_stage():
-    model = PlainNet(3, 10, blocks=[2, 2], widths=[4, 8], bn=False)
+    model = PlainNet(3, 10, blocks=[3, 3], widths=[4, 8], bn=False)
     opt = GSGD(model, lr=0.1, block_split="stage")
-    # a part starts at each width change: [stem 3->4, two 4->4 convs], [4->8, 8->8]; the
-    # classifier (8->10) is left alone and takes plain SGD
-    assert [b.widths for b in opt.blocks] == [(3, 4, 4, 4), (4, 8, 8)]
-    assert [name for name, _ in opt.discovery.outside] == []
-    assert {id(p) for p in opt._outside} == {id(model[12].weight), id(model[12].bias)}
+    # stages of equal width: three 4->4 convs after the stem, two 8->8 convs after the stride-2
+    # transition; stem, transition and classifier take plain SGD
+    assert [b.widths for b in opt.blocks] == [(4, 4, 4, 4), (8, 8, 8)]
+    plain = {id(p) for p in opt._outside}
+    for layer in (model[0], model[8], model[16]):
+        assert {id(p) for p in layer.parameters()} <= plain
 
 
 def test_rescale_init_keeps_the_function_and_sets_free_weights_to_unit():

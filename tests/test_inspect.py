@@ -68,3 +68,16 @@ def test_describe_structure_flags_a_width_valley_and_lists_outside_layers():
     text = describe_structure(model)
     assert "NOT SUPPORTED by GSGD: hidden layer 2 (width 3) is narrower" in text
     assert "outside: 7.weight (2,)" in text
+
+
+def test_inspect_paper_conv_models():
+    plain = gsgd("inspect", "model=plain34", "model.bn=false", "data=cifar10")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.count("chain block ") == 1
+    # 7 x 64 + 8 x 128 + 12 x 256 + 6 x 512 hidden channels, stem to classifier in one block
+    assert "H = 7616" in plain.stdout and "0 outside (plain SGD step)" in plain.stdout
+    resnet = gsgd("inspect", "model=resnet34", "data=cifar100")
+    assert resnet.returncode == 0, resnet.stderr
+    assert resnet.stdout.count("chain block ") == 16
+    assert resnet.stdout.count("APPROXIMATION") == 16
+    assert "total over chain blocks:" in resnet.stdout and "H/m = " in resnet.stdout

@@ -4,8 +4,10 @@
     gsgd inspect --table5          # the paper's Table 5, ours beside the paper's
 
 Prints each chain block (its layers, widths and pivot layer) with `m` (weights, biases
-included, of the block), `H` (hidden nodes), `m - H` (the dimension of G-space) and the
-invariant ratio `H/m`; then the totals, and the parameters that take a plain SGD step.
+included, of the block; every kernel element of a convolution counts), `H` (hidden nodes:
+features or channels), `m - H` (the dimension of G-space) and the invariant ratio `H/m`;
+then the totals, and the parameters that take a plain SGD step. Blocks that run through
+batch norm are marked as the paper's approximation.
 """
 from __future__ import annotations
 
@@ -51,6 +53,11 @@ def describe_structure(model: nn.Module) -> str:
             pivot = f"NOT SUPPORTED by GSGD: {exc}"
         lines.append(f"chain block {k}: {' -> '.join(block.names)}")
         lines.append(f"  widths [{':'.join(map(str, widths))}], {pivot}")
+        if block.bn_approx:
+            after = [n for n, follows in zip(block.names, block.bn_after) if follows]
+            lines.append(f"  batch norm after {len(after)} layer(s): APPROXIMATION (paper eq. "
+                         "39: their gradients are scaled by each channel's filter norm; the "
+                         "block is not exactly scale-invariant)")
         lines.append(f"  m = {m}, H = {h}, m - H = {m - h}, H/m = {h / m:.3e}")
     if not discovery.blocks:
         lines.append("no chain block found: GSGD would take a plain SGD step everywhere")

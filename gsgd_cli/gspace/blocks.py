@@ -225,8 +225,13 @@ def find_chain_blocks(model: nn.Module, bn: str = "approx") -> Discovery:
             chain = [n]
             while chain[-1] in successor:
                 chain.append(successor[chain[-1]])
+            bn_after = [bn_between.get(c, False) for c in chain]
+            last_users = list(chain[-1].users)      # batch norm right after the last layer
+            bn_after[-1] = bn == "approx" and len(last_users) == 1 and (
+                last_users[0].op == "call_module"
+                and isinstance(modules[last_users[0].target], _BN_MODULES))
             blocks.append(ChainBlock([c.target for c in chain], [modules[c.target] for c in chain],
-                                     [bn_between.get(c, False) for c in chain]))
+                                     bn_after))
 
     in_block_names = {name for b in blocks for name in b.names}
     notes = [note for note in notes if note.split(":")[0] not in in_block_names]

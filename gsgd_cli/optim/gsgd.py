@@ -119,9 +119,9 @@ class GSGD(Optimizer):
             added to each basis path's gradient. This is the smooth form of the basis-path
             norm of Zheng et al. (AAAI 2019) that the paper pairs with G-SGD (appendix 11.5).
         block_split: `"none"` (default): each chain found is one block, e.g. the whole
-            BN-free plain network from stem to classifier. `"stage"`: split chains wherever
-            the width changes (one block per stage of equal width, as the published code
-            does), for comparison.
+            plain network from stem to classifier. `"stage"`: one block per run of
+            equal-width layers (per stage, as the published code does); the layers that change
+            the width (stem, stride-2 transitions, classifier) then take plain SGD.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
@@ -323,15 +323,20 @@ def rescale_free_weights_to_unit(skeleton: ChainSkeleton, weights: list[Tensor],
 
 
 def split_by_stage(block: ChainBlock) -> list[ChainBlock]:
-    """Cut a chain before every layer that changes the width; keep parts of >= 2 layers."""
-    parts, start = [], 0
-    views = block.views
-    for k in range(1, len(views) + 1):
-        if k == len(views) or views[k].n_out != views[k].n_in:
-            if k - start >= 2:
-                parts.append(ChainBlock(block.names[start:k], block.modules[start:k],
-                                        block.bn_after[start:k]))
-            start = k
+    """One block per stage: maximal runs of >= 2 consecutive layers that keep the width.
+
+    Width-changing layers (stem, stride-2 transitions, classifier) fall outside and take
+    plain SGD, as in the published code's per-stage blocks."""
+    parts, run = [], []
+    for k, view in enumerate(block.views + [None]):
+        if view is not None and view.n_in == view.n_out:
+            run.append(k)
+            continue
+        if len(run) >= 2:
+            parts.append(ChainBlock([block.names[i] for i in run],
+                                    [block.modules[i] for i in run],
+                                    [block.bn_after[i] for i in run]))
+        run = []
     return parts
 
 
