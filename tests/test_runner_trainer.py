@@ -143,3 +143,23 @@ def test_epoch_budget_and_records(tmp_path):
 def test_bad_settings(tmp_path, settings, message):
     with pytest.raises(UserError, match=message):
         make_trainer(tmp_path, **settings)
+
+
+def test_non_finite_weights_never_reach_a_checkpoint(tmp_path):
+    class Poison(torch.optim.SGD):
+        """SGD that writes an Inf into the weights at its 3rd step (the loss is still finite)."""
+
+        def step(self, closure=None):
+            super().step(closure)
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 3:
+                with torch.no_grad():
+                    self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+
+    trainer = make_trainer(tmp_path, iterations=10, checkpoint_every=1)
+    trainer.optimizer = Poison(trainer.model.parameters(), lr=0.01)
+    summary = trainer.fit()
+    assert summary["status"] == "diverged" and "non-finite weights" in summary["message"]
+    state = load(tmp_path / "checkpoint.pt")
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())

@@ -189,6 +189,11 @@ class Trainer:
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._t0)
 
+    def _weights_finite(self) -> bool:
+        """Checked before each checkpoint, so that a checkpoint never holds NaN/Inf weights."""
+        state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in state]).all()) if state else True
+
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
@@ -284,6 +289,10 @@ class Trainer:
                         self.optimizer.step()
                     except _divergence_errors() as exc:
                         step_error = str(exc).splitlines()[0]
+                checkpoint_due = bool(s.checkpoint_every) and (
+                    (self.iteration + 1) % s.checkpoint_every == 0) or self.iteration + 1 == self.total
+                if not step_error and checkpoint_due and not self._weights_finite():
+                    step_error = "the step left non-finite weights"
                 if not math.isfinite(loss_value) or step_error:
                     self.status = "diverged"
                     kept = (f"kept the last good checkpoint {self.checkpoint_path} (iteration "
@@ -305,7 +314,7 @@ class Trainer:
                 due = (self.iteration % s.eval_every == 0) if s.eval_every else (self.iteration % ipe == 0)
                 if due or last:
                     self._record(writer)
-                if (s.checkpoint_every and self.iteration % s.checkpoint_every == 0) or last:
+                if checkpoint_due:
                     self.save_checkpoint()
             else:
                 self.status = "completed"
