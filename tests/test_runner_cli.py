@@ -276,3 +276,28 @@ def test_conf_found_from_a_plain_clone(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "seed: 4321" in proc.stdout
+
+
+def test_diverged_job_in_a_sweep_is_reported_not_an_error(gsgd_train, tmp_path):
+    proc = ok(gsgd_train("-m", *SYNTH, "optimizer=sgd", "optimizer.lr=0.01,1e12"))
+    assert [summary(tmp_path / "sweep" / str(i))["status"] for i in range(2)] == ["completed", "diverged"]
+    assert "1 of 2 jobs completed" in proc.stdout and "diverged: " in proc.stdout
+    assert "training diverged" in proc.stderr
+
+
+@pytest.mark.slow
+def test_default_experiment_on_real_fashion_mnist(tmp_path):
+    """`gsgd train` with no overrides: the paper's MLP on Fashion-MNIST 7x7, under 2 minutes."""
+    needs_gsgd()
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed (make data)")
+    env = {k: v for k, v in os.environ.items() if k != "COMP_LINE"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "gsgd_cli", "train",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    s = summary(tmp_path / "run")
+    assert s["status"] == "completed" and s["wall_time_s"] < 120
+    assert s["num_parameters"] == 49 * 64 + 64 * 64 + 64 * 10
+    assert s["final_test_acc"] > 0.8

@@ -177,18 +177,26 @@ def main(cfg: DictConfig) -> float | None:
 
 
 class MultirunReport(Callback):
-    """After a sweep: one line per job that did not complete, and exit code 1 if any."""
+    """After a sweep: one line counting the jobs that completed or diverged, naming the others.
+
+    Exit code 1 when a job failed (bad value, crash) or left no summary; a diverged job is a
+    result (e.g. too large a learning rate in a sweep), reported but not an error.
+    """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = sorted((p.parent for p in sweep_dir.glob("*/.hydra")), key=lambda p: p.name)
-        bad = []
+        by_status: dict[str, list[Path]] = {}
         for job in jobs:
             path = job / SUMMARY
             status = json.loads(path.read_text()).get("status") if path.is_file() else "no summary"
-            if status != "completed":
-                bad.append(f"{job} ({status})")
-        print(f"gsgd train: {len(jobs) - len(bad)} of {len(jobs)} jobs completed in {sweep_dir}"
+            by_status.setdefault(status, []).append(job)
+        done = len(by_status.get("completed", []))
+        bad = [f"{job} ({status})" for status, dirs in by_status.items()
+               if status not in ("completed", "diverged") for job in dirs]
+        diverged = by_status.get("diverged", [])
+        print(f"gsgd train: {done} of {len(jobs)} jobs completed in {sweep_dir}"
+              + (f"; diverged: {', '.join(map(str, diverged))}" if diverged else "")
               + (f"; not completed: {', '.join(bad)}" if bad else ""))
         if bad:
             sys.exit(1)
