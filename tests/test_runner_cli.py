@@ -301,3 +301,8 @@ def test_default_experiment_on_real_fashion_mnist(tmp_path):
     assert s["status"] == "completed" and s["wall_time_s"] < 120
     assert s["num_parameters"] == 49 * 64 + 64 * 64 + 64 * 10
     assert s["final_test_acc"] > 0.8
+
+
+def test_smoke_experiment_preset(gsgd_train_inproc):
+    code, out, err = gsgd_train_inproc("experiment=smoke", "optimizer=sgd")
+    assert code == 0 and "completed 20 iterations" in out, err
