@@ -413,6 +413,7 @@ def test_none_grads_are_skipped_and_no_grad_step_is_a_no_op():
     _loss(model, x, y).backward()
     model[0].bias.grad = None
     opt.step()
+    assert model[0].bias.grad is None  # step never creates or modifies gradients
     assert torch.equal(model[0].bias, before[1])
     assert not torch.equal(model[0].weight, before[0])
     opt.zero_grad()
