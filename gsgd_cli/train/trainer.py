@@ -282,7 +282,9 @@ class Trainer:
                 out = model(x)
                 loss = F.cross_entropy(out, y)
                 loss.backward()
-                loss_value = loss.item()
+                hits = (out.detach().argmax(1) == y).sum()
+                # one device sync per step for both numbers
+                loss_value, correct = torch.stack([loss.detach().double(), hits.double()]).tolist()
                 step_error = None
                 if math.isfinite(loss_value):
                     try:
@@ -304,7 +306,7 @@ class Trainer:
                                     "Try a smaller learning rate.")
                     break
                 self.loss_sum += loss_value * len(y)
-                self.correct += int((out.argmax(1) == y).sum())
+                self.correct += int(correct)
                 self.seen += len(y)
                 self.iteration += 1
                 bar.update(1)
