@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Time torch.optim.SGD against GSGD (and others) in the same run, and print the ratios.
+"""Time torch.optim.SGD against GSGD (and Path-SGD) in the same run, and print the ratios.
 
-    python scripts/bench_step.py                 # MLPs of issue 2, on cuda if present else cpu
-    python scripts/bench_step.py --device cpu --rounds 7 --iters 20
+    python scripts/bench_step.py                 # MLPs, batch 64, on cuda if present else cpu
+    python scripts/bench_step.py --suite paper --batch 128 --optimizers sgd,gsgd,path_sgd
+    python scripts/bench_step.py --suite paper --width 0.25 --rounds 3 --iters 2  # CPU-sized
 
 For every model it measures, on the same device and with the same batch:
 * the iteration: zero_grad + forward + backward + step, per optimizer;
 * the step alone: `optimizer.step()` on fixed gradients.
 Each figure is the median over `--rounds` rounds of the mean over `--iters` calls; the rounds of
 the optimizers are interleaved so that background load hits them alike. Only the ratios
-against SGD are meant to be compared across machines.
+against SGD are meant to be compared across machines. The learning rate is 1e-12 so that the
+weights hardly move while timing (the time of a step does not depend on it), and G-SGD uses
+its default skeleton_init="one".
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsgd_cli.models.mlp import MLP
+from gsgd_cli.models import MLP, PlainNet, ResNet
 from gsgd_cli.optim.gsgd import GSGD
+from gsgd_cli.optim.path_sgd import PathSGD
 
 
 @dataclass
@@ -41,10 +45,28 @@ MLP_CASES = [
     Case("MLP [784:1024:1024:1024:10]", lambda: MLP(784, 10, width=1024, depth=3), (784,), 10),
 ]
 
-OPTIMIZERS: dict[str, Callable[[nn.Module, float], torch.optim.Optimizer]] = {
-    "sgd": lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr),
-    "gsgd": lambda model, lr: GSGD(model, lr=lr),
+def paper_cases(width: float) -> list[Case]:
+    """Plain-34 and ResNet-34 (CIFAR form), with and without batch norm; `width` scales the
+    channels (1.0 = the paper's 64/128/256/512)."""
+    widths = [max(1, round(w * width)) for w in (64, 128, 256, 512)]
+    tag = "" if width == 1 else f" x{width:g} width"
+    cases = []
+    for cls, name in ((PlainNet, "Plain-34"), (ResNet, "ResNet-34")):
+        for bn in (True, False):
+            cases.append(Case(f"{name}{' BN' if bn else ''}{tag}",
+                              lambda cls=cls, bn=bn: cls(3, 10, widths=widths, bn=bn),
+                              (3, 32, 32), 10))
+    return cases
+
+
+OPTIMIZERS: dict[str, Callable[[nn.Module, float, tuple], torch.optim.Optimizer]] = {
+    "sgd": lambda model, lr, shape: torch.optim.SGD(model.parameters(), lr=lr),
+    "gsgd": lambda model, lr, shape: GSGD(model, lr=lr),
+    "path_sgd": lambda model, lr, shape: PathSGD(model, lr=lr, input_shape=shape),
 }
+
+
+LR = 1e-12
 
 
 def _sync(device: torch.device) -> None:
@@ -70,7 +92,11 @@ def bench_case(case: Case, optimizers: list[str], batch: int, rounds: int, iters
     for name in optimizers:
         torch.manual_seed(0)
         model = case.build().to(device)
-        opt = OPTIMIZERS[name](model, 1e-4)
+        try:
+            opt = OPTIMIZERS[name](model, LR, case.in_shape)
+        except ValueError as exc:          # e.g. Path-SGD refuses batch norm
+            print(f"  ({case.name}: {name} skipped: {str(exc).splitlines()[0][:90]})")
+            continue
 
         def iteration(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
@@ -84,8 +110,8 @@ def bench_case(case: Case, optimizers: list[str], batch: int, rounds: int, iters
     for name, (model, opt, iteration, _) in setups.items():   # warm up
         for _ in range(3):
             iteration()
-    iter_times = {name: [] for name in optimizers}
-    step_times = {name: [] for name in optimizers}
+    iter_times = {name: [] for name in setups}
+    step_times = {name: [] for name in setups}
     for _ in range(rounds):
         for name, (_, _, iteration, _) in setups.items():
             iter_times[name].append(_mean_time(iteration, iters, device))
@@ -96,7 +122,7 @@ def bench_case(case: Case, optimizers: list[str], batch: int, rounds: int, iters
         for name, (_, _, _, step) in setups.items():
             step_times[name].append(_mean_time(step, iters, device))
     return {name: (statistics.median(iter_times[name]), statistics.median(step_times[name]))
-            for name in optimizers}
+            for name in setups}
 
 
 def main() -> None:
@@ -106,6 +132,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--optimizers", default="sgd,gsgd")
+    parser.add_argument("--suite", default="mlp", choices=["mlp", "paper"],
+                        help="mlp: the MLPs of the paper's 5.2; paper: Plain-34/ResNet-34")
+    parser.add_argument("--width", type=float, default=1.0,
+                        help="channel multiplier for --suite paper (1.0 = the paper's)")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
@@ -122,12 +152,14 @@ def main() -> None:
         f"{o}/sgd iter | {o}/sgd step" for o in optimizers[1:]) + " |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for case in MLP_CASES:
+    cases = MLP_CASES if args.suite == "mlp" else paper_cases(args.width)
+    for case in cases:
         times = bench_case(case, optimizers, args.batch, args.rounds, args.iters, device)
         base_iter, base_step = times["sgd"]
-        cells = [f"{times[o][0] * 1e3:.3f} | {times[o][1] * 1e3:.3f}" for o in optimizers]
+        cells = [f"{times[o][0] * 1e3:.3f} | {times[o][1] * 1e3:.3f}" if o in times else "- | -"
+                 for o in optimizers]
         ratios = [f"{times[o][0] / base_iter:.2f}x | {times[o][1] / base_step:.2f}x"
-                  for o in optimizers[1:]]
+                  if o in times else "- | -" for o in optimizers[1:]]
         print(f"| {case.name} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |",
               flush=True)
 
