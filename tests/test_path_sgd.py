@@ -12,7 +12,7 @@ from torch import nn
 
 from gsgd_cli.models.convnets import BasicBlock, PlainNet, ResNet
 from gsgd_cli.models.mlp import MLP
-from gsgd_cli.optim.path_sgd import PathSGD, needs_input_shape
+from gsgd_cli.optim.path_sgd import PathSGD, PathSGDStepError, needs_input_shape
 
 from path_reference import brute_force_kappa, brute_force_path_norm_sq, count_paths
 
@@ -519,7 +519,7 @@ def test_zero_kappa_raises_naming_the_parameter_and_writes_nothing():
            "layer or a unit with all incoming weights 0), so the step is 0/0. Initialise the "
            "weights randomly (no all-zero layer) or pass eps > 0 to divide by kappa + eps (not "
            "exactly invariant).")
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(PathSGDStepError) as info:
         opt.step()
     assert str(info.value) == msg
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -535,7 +535,7 @@ def test_non_finite_gradient_raises_and_writes_nothing():
     _loss(model, x, y).backward()
     model[2].bias.grad[0] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match=r"^PathSGD: non-finite update for parameter "
+    with pytest.raises(PathSGDStepError, match=r"^PathSGD: non-finite update for parameter "
                                            r"'2\.bias' \(2,\): its gradient is not finite\."):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -731,6 +731,7 @@ def test_hydra_config_instantiates_path_sgd():
     opt = instantiate(cfg)(model)
     assert isinstance(opt, PathSGD) and opt.param_groups[0]["lr"] == cfg.lr
     conv, shape = conv_net("gap")
+    assert isinstance(instantiate(cfg)(conv, input_shape=shape), PathSGD)  # as a trainer would
     cfg.input_shape = list(shape)
     assert isinstance(instantiate(cfg)(conv), PathSGD)
 

@@ -75,7 +75,8 @@ purpose:
   off by default.
 
 Guard: if kappa + eps is exactly 0 for an entry whose update is needed, or an update is not
-finite, ``step`` raises ``RuntimeError`` naming the parameter before changing any weight.
+finite, ``step`` raises ``PathSGDStepError`` (a ``RuntimeError``) naming the parameter before
+changing any weight; the message's first line is self-contained (for a trainer's log).
 
 Not supported: momentum and weight decay (Path-SGD's paper has neither for this baseline),
 several param groups (all parameters of the model are one group, in ``model.parameters()``
@@ -93,7 +94,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["PathSGD", "needs_input_shape"]
+__all__ = ["PathSGD", "PathSGDStepError", "needs_input_shape"]
 
 # Keys in the optimizer's param group / state (kept here: the project has no shared key module yet).
 LR = "lr"
@@ -101,6 +102,11 @@ EPS = "eps"
 RESCALE = "rescale"
 RESCALE_RATIO = "rescale_ratio"
 _RESCALE_CHOICES = (None, "first", "every")
+
+
+class PathSGDStepError(RuntimeError):
+    """A Path-SGD step that would divide 0/0 or write non-finite weights; nothing was written."""
+
 
 _PARAM_LAYERS = (nn.Linear, nn.Conv2d)
 _PASS_MODULES = (nn.ReLU, nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
@@ -379,7 +385,8 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
                 flat_safe_prefix = False
                 continue
             raise _unsupported(_describe(node), "only ReLU, flatten, dropout, average pooling "
-                                                "and residual sums may join the Linear/Conv2d layers")
+                                                "and residual sums may join the Linear/Conv2d "
+                                                "layers")
         raise _unsupported(_describe(node), f"unexpected graph node kind {node.op!r}")
     if not layer_nodes:
         raise _unsupported("this model", "it has no nn.Linear or nn.Conv2d layer")
@@ -585,7 +592,7 @@ class PathSGD(torch.optim.Optimizer):
             name, shape = self._param_names[i], tuple(k.shape)
             n_zero = int((k == 0).sum())
             if n_zero:
-                raise RuntimeError(
+                raise PathSGDStepError(
                     f"PathSGD: kappa is 0 for {n_zero} of {k.numel()} entries of parameter "
                     f"'{name}' {shape}: every input->output path through them contains another "
                     "zero weight (e.g. an all-zero layer or a unit with all incoming weights 0), "
@@ -594,7 +601,7 @@ class PathSGD(torch.optim.Optimizer):
             if not bool(torch.isfinite(u).all()):
                 what = ("its gradient is not finite" if not bool(torch.isfinite(g).all()) else
                         "kappa is not finite or too small (overflow/underflow)")
-                raise RuntimeError(
+                raise PathSGDStepError(
                     f"PathSGD: non-finite update for parameter '{name}' {shape}: {what}. Lower "
                     "lr, check the loss for NaN/Inf, or train in float64; eps > 0 bounds the "
                     "step where kappa underflows.")
