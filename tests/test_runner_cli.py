@@ -303,6 +303,7 @@ def test_default_experiment_on_real_fashion_mnist(tmp_path):
     assert s["final_test_acc"] > 0.8
 
 
-def test_smoke_experiment_preset(gsgd_train_inproc):
+def test_smoke_experiment_preset(gsgd_train_inproc, tmp_path):
     code, out, err = gsgd_train_inproc("experiment=smoke", "optimizer=sgd")
     assert code == 0 and "completed 20 iterations" in out, err
+    assert summary(tmp_path / "run")["config"]["experiment"] == "smoke"

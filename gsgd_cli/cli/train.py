@@ -121,7 +121,8 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         raise UserError(f"optimizer: {exc}") from None
     extra = {
         "git_commit": _git_commit(),
-        "config": {k: v for k, v in (choices or {}).items() if not k.startswith("hydra/")},
+        "config": {k: v for k, v in (choices or {}).items()
+                   if v is not None and not k.startswith("hydra/")},
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "run_dir": str(run_dir),
     }
