@@ -245,7 +245,12 @@ def apply_chain_step(skeleton: ChainSkeleton, index: ChainIndex, step: ChainStep
     for i, (layer, update) in enumerate(zip(skeleton.layers, step.layers)):
         w = _as_layer_view(weights[i], layer)
         g = _as_layer_view(grads[i], layer) if grads[i] is not None else None
-        inv_s = (update.row_inv_s[:, None] * update.col_inv_s[None, :])[:, :, None]
+        if i == 0:           # In = 1 on the block's inputs: a per-row factor suffices
+            inv_s = update.row_inv_s[:, None, None]
+        elif i == len(skeleton.layers) - 1:     # Out = 1 on its outputs: per column
+            inv_s = update.col_inv_s[None, :, None]
+        else:
+            inv_s = (update.row_inv_s[:, None] * update.col_inv_s[None, :])[:, :, None]
         scale = update.weight_scale
         if not mu:
             # w' = (w * (1 - 2 lr bpr) - lr * (dw + wd * w) / s^2) / R
