@@ -31,7 +31,14 @@ import torch
 
 
 class UnsupportedWidthProfile(ValueError):
-    """The hidden widths of a chain block have a valley (not single-peaked)."""
+    """The hidden widths of a chain block have a valley (not single-peaked).
+
+    `hidden_layer` is the 1-based number of the narrow hidden layer (the output of the
+    block's layer `hidden_layer - 1`, counting from 0)."""
+
+    def __init__(self, message: str, hidden_layer: int):
+        super().__init__(message)
+        self.hidden_layer = hidden_layer
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ def check_single_peak(widths: tuple[int, ...]) -> None:
         if max(hidden[:k]) > hidden[k] < max(hidden[k + 1:]):
             raise UnsupportedWidthProfile(
                 f"hidden layer {k + 1} (width {hidden[k]}) is narrower than hidden layers "
-                f"on both sides (widths {list(widths)}): a width valley")
+                f"on both sides (widths {list(widths)}): a width valley", k + 1)
 
 
 def build_skeleton(widths: tuple[int, ...] | list[int],

@@ -91,10 +91,11 @@ class GSGD(Optimizer):
         skeleton_init: `"one"` (default) sets every skeleton weight to 1 at construction, as
             the paper does; `"keep"` keeps the current values (none may be 0); `"rescale"`
             rescales hidden units (a positive scaling: the network function is unchanged)
-            so that every free skeleton weight becomes +1 or -1. The paper notes that only
-            the signs of the free weights matter; `"rescale"` keeps the initialisation's
-            scale, which deep networks without batch norm need (setting their kernel centres
-            to 1 makes the activations explode).
+            so that every free skeleton weight becomes +1 or -1; the pivots then carry the
+            paths' scale. The paper (appendix 11.3) notes that the magnitudes of the skeleton
+            weights set the scale of the learning rate: with `"keep"` and `"rescale"` tune
+            `lr` afresh. Deep networks without batch norm explode at initialisation with
+            `"one"` (their kernel centres set to 1).
         min_pivot_ratio: a step that shrinks a pivot to less than this fraction of its
             magnitude (or to 0) raises `GSGDStepError` instead of dividing the weights
             downstream by a vanishing number.
@@ -172,13 +173,11 @@ class GSGD(Optimizer):
             skeleton = build_skeleton(block.widths, tuple(v.kernel for v in views),
                                       tuple(v.centre for v in views))
         except UnsupportedWidthProfile as exc:
-            names = block.names
-            k = int(str(exc).split()[2]) if str(exc).startswith("hidden layer") else 0
-            layer = names[k - 1] if 0 < k <= len(names) else names[0]
+            layer = block.names[exc.hidden_layer - 1]
             raise UnsupportedWidthProfile(
-                f"G-SGD cannot handle chain block {' -> '.join(names)}: the output of "
+                f"G-SGD cannot handle chain block {' -> '.join(block.names)}: the output of "
                 f"'{layer}' is a {exc}. Make the hidden widths rise and then fall (a single "
-                "peak), or leave this part of the model to SGD") from None
+                "peak), or leave this part of the model to SGD", exc.hidden_layer) from None
         weights = [m.weight for m in block.modules]
         biases = [m.bias for m in block.modules]
         for name, p in zip(block.names, weights):
@@ -285,8 +284,8 @@ class GSGD(Optimizer):
         for plan, _, step, _ in planned:
             if not bool(step.pivot_ok):
                 r = step.pivot_ratio
-                j = int((~(torch.isfinite(r) & (r != 0))
-                         | (r.abs() < plan_min_ratio(self))).nonzero()[0])
+                min_ratio = self.param_groups[0]["min_pivot_ratio"]
+                j = int((~(torch.isfinite(r) & (r != 0)) | (r.abs() < min_ratio)).nonzero()[0])
                 name = plan.block.names[plan.skeleton.pivot_layer]
                 raise GSGDStepError(
                     f"G-SGD step failed in layer '{name}': pivot {j} would change by the ratio "
@@ -338,7 +337,3 @@ def split_by_stage(block: ChainBlock) -> list[ChainBlock]:
                                     [block.bn_after[i] for i in run]))
         run = []
     return parts
-
-
-def plan_min_ratio(optimizer: GSGD) -> float:
-    return optimizer.param_groups[0]["min_pivot_ratio"]
