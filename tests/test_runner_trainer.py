@@ -163,3 +163,10 @@ def test_non_finite_weights_never_reach_a_checkpoint(tmp_path):
     state = load(tmp_path / "checkpoint.pt")
     assert state["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_resume_with_another_model_is_a_user_error(tmp_path):
+    make_trainer(tmp_path, iterations=3).fit()
+    other = make_trainer(tmp_path, iterations=6, model="resnet")
+    with pytest.raises(UserError, match="does not fit this model/optimizer"):
+        other.fit(resume=True)

@@ -165,8 +165,14 @@ class Trainer:
         if state["batch_size"] != self.settings.batch_size:
             raise UserError(f"The checkpoint at {path} was trained with train.batch_size="
                             f"{state['batch_size']}; resume with the same batch size.")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"The checkpoint at {path} does not fit this model/optimizer ({first}); "
+                            "resume with the same model and optimizer settings as the "
+                            "original run.") from None
         self.base_lrs = list(state["schedule"]["base_lrs"])
         self.iteration = state["iteration"]
         self.perm = state["perm"]
