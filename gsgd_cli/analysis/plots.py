@@ -1,0 +1,193 @@
+"""The paper's figure forms, drawn from completed runs with matplotlib (Agg backend).
+
+* `plot_curves`       Figure 3 (and 7-8): training loss (log scale) and test accuracy against
+                      epochs, one row per data set, one line per (model, optimizer, swept
+                      values): the mean over seeds with a band from the lowest to the highest
+                      seed.
+* `plot_width_sweep`  Figure 4: final training loss and final test error against the hidden
+                      width h (log2 axis) for each optimizer (mean ± std over seeds), and the
+                      gap Delta = SGD - G-SGD of both.
+* `plot_best_lr`      Figure 5: for each data set and optimizer, the curves at the learning
+                      rate with the lowest mean final *training* loss (the choice never looks at
+                      the test set).
+
+Each function writes `<out>/<name>.png` and `.pdf` and returns the paths.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .table import OPTIMIZER_ORDER, Row, _fmt_value, mean_std, run_values  # noqa: E402
+
+OPTIMIZER_NAMES = {"sgd": "SGD", "gsgd": "G-SGD", "path_sgd": "Path-SGD"}
+MODEL_NAMES = {"plain34": "Plain-34", "resnet34": "ResNet-34", "mlp": "MLP"}
+DATA_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST",
+              "fashion_mnist": "Fashion-MNIST", "synthetic": "synthetic"}
+LINESTYLES = {"gsgd": "-", "sgd": "--", "path_sgd": ":"}
+SHORT_KEYS = {"model.width": "h", "optimizer.lr": "lr", "optimizer.weight_decay": "wd",
+              "optimizer.bpr": "bpr"}
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out / f"{name}.{ext}"
+        fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def row_label(row: Row, keys: list[str], with_model: bool = True) -> str:
+    parts = [MODEL_NAMES.get(row.model, row.model)] if with_model else []
+    parts.append(OPTIMIZER_NAMES.get(row.optimizer, row.optimizer))
+    for key in keys:
+        if row.swept.get(key) is not None:
+            parts.append(f"{SHORT_KEYS.get(key, key)}={_fmt_value(row.swept[key])}")
+    return " ".join(parts)
+
+
+def seed_curves(row: Row) -> tuple[list[float], dict[str, list[list[float]]]]:
+    """(epochs, {metric: [per-seed values]}) on the evaluations that every seed has."""
+    common = None
+    for run in row.runs:
+        its = {m["iteration"] for m in run.metrics}
+        common = its if common is None else common & its
+    iterations = sorted(common or ())
+    per_run = [{m["iteration"]: m for m in run.metrics} for run in row.runs]
+    epochs = [per_run[0][it]["epoch"] for it in iterations]
+    curves = {key: [[metrics[it][key] for it in iterations] for metrics in per_run]
+              for key in ("train_loss", "test_acc")}
+    return epochs, curves
+
+
+def _band(ax, x, per_seed, label, color, style="-"):
+    mean = [sum(vals) / len(vals) for vals in zip(*per_seed)]
+    ax.plot(x, mean, label=label, color=color, lw=1.5, ls=style)
+    if len(per_seed) > 1:
+        ax.fill_between(x, [min(v) for v in zip(*per_seed)], [max(v) for v in zip(*per_seed)],
+                        color=color, alpha=0.2, lw=0)
+
+
+def plot_curves(rows: list[Row], keys: list[str], out: Path, name: str = "fig3_curves",
+                title: str | None = None) -> list[Path]:
+    datasets = sorted({r.data for r in rows})
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 3.8 * len(datasets)), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for i, data in enumerate(datasets):
+        members = [r for r in rows if r.data == data]
+        multi_model = len({r.model for r in members}) > 1
+        # colour: the model and swept values; line style: the optimizer
+        variants = list(dict.fromkeys((r.model, tuple(repr(r.swept[k]) for k in keys))
+                                      for r in members))
+        for row in members:
+            epochs, curves = seed_curves(row)
+            label = row_label(row, keys, with_model=multi_model)
+            variant = variants.index((row.model, tuple(repr(row.swept[k]) for k in keys)))
+            color = cmap(variant % cmap.N)
+            style = LINESTYLES.get(row.optimizer, "-.")
+            _band(axes[i][0], epochs, curves["train_loss"], label, color, style)
+            _band(axes[i][1], epochs, curves["test_acc"], label, color, style)
+        name_d = DATA_NAMES.get(data, data)
+        axes[i][0].set_yscale("log")
+        axes[i][0].set_ylabel(f"{name_d}\ntraining loss (log scale)")
+        axes[i][1].set_ylabel("test accuracy")
+        for ax in axes[i]:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3, which="both")
+        axes[i][0].set_title(f"{name_d}: training loss")
+        axes[i][1].set_title(f"{name_d}: test accuracy")
+        axes[i][1].legend(fontsize=7, ncol=2 if len(members) > 8 else 1, loc="lower right")
+    n_seeds = sorted({len(r.runs) for r in rows})
+    fig.suptitle(title or "Training loss and test accuracy per epoch (mean over "
+                 f"{'/'.join(map(str, n_seeds))} seeds, band: min to max; "
+                 "solid G-SGD, dashed SGD, dotted Path-SGD)")
+    fig.tight_layout()
+    return _save(fig, out, name)
+
+
+def width_sweep_ready(rows: list[Row], keys: list[str]) -> bool:
+    if "model.width" not in keys:
+        return False
+    optimizers = {r.optimizer for r in rows if r.model == "mlp"}
+    widths = {r.swept["model.width"] for r in rows if r.model == "mlp"}
+    return {"sgd", "gsgd"} <= optimizers and len(widths) >= 2
+
+
+def plot_width_sweep(rows: list[Row], out: Path, name: str = "fig4_width_sweep") -> list[Path]:
+    """Figure 4: final train loss and test error against h (top), the gap SGD - G-SGD (below)."""
+    mlp = [r for r in rows if r.model == "mlp" and r.swept.get("model.width") is not None]
+    datasets = sorted({r.data for r in mlp})
+    fig, axes = plt.subplots(2 * len(datasets), 2, figsize=(11, 7.5 * len(datasets)), squeeze=False)
+    styles = {"sgd": ("tab:blue", "o"), "gsgd": ("tab:red", "s"), "path_sgd": ("tab:green", "^")}
+    metrics = (("final_train_loss", "final training loss"), ("final_test_error", "final test error (%)"))
+    for i, data in enumerate(datasets):
+        top, bottom = axes[2 * i], axes[2 * i + 1]
+        name_d = DATA_NAMES.get(data, data)
+        by_opt: dict[str, dict[Any, Row]] = defaultdict(dict)
+        for row in (r for r in mlp if r.data == data):
+            by_opt[row.optimizer][row.swept["model.width"]] = row
+        for opt in sorted(by_opt, key=lambda o: OPTIMIZER_ORDER.get(o, 9)):
+            color, marker = styles.get(opt, ("k", "x"))
+            widths = sorted(by_opt[opt])
+            for ax, (metric, _) in zip(top, metrics):
+                means = [by_opt[opt][w].stats[metric][0] for w in widths]
+                stds = [by_opt[opt][w].stats[metric][1] or 0.0 for w in widths]
+                ax.errorbar(widths, means, yerr=stds, color=color, marker=marker, capsize=3,
+                            label=OPTIMIZER_NAMES.get(opt, opt))
+        shared = sorted(set(by_opt.get("sgd", {})) & set(by_opt.get("gsgd", {})))
+        for ax, (metric, label) in zip(bottom, metrics):
+            gaps = [by_opt["sgd"][w].stats[metric][0] - by_opt["gsgd"][w].stats[metric][0]
+                    for w in shared]
+            ax.plot(shared, gaps, color="tab:purple", marker="D", label="Δ = SGD − G-SGD")
+            ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+            ax.set_ylabel(f"Δ {label}")
+            ax.set_title(f"{name_d}: gap in {label.replace('final ', '')} "
+                         "(above 0: G-SGD lower)")
+            ax.legend()
+        for ax, (metric, label) in zip(top, metrics):
+            ax.set_ylabel(label)
+            ax.set_title(f"{name_d}: {label}")
+            ax.legend()
+        top[0].set_yscale("log")
+        for ax in (*top, *bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("hidden nodes per layer h  (MLP [in:h:h:10], H = 2h)")
+            ax.grid(alpha=0.3, which="both")
+    n_seeds = sorted({len(r.runs) for r in mlp})
+    epochs = sorted({r.runs[0].summary.get("epochs") for r in mlp if r.runs[0].summary})
+    fig.suptitle("Figure 4 form: SGD vs G-SGD against width h\n(mean ± std over "
+                 f"{'/'.join(map(str, n_seeds))} seeds, {'/'.join(f'{e:g}' for e in epochs)} epochs)")
+    fig.tight_layout()
+    return _save(fig, out, name)
+
+
+def best_lr_rows(rows: list[Row]) -> list[Row]:
+    """Per (data, model, optimizer): the row with the lowest mean final training loss."""
+    best: dict[tuple, Row] = {}
+    for row in rows:
+        key = (row.data, row.model, row.optimizer)
+        loss = row.stats["final_train_loss"][0]
+        if key not in best or loss < best[key].stats["final_train_loss"][0]:
+            best[key] = row
+    return sorted(best.values(), key=lambda r: (r.data, r.model, OPTIMIZER_ORDER.get(r.optimizer, 9)))
+
+
+def plot_best_lr(rows: list[Row], keys: list[str], out: Path,
+                 name: str = "fig5_best_lr") -> list[Path]:
+    chosen = best_lr_rows(rows)
+    return plot_curves(chosen, keys, out, name=name,
+                       title="Figure 5 form: each optimizer at its best learning rate "
+                             "(lowest mean final training loss; mean over seeds, band: min to max)")
+
+
+__all__ = ["plot_curves", "plot_width_sweep", "plot_best_lr", "best_lr_rows", "width_sweep_ready",
+           "seed_curves", "mean_std", "run_values"]

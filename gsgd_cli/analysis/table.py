@@ -1,0 +1,192 @@
+"""Aggregating runs into rows: one row per (data, model, optimizer, swept values).
+
+The columns beyond data/model/optimizer are the config keys that differ between runs that
+share the same data, model and optimizer (e.g. `model.width` in Figure 4's sweep,
+`optimizer.lr` in Figure 5's grid); the seed is what each row averages over. Only completed
+runs enter the means; the others are returned separately so that the report lists them.
+
+Test error is `100 * (1 - accuracy)` in percent. `std` is the sample standard deviation
+(n - 1 in the denominator), empty for a single seed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .paper import model_label, paper_reference
+from .runs import Run
+
+# Keys that never define a row: bookkeeping, paths, and the seed (rows average over seeds).
+IGNORED_KEYS = {"seed", "device", "progress", "resume", "cpu_threads", "tags", "data.root",
+                "data.system_dir", "data.download", "train.eval_batch_size",
+                "train.checkpoint_every", "train.tensorboard", "train.eval_every"}
+IGNORED_PREFIXES = ("hydra.",)
+OPTIMIZER_ORDER = {"sgd": 0, "path_sgd": 1, "gsgd": 2}
+METRICS = (("final_test_error", "final test error %"), ("best_test_error", "best test error %"),
+           ("final_train_loss", "final train loss"))
+
+
+def data_label(run: Run) -> str:
+    return run.choice("data")
+
+
+def group_key(run: Run) -> tuple[str, str, str]:
+    return (data_label(run), model_label(run.config, run.choice("model")), run.choice("optimizer"))
+
+
+def _fmt_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + ",".join(_fmt_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _sortable(value: Any) -> tuple:
+    if isinstance(value, bool) or value is None:
+        return (1, str(value))
+    if isinstance(value, (int, float)):
+        return (0, value)
+    return (1, str(value))
+
+
+def swept_keys(runs: Iterable[Run]) -> list[str]:
+    """Config keys whose values differ between runs of the same (data, model, optimizer).
+
+    Keys in IGNORED_KEYS (bookkeeping, paths, the seed) never count."""
+    by_group: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_group[group_key(run)].append(run)
+    keys: set[str] = set()
+    for members in by_group.values():
+        names = set().union(*(r.config for r in members))
+        for name in names:
+            if name in IGNORED_KEYS or name.startswith(IGNORED_PREFIXES):
+                continue
+            # runs written before a key existed do not make it a swept key
+            values = {repr(r.config[name]) for r in members if name in r.config}
+            if len(values) > 1:
+                keys.add(name)
+    return sorted(keys)
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+@dataclass
+class Row:
+    data: str
+    model: str
+    optimizer: str
+    swept: dict[str, Any]
+    runs: list[Run] = field(default_factory=list)
+    stats: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    paper: str = ""
+    paper_error: float | None = None
+
+    @property
+    def seeds(self) -> list[Any]:
+        return [r.seed for r in self.runs]
+
+    @property
+    def num_parameters(self) -> Any:
+        counts = {(r.summary or {}).get("num_parameters") for r in self.runs}
+        return counts.pop() if len(counts) == 1 else None
+
+
+def run_values(run: Run) -> dict[str, float]:
+    return {
+        "final_test_error": 100.0 * (1.0 - run.final("final_test_acc")),
+        "best_test_error": 100.0 * (1.0 - run.final("best_test_acc")),
+        "final_train_loss": run.final("final_train_loss"),
+    }
+
+
+def build_rows(runs: list[Run]) -> tuple[list[Row], list[str], list[Run]]:
+    """(rows over completed runs, swept key names, incomplete runs)."""
+    complete = [r for r in runs if r.complete]
+    incomplete = [r for r in runs if not r.complete]
+    keys = swept_keys(runs)
+    rows: dict[tuple, Row] = {}
+    for run in complete:
+        data, model, optimizer = group_key(run)
+        swept = {k: run.config.get(k) for k in keys}
+        ident = (data, model, optimizer, tuple(repr(v) for v in swept.values()))
+        if ident not in rows:
+            text, err = paper_reference(data, model, optimizer, run.config)
+            rows[ident] = Row(data, model, optimizer, swept, paper=text, paper_error=err)
+        rows[ident].runs.append(run)
+    for row in rows.values():
+        row.runs.sort(key=lambda r: _sortable(r.seed))
+        values = [run_values(r) for r in row.runs]
+        for name, _ in METRICS:
+            row.stats[name] = mean_std([v[name] for v in values])
+    ordered = sorted(rows.values(), key=lambda r: (
+        r.data, r.model, *[_sortable(r.swept[k]) for k in keys],
+        OPTIMIZER_ORDER.get(r.optimizer, 9), r.optimizer))
+    return ordered, keys, incomplete
+
+
+def _fmt_stat(stat: tuple[float | None, float | None], digits: int) -> str:
+    mean, std = stat
+    if mean is None:
+        return ""
+    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+def _digits(name: str) -> int:
+    return 4 if name == "final_train_loss" else 2
+
+
+def markdown(rows: list[Row], keys: list[str], incomplete: list[Run]) -> str:
+    head = ["data", "model", "optimizer", *keys, "seeds", "params",
+            *[label for _, label in METRICS], "paper (test error %)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row.data, row.model, row.optimizer, *[_fmt_value(row.swept[k]) for k in keys],
+                 str(len(row.runs)), "" if row.num_parameters is None else str(row.num_parameters),
+                 *[_fmt_stat(row.stats[name], _digits(name)) for name, _ in METRICS], row.paper]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        lines.append("| " + " | ".join(["(no completed runs)"] + [""] * (len(head) - 1)) + " |")
+    text = "\n".join(lines) + "\n"
+    text += ("\nMeans over seeds (± sample std); test error = 100 × (1 − test accuracy); train "
+             "loss = mean cross-entropy over the last evaluation interval.\n")
+    if incomplete:
+        text += f"\nLeft out of the means ({len(incomplete)} incomplete or failed runs):\n\n"
+        for run in incomplete:
+            text += f"- {run.path}: {run.problem}\n"
+    return text
+
+
+def to_csv(rows: list[Row], keys: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    stat_cols = [f"{name}_{part}" for name, _ in METRICS for part in ("mean", "std")]
+    writer.writerow(["data", "model", "optimizer", *keys, "n_seeds", "seeds", "num_parameters",
+                     *stat_cols, "paper", "paper_test_error"])
+
+    def num(value):
+        return "" if value is None else repr(float(value))
+
+    for row in rows:
+        stats = [num(part) for name, _ in METRICS for part in row.stats[name]]
+        writer.writerow([row.data, row.model, row.optimizer,
+                         *[_fmt_value(row.swept[k]) for k in keys], len(row.runs),
+                         " ".join(str(s) for s in row.seeds),
+                         "" if row.num_parameters is None else row.num_parameters, *stats,
+                         row.paper, num(row.paper_error)])
+    return out.getvalue()

@@ -1,0 +1,60 @@
+"""`gsgd report RUN_DIR... [--csv PATH]`: a markdown table (stdout) and a CSV of run directories.
+
+    gsgd report experiments/fig4/runs                      # a multirun's sweep directory
+    gsgd report outputs/2026-11-27 --csv results.csv       # every run below a folder
+
+One row per (data, model, optimizer, swept config keys): mean ± std over seeds of the final and
+best test error and the final training loss, the number of seeds, and the paper's figure where
+the paper has one. Runs without a summary.json or whose status is not `completed` are listed
+under the table and left out of the means. The CSV goes to `--csv`, by default `report.csv` in
+the first RUN_DIR. Bad input: one line on stderr, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gsgd_cli.analysis import ReportError, build_rows, load_runs, markdown, to_csv
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="gsgd report",
+        description="Summarise gsgd train run directories (single runs or multirun sweep "
+                    "directories, searched recursively) as a markdown table and a CSV.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories or folders above them")
+    parser.add_argument("--csv", metavar="PATH", default=None,
+                        help="where to write the CSV (default: RUN_DIR/report.csv of the first "
+                             "RUN_DIR); '-' to skip it")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        runs = load_runs(args.run_dirs)
+        rows, keys, incomplete = build_rows(runs)
+        text = markdown(rows, keys, incomplete)
+        csv_path = None
+        if args.csv != "-":
+            csv_path = Path(args.csv) if args.csv else Path(args.run_dirs[0]) / "report.csv"
+            try:
+                csv_path.parent.mkdir(parents=True, exist_ok=True)
+                csv_path.write_text(to_csv(rows, keys))
+            except OSError as exc:
+                raise ReportError(f"cannot write {csv_path}: {exc.strerror}; pass --csv "
+                                  "with a writable path.") from None
+    except ReportError as exc:
+        print(f"gsgd report: error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    n_ok = len(runs) - len(incomplete)
+    note = f"gsgd report: {n_ok} of {len(runs)} runs completed, {len(rows)} rows"
+    print(note + (f"; CSV: {csv_path}" if csv_path else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
