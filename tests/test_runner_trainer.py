@@ -170,3 +170,23 @@ def test_resume_with_another_model_is_a_user_error(tmp_path):
     other = make_trainer(tmp_path, iterations=6, model="resnet")
     with pytest.raises(UserError, match="does not fit this model/optimizer"):
         other.fit(resume=True)
+
+
+@pytest.mark.parametrize("module, name", [("gsgd_cli.optim.gsgd", "GSGDStepError"),
+                                          ("gsgd_cli.optim.path_sgd", "PathSGDStepError")])
+def test_optimizer_step_errors_count_as_divergence(tmp_path, module, name):
+    error = getattr(pytest.importorskip(module), name)
+
+    class Refuses(torch.optim.SGD):
+        def step(self, closure=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 4:
+                raise error("pivot vanished\nmore detail")
+            return super().step(closure)
+
+    trainer = make_trainer(tmp_path, iterations=10, checkpoint_every=2)
+    trainer.optimizer = Refuses(trainer.model.parameters(), lr=0.01)
+    summary = trainer.fit()
+    assert summary["status"] == "diverged"
+    assert "optimizer step failed (pivot vanished)" in summary["message"]
+    assert load(tmp_path / "checkpoint.pt")["iteration"] == 2

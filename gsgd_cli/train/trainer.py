@@ -47,11 +47,17 @@ TB_DIR = "tb"
 
 def _divergence_errors() -> tuple[type[BaseException], ...]:
     """Exceptions an optimizer raises instead of writing non-finite weights."""
-    try:
-        from gsgd_cli.optim.gsgd import GSGDStepError
-    except ImportError:  # the optimizer module is optional for the trainer
-        return ()
-    return (GSGDStepError,)
+    import importlib
+
+    found = []
+    for module, name in (("gsgd_cli.optim.gsgd", "GSGDStepError"),
+                         ("gsgd_cli.optim.path_sgd", "PathSGDStepError")):
+        try:  # the optimizer modules are optional for the trainer
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
 
 METRIC_KEYS = ("iteration", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                "elapsed_s")
