@@ -113,19 +113,20 @@ class LayerUpdate:
 class ChainStep:
     """A planned step of one chain block: computed and checked, nothing written yet.
 
-    `grad_ok[i]` (weight layer i's gradients are finite and the update stays in range) and
-    `pivot_ok` (every pivot ratio is finite and at least `min_ratio` in magnitude) are boolean
-    tensors, so the caller can check every block with one device sync.
+    `bounds[i]` bounds the size of layer i's update: it is finite iff the layer's gradients
+    are finite and the update cannot overflow. `pivot_ok` says that every pivot ratio is
+    finite and at least `min_ratio` in magnitude. Both stay on the device, so the caller can
+    check every block with one sync.
     """
 
     layers: list[LayerUpdate]
     pivot_ratio: Tensor             # R_j = u_j' / u_j
     pivot_buffer: Tensor | None     # new momentum buffer of the pivots' paths
-    grad_ok: list[Tensor]
+    bounds: Tensor
     pivot_ok: Tensor
 
-    def checks(self) -> list[Tensor]:
-        return [self.pivot_ok, *self.grad_ok]
+    def ok(self) -> Tensor:
+        return self.pivot_ok & torch.isfinite(self.bounds).all()
 
 
 def _node_sums(w: Tensor, g: Tensor, dim: int) -> Tensor:
@@ -135,11 +136,6 @@ def _node_sums(w: Tensor, g: Tensor, dim: int) -> Tensor:
     prod = w * g
     prod = prod.sum(2) if prod.shape[2] > 1 else prod.squeeze(2)
     return prod.sum(1 - dim)
-
-
-def _max_abs(t: Tensor) -> Tensor:
-    low, high = torch.aminmax(t)      # one pass; NaN propagates
-    return torch.maximum(-low, high)
 
 
 def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Tensor],
@@ -203,7 +199,7 @@ def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Te
 
     # Weight-Allocation: SGD on every non-skeleton edge's path value, then divide by R_pi(e).
     layers: list[LayerUpdate] = []
-    grad_ok: list[Tensor] = []
+    scales: list[Tensor] = []       # per layer: largest coefficient of |dW| in the update
     for i, layer in enumerate(skeleton.layers):
         row_inv_s, col_inv_s = outs[i + 1].reciprocal(), ins[i].reciprocal()
         if layer.role == "in":
@@ -213,18 +209,18 @@ def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Te
         else:
             inv_r = None
         keep = new_u if layer.role == "pivot" else skel_values[i]
-        # bound on |lr * dW / s^2|: finite iff the gradients are finite and nothing overflows
-        bound = (row_inv_s.square().amax() * col_inv_s.square().amax() * lr
-                 * (inv_r.abs().amax() if inv_r is not None else 1.0))
-        if grads[i] is not None:
-            bound = bound * _max_abs(grads[i])
-        if biases[i] is not None and bias_grads[i] is not None:
-            bound = bound + lr * row_inv_s.square().amax() * _max_abs(bias_grads[i])
-        ok = torch.isfinite(bound) & torch.isfinite(row_inv_s).all() & torch.isfinite(
-            col_inv_s).all()
-        grad_ok.append(ok)
+        scale = row_inv_s.square().amax() * col_inv_s.square().amax()
+        scales.append(scale if inv_r is None else scale * inv_r.abs().amax())
         layers.append(LayerUpdate(inv_r, row_inv_s, col_inv_s, keep))
-    return ChainStep(layers, ratio, new_buffer, grad_ok, pivot_ok)
+    # |update| <= lr * scale * max|dW| (+ the bias term): one inf-norm call for all gradients
+    present = [g for g in grads if g is not None] + [g for g in bias_grads if g is not None]
+    norms = iter(torch._foreach_norm(present, float("inf"))) if present else iter(())
+    zero = ratio.new_zeros(())
+    grad_max = [next(norms) if g is not None else zero for g in grads]
+    bias_max = [next(norms) if g is not None else zero for g in bias_grads]
+    bounds = lr * torch.stack(scales) * torch.stack(grad_max) + lr * torch.stack(bias_max) * \
+        torch.stack([u.row_inv_s.square().amax() for u in layers])
+    return ChainStep(layers, ratio, new_buffer, bounds, pivot_ok)
 
 
 def _broadcast(vector: Tensor, role: str) -> Tensor:

@@ -237,7 +237,7 @@ class GSGD(Optimizer):
                                    pivot_state.get("pivot_momentum_buffer"))
             planned.append((plan, index, step, tensors))
         if planned:   # every check of every block in one device sync; nothing written yet
-            checks = torch.stack([c for _, _, step, _ in planned for c in step.checks()])
+            checks = torch.stack([step.ok() for _, _, step, _ in planned])
             if not bool(checks.all()):
                 self._raise_step_error(planned, lr)
             for plan, index, step, tensors in planned:
@@ -290,8 +290,8 @@ class GSGD(Optimizer):
                 raise GSGDStepError(
                     f"G-SGD step failed in layer '{name}': pivot {j} would change by the ratio "
                     f"{float(r[j]):.3g} (to 0 or not finite); {advice}. Nothing was updated.")
-            for name, ok in zip(plan.block.names, step.grad_ok):
-                if not bool(ok):
+            for name, bound in zip(plan.block.names, step.bounds):
+                if not bool(torch.isfinite(bound)):
                     raise GSGDStepError(f"G-SGD step failed in layer '{name}': the update is not "
                                         f"finite; {advice}. Nothing was updated.")
 
