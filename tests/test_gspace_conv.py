@@ -167,13 +167,14 @@ def test_discovery_on_paper_models():
     assert find_chain_blocks(PlainNet(bn=True), bn="split").blocks == []
 
 
-def test_bn_approximation_multiplies_gradients_by_filter_norm():
+@pytest.mark.parametrize("mode", ["approx", "approx_per_tap"])
+def test_bn_approximation_multiplies_gradients_by_filter_norm(mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3),
                           nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).double()
     reference = copy.deepcopy(model)
-    opt = GSGD(model, lr=0.1, skeleton_init="keep")
+    opt = GSGD(model, lr=0.1, skeleton_init="keep", bn=mode)
     assert opt.blocks[0].bn_after == [True, False, False]
     x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
     y = torch.tensor([0, 1, 0, 1])
@@ -181,7 +182,10 @@ def test_bn_approximation_multiplies_gradients_by_filter_norm():
     # the same step, by hand: scale the first conv's gradient, then an exact step without BN
     F.cross_entropy(reference(x), y).backward()
     w = reference[0].weight
-    w.grad *= w.detach().reshape(3, -1).norm(dim=1).view(3, 1, 1, 1)
+    if mode == "approx":          # the paper's eq. 39: the whole incoming filter of a channel
+        w.grad *= w.detach().reshape(3, -1).norm(dim=1).view(3, 1, 1, 1)
+    else:                         # the published code: over input channels, per kernel tap
+        w.grad *= torch.sqrt((w.detach() ** 2).sum(dim=1, keepdim=True))
     chain = nn.Sequential(reference[0], nn.ReLU(), reference[3], nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), reference[7])
     GSGD(chain, lr=0.1, skeleton_init="keep").step()

@@ -34,11 +34,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..gspace.blocks import BN_MODES, ChainBlock, find_chain_blocks
+from ..gspace.blocks import ChainBlock, find_chain_blocks
 from ..gspace.skeleton import ChainSkeleton, UnsupportedWidthProfile, build_skeleton
 from ..gspace.update import ChainIndex, StepOptions, apply_chain_step, plan_chain_step
 
 SKELETON_INITS = ("one", "keep", "rescale")
+BN_OPTIONS = ("approx", "approx_per_tap", "split")
 BLOCK_SPLITS = ("none", "stage")
 
 
@@ -53,6 +54,7 @@ class _BlockPlan:
     weights: list[nn.Parameter]
     biases: list[nn.Parameter | None]
     indices: dict[torch.device, ChainIndex]
+    per_tap: bool = False      # bn="approx_per_tap": the published code's norm
 
     def index_on(self, device: torch.device) -> ChainIndex:
         if device not in self.indices:
@@ -63,13 +65,18 @@ class _BlockPlan:
         """(weights, biases, grads, bias grads), detached, in layer order.
 
         For a layer followed by batch norm (bn="approx") the weight gradient is multiplied,
-        per output channel, by the norm of that channel's incoming filter (paper, eq. 39)."""
+        per output channel, by the norm of that channel's incoming filter (paper, eq. 39);
+        with `per_tap` by the norm over input channels at each kernel position instead."""
         weights = [w.detach() for w in self.weights]
         grads = [w.grad for w in self.weights]
         for i, follows in enumerate(self.block.bn_after):
             if follows and grads[i] is not None:
-                norms = weights[i].reshape(weights[i].shape[0], -1).norm(dim=1)
-                grads[i] = grads[i] * norms.view(-1, *[1] * (grads[i].dim() - 1))
+                w = weights[i]
+                if self.per_tap and w.dim() > 2:
+                    norms = w.norm(dim=1, keepdim=True)            # [out, 1, kh, kw]
+                else:
+                    norms = w.reshape(w.shape[0], -1).norm(dim=1).view(-1, *[1] * (w.dim() - 1))
+                grads[i] = grads[i] * norms
         return (weights, [b.detach() if b is not None else None for b in self.biases],
                 grads, [b.grad if b is not None else None for b in self.biases])
 
@@ -104,6 +111,8 @@ class GSGD(Optimizer):
             of a channel followed by batch norm is multiplied by the norm of that channel's
             whole incoming filter before the G-space step. It is an approximation: batch norm
             makes each filter scale-invariant by itself, which is not the chain's invariance.
+            `"approx_per_tap"`: the published code's variant, the norm over input channels
+            only, per output channel and kernel position (not the paper's filter norm).
             `"split"`: batch norm ends a chain (the layers around it take plain SGD unless
             they form chains of their own).
         momentum: heavy-ball momentum `mu` on the basis-path gradient (`b <- mu b + g`,
@@ -140,7 +149,7 @@ class GSGD(Optimizer):
             _check_positive(name, value, strictly=False)
         if momentum >= 1:
             raise ValueError(f"Invalid momentum={momentum!r}. Must be a number in [0, 1).")
-        for name, value, choices in (("bn", bn, BN_MODES), ("block_split", block_split,
+        for name, value, choices in (("bn", bn, BN_OPTIONS), ("block_split", block_split,
                                                             BLOCK_SPLITS)):
             if value not in choices:
                 raise ValueError(f"Invalid {name}={value!r}. Must be one of "
@@ -151,7 +160,8 @@ class GSGD(Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       bpr=bpr, min_pivot_ratio=min_pivot_ratio))
         self.skeleton_init = skeleton_init
-        self.discovery = find_chain_blocks(model, bn=bn)
+        self.discovery = find_chain_blocks(model, bn="split" if bn == "split" else "approx")
+        self._per_tap = bn == "approx_per_tap"
         blocks = self.discovery.blocks
         if block_split == "stage":
             blocks = [part for block in blocks for part in split_by_stage(block)]
@@ -184,7 +194,7 @@ class GSGD(Optimizer):
             if not p.is_contiguous():
                 raise ValueError(f"layer '{name}' has a non-contiguous weight; G-SGD indexes "
                                  "weights in place and needs contiguous tensors")
-        return _BlockPlan(block, skeleton, weights, biases, {})
+        return _BlockPlan(block, skeleton, weights, biases, {}, self._per_tap)
 
     def _init_skeleton(self, plan: _BlockPlan) -> None:
         for name, w, layer in zip(plan.block.names, plan.weights, plan.skeleton.layers):
