@@ -133,6 +133,39 @@ class Run:
         return None if value is None else float(value)
 
 
+def _resolved(tree: dict) -> dict:
+    """The config with interpolations (`${lambda_wd}`, `${oc.env:...}`) resolved where they can
+    be outside the run; one that cannot stays as its text."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
+    except OmegaConfBaseException:
+        pass
+    cfg = OmegaConf.create(tree)
+    out = {}
+    for key, value in flatten(OmegaConf.to_container(cfg, resolve=False)).items():
+        try:
+            out[key] = OmegaConf.select(cfg, key, throw_on_missing=False)
+            if OmegaConf.is_config(out[key]):
+                out[key] = OmegaConf.to_container(out[key], resolve=True)
+        except OmegaConfBaseException:
+            out[key] = value
+    return _unflatten(out)
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -174,7 +207,7 @@ def load_run(path: Path) -> Run:
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ReportError(f"cannot read {file}: {str(exc).splitlines()[0]}") from None
         if target == "config":
-            config = flatten(data or {})
+            config = flatten(_resolved(data or {}))
         else:
             overrides = [str(x) for x in (data or [])]
     metrics: list[dict[str, Any]] = []

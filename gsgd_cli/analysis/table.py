@@ -76,6 +76,25 @@ def swept_keys(runs: Iterable[Run]) -> list[str]:
     return sorted(keys)
 
 
+GROUP_PREFIXES = ("data.", "model.", "optimizer.", "schedule.", "train.")
+
+
+def drop_redundant(runs: list[Run], keys: list[str]) -> list[str]:
+    """Drop swept keys that split no row further (e.g. a top-level `reg_lambda` copied into
+    `optimizer.weight_decay`): keys of the config groups are kept in preference."""
+    def n_rows(names):
+        return len({(group_key(r), tuple(repr(r.config.get(k)) for k in names)) for r in runs})
+
+    ordered = sorted(keys, key=lambda k: (not k.startswith(GROUP_PREFIXES), k))
+    kept = list(ordered)
+    target = n_rows(kept)
+    for key in reversed(ordered):
+        trial = [k for k in kept if k != key]
+        if n_rows(trial) == target:
+            kept = trial
+    return kept
+
+
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -119,7 +138,7 @@ def build_rows(runs: list[Run]) -> tuple[list[Row], list[str], list[Run]]:
     """(rows over completed runs, swept key names, incomplete runs)."""
     complete = [r for r in runs if r.complete]
     incomplete = [r for r in runs if not r.complete]
-    keys = swept_keys(runs)
+    keys = drop_redundant(runs, swept_keys(runs))
     rows: dict[tuple, Row] = {}
     for run in complete:
         data, model, optimizer = group_key(run)

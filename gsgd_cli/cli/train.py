@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from gsgd_cli.data import describe, load_data
 from gsgd_cli.models import build_model
@@ -100,6 +101,12 @@ def _progress(cfg: DictConfig, multirun: bool) -> bool | None:
 def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         choices: dict[str, str] | None = None) -> dict[str, Any]:
     """Train as `cfg` says, writing into `run_dir`; returns the summary dict."""
+    try:  # `???` values, e.g. the lambdas that experiment=fig8 asks for
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as exc:
+        key = str(exc).splitlines()[0].rsplit("Missing mandatory value: ", 1)[-1]
+        raise UserError(f"No value for {key} (it is ???): set it on the command line, e.g. "
+                        f"{key}=VALUE (the experiment preset's header says what to use).") from None
     if not isinstance(cfg.seed, int):
         raise UserError(f"Invalid seed={cfg.seed!r}. Must be an integer.")
     device = resolve_device(cfg.device)
