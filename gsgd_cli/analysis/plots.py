@@ -71,7 +71,8 @@ def seed_curves(row: Row) -> tuple[list[float], dict[str, list[list[float]]]]:
 
 def _band(ax, x, per_seed, label, color, style="-"):
     mean = [sum(vals) / len(vals) for vals in zip(*per_seed)]
-    ax.plot(x, mean, label=label, color=color, lw=1.5, ls=style)
+    ax.plot(x, mean, label=label, color=color, lw=1.5, ls=style,
+            marker="o" if len(x) <= 20 else None, ms=3)
     if len(per_seed) > 1:
         ax.fill_between(x, [min(v) for v in zip(*per_seed)], [max(v) for v in zip(*per_seed)],
                         color=color, alpha=0.2, lw=0)
