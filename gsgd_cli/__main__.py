@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     command, rest = argv[1], argv[2:]
+    if command.startswith(("-sc", "--shell-completion")):
+        # Hydra's installed completion script calls `gsgd -sc query=bash` with no subcommand
+        command, rest = "train", argv[1:]
     if command not in COMMANDS:
         print(f"gsgd: unknown command '{command}'. Choose one of: {', '.join(COMMANDS)} "
               "(see `gsgd --help`).", file=sys.stderr)

@@ -506,25 +506,39 @@ def test_rescale_every_matches_the_sgd_step_norm_and_first_freezes_the_ratio():
 # --------------------------------------------------------------------------------------------
 # Guards
 # --------------------------------------------------------------------------------------------
-def test_zero_kappa_raises_naming_the_parameter_and_writes_nothing():
+def test_zero_kappa_with_zero_gradient_is_a_zero_step():
+    """An all-zero layer: every path through layer 0 has a zero weight, so its kappa and its
+    gradient are 0 and it does not move; the zero layer itself takes its Path-SGD step."""
     model = randomise(mlp([3, 4, 2], bias=False), seed=12)
     with torch.no_grad():
-        model[2].weight.zero_()  # every path through layer 0 has a zero weight
+        model[2].weight.zero_()
     x, y = _data((3,))
     opt = PathSGD(model, lr=0.1)
     _loss(model, x, y).backward()
     before = [p.detach().clone() for p in model.parameters()]
-    msg = ("PathSGD: kappa is 0 for 12 of 12 entries of parameter '0.weight' (4, 3): every "
-           "input->output path through them contains another zero weight (e.g. an all-zero "
-           "layer or a unit with all incoming weights 0), so the step is 0/0. Initialise the "
-           "weights randomly (no all-zero layer) or pass eps > 0 to divide by kappa + eps (not "
-           "exactly invariant).")
+    opt.step()
+    assert torch.equal(model[0].weight, before[0])
+    assert not torch.equal(model[2].weight, before[1])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_zero_kappa_with_a_non_zero_gradient_raises_and_writes_nothing():
+    model = randomise(mlp([3, 4, 2], bias=False), seed=12)
+    with torch.no_grad():
+        model[2].weight.zero_()
+    opt = PathSGD(model, lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)           # not a gradient of this model's loss
+    before = [p.detach().clone() for p in model.parameters()]
+    msg = ("PathSGD: kappa is 0 but the gradient is not for 12 of 12 entries of parameter "
+           "'0.weight' (4, 3): no path with non-zero weights runs through them, so that "
+           "gradient did not come from backpropagating through this model. Check what sets "
+           ".grad, or pass eps > 0 to divide by kappa + eps (not exactly invariant).")
     with pytest.raises(PathSGDStepError) as info:
         opt.step()
     assert str(info.value) == msg
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    opt_eps = PathSGD(model, lr=0.1, eps=1e-8)
-    opt_eps.step()  # eps > 0: finite step
+    PathSGD(model, lr=0.1, eps=1e-8).step()  # eps > 0: finite step
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -123,7 +123,11 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
     model = model.to(device=device, dtype=settings.dtype)
     set_cpu_threads(cfg.cpu_threads, device, sum(p.numel() for p in model.parameters()))
     try:
-        optimizer = hydra.utils.instantiate(cfg.optimizer)(model)
+        make_optimizer = hydra.utils.instantiate(cfg.optimizer)
+        kwargs = {}
+        if cfg.optimizer.get("input_shape", "absent") is None:   # Path-SGD: kappa needs it
+            kwargs["input_shape"] = tuple(data.in_shape)
+        optimizer = make_optimizer(model, **kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(f"optimizer: {exc}") from None
     extra = {

@@ -563,10 +563,14 @@ class PathSGD(torch.optim.Optimizer):
             kappas = [kappa_all[i] for i in idx]
             if eps:
                 kappas = torch._foreach_add(kappas, eps)
-            updates = torch._foreach_div(grads, kappas)
+            # kappa_e = 0 means every path through e has another zero weight (or e meets only
+            # zero padding), and then dL/dw_e = 0 too: such a weight's step is 0, not 0/0.
+            # A zero kappa with a non-zero gradient cannot come from backprop: it is an error.
+            updates = [g / torch.where(k == 0, torch.ones_like(k), k)
+                       for g, k in zip(grads, kappas)]
             # One device sync for the guard.
-            bad = torch.stack([(k == 0).any() | ~torch.isfinite(u).all()
-                               for k, u in zip(kappas, updates)])
+            bad = torch.stack([((k == 0) & (g != 0)).any() | ~torch.isfinite(u).all()
+                               for k, g, u in zip(kappas, grads, updates)])
             if bool(bad.any()):
                 self._raise_guard(idx, kappas, updates, grads)
             if rescale is not None:
@@ -590,14 +594,14 @@ class PathSGD(torch.optim.Optimizer):
     def _raise_guard(self, idx, kappas, updates, grads) -> None:
         for i, k, u, g in zip(idx, kappas, updates, grads):
             name, shape = self._param_names[i], tuple(k.shape)
-            n_zero = int((k == 0).sum())
+            n_zero = int(((k == 0) & (g != 0)).sum())
             if n_zero:
                 raise PathSGDStepError(
-                    f"PathSGD: kappa is 0 for {n_zero} of {k.numel()} entries of parameter "
-                    f"'{name}' {shape}: every input->output path through them contains another "
-                    "zero weight (e.g. an all-zero layer or a unit with all incoming weights 0), "
-                    "so the step is 0/0. Initialise the weights randomly (no all-zero layer) or "
-                    "pass eps > 0 to divide by kappa + eps (not exactly invariant).")
+                    f"PathSGD: kappa is 0 but the gradient is not for {n_zero} of {k.numel()} "
+                    f"entries of parameter '{name}' {shape}: no path with non-zero weights "
+                    "runs through them, so that gradient did not come from backpropagating "
+                    "through this model. Check what sets .grad, or pass eps > 0 to divide by "
+                    "kappa + eps (not exactly invariant).")
             if not bool(torch.isfinite(u).all()):
                 what = ("its gradient is not finite" if not bool(torch.isfinite(g).all()) else
                         "kappa is not finite or too small (overflow/underflow)")

@@ -1,0 +1,36 @@
+"""The `gsgd` dispatcher, and optimizer wiring in `gsgd train` that crosses issues."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def gsgd(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gsgd_cli", *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=cwd)
+
+
+def test_help_and_unknown_command():
+    assert "commands:" in gsgd("--help").stdout
+    result = gsgd("tarin")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("gsgd: unknown command 'tarin'. Choose one of: train, "
+                                     "inspect, report, figures (see `gsgd --help`).")
+
+
+def test_shell_completion_without_the_subcommand_word():
+    """Hydra's installed bash completion calls `gsgd -sc query=bash` with no `train`."""
+    env = dict(os.environ, COMP_LINE="gsgd train optimizer=", COMP_POINT="21")
+    result = gsgd("-sc", "query=bash", env=env)
+    assert result.returncode == 0, result.stderr
+    assert {"optimizer=gsgd", "optimizer=sgd", "optimizer=path_sgd"} <= set(result.stdout.split())
+
+
+def test_path_sgd_on_a_conv_net_gets_the_input_shape_from_the_data(tmp_path):
+    result = gsgd("train", "model=plain_tiny", "model.bn=false", "data=synthetic",
+                  "data.shape=[3,8,8]", "optimizer=path_sgd", "train.iterations=2",
+                  f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
