@@ -14,6 +14,7 @@ from gsgd_cli.models.convnets import BasicBlock, PlainNet, ResNet
 from gsgd_cli.models.mlp import MLP
 from gsgd_cli.optim.path_sgd import PathSGD, PathSGDStepError, needs_input_shape
 
+from gsgd_helpers import mlp
 from path_reference import brute_force_kappa, brute_force_path_norm_sq, count_paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,15 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------------
-def mlp(widths, bias, dtype=torch.float64):
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b, bias=bias))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers).to(dtype)
-
-
 def randomise(model, seed, low=0.5, high=1.5):
     """Weights and biases of both signs with magnitudes in [low, high]."""
     gen = torch.Generator().manual_seed(seed)
