@@ -34,3 +34,25 @@ def test_path_sgd_on_a_conv_net_gets_the_input_shape_from_the_data(tmp_path):
                   f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+
+
+def test_git_commit_is_read_once_and_marks_uncommitted_changes(monkeypatch):
+    import subprocess as sp
+
+    from gsgd_cli.cli import train
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        out = "abc123\n" if cmd[1] == "rev-parse" else " M gsgd_cli/optim/gsgd.py\n"
+        return sp.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+    train._git_commit.cache_clear()
+    monkeypatch.setattr(train.subprocess, "run", fake_run)
+    try:
+        assert train._git_commit() == "abc123-dirty"
+        assert train._git_commit() == "abc123-dirty"
+        assert len(calls) == 2                      # one rev-parse, one status: cached after
+    finally:
+        train._git_commit.cache_clear()

@@ -8,6 +8,7 @@ stderr with exit code 2 (in a multirun the failing job is reported and the other
 """
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -45,13 +46,22 @@ def resolve_device(name: Any) -> torch.device:
     raise UserError(f"Invalid device={name!r}. Must be auto, cpu, cuda or cuda:N.")
 
 
+@functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
+    """HEAD of the checkout this code was loaded from, with "-dirty" when tracked files had
+    uncommitted changes. Read once per process: the jobs of a multirun share the code that
+    was imported when the sweep started, even if the checkout moves on meanwhile."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 SMALL_MODEL = 1_000_000  # parameters; below this, intra-op threads only cost time on the CPU
