@@ -20,7 +20,7 @@ help:
 
 $(STAMP): setup.cfg
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev,joblib]'
+	$(PY) -m pip install -q -e '.[dev,joblib,slurm]'
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -56,3 +56,13 @@ def test_git_commit_is_read_once_and_marks_uncommitted_changes(monkeypatch):
         assert len(calls) == 2                      # one rev-parse, one status: cached after
     finally:
         train._git_commit.cache_clear()
+
+
+def test_multirun_through_submitit_local(tmp_path):
+    """The launcher used for clusters (submitit), run locally: one directory per job."""
+    result = gsgd("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+                  "data=synthetic", "optimizer=sgd,gsgd", "train.iterations=3",
+                  f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for job in ("0", "1"):
+        assert json.loads((tmp_path / job / "summary.json").read_text())["status"] == "completed"
