@@ -29,7 +29,11 @@ def assert_image(path: Path) -> None:
     assert path.is_file() and path.stat().st_size > 10_000, path
     pixels = matplotlib.image.imread(path)
     assert pixels.ndim == 3 and pixels.shape[0] > 300 and pixels.shape[1] > 300
-    assert pixels[..., :3].std() > 0.05, f"{path} looks blank"
+    rgb = pixels[..., :3]
+    assert rgb.std() > 0.05, f"{path} looks blank"
+    # the data are drawn in colour; axes, grid and text are grey: count coloured pixels
+    coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3
+    assert coloured.mean() > 0.002, f"{path} has axes but no curves"
 
 
 def assert_pdf(path: Path) -> None:

@@ -128,8 +128,8 @@ def test_multirun_rows_and_numbers_match_the_files(sweep, capsys):
 
 
 def test_failed_runs_are_never_averaged(tmp_path):
-    make_run(tmp_path / "a", seed=0, test_accs=(0.9,), train_losses=(0.1,))
-    make_run(tmp_path / "b", seed=1, test_accs=(0.8,), train_losses=(0.2,))
+    make_run(tmp_path / "a", seed=0, test_accs=(0.95, 0.9), train_losses=(0.3, 0.1))
+    make_run(tmp_path / "b", seed=1, test_accs=(0.7, 0.8), train_losses=(0.4, 0.2))
     make_run(tmp_path / "c", seed=2, test_accs=(0.1,), train_losses=(9.0,), status="diverged")
     make_run(tmp_path / "d", seed=3, test_accs=(0.1,), train_losses=(9.0,), summary=False)
     rows, keys, incomplete = build_rows(load_runs([tmp_path]))
@@ -137,6 +137,7 @@ def test_failed_runs_are_never_averaged(tmp_path):
     assert rows[0].seeds == [0, 1]
     assert rows[0].stats["final_test_error"][0] == pytest.approx(15.0)
     assert rows[0].stats["final_test_error"][1] == pytest.approx(statistics.stdev([10.0, 20.0]))
+    assert rows[0].stats["best_test_error"][0] == pytest.approx(12.5)  # 5 and 20
     assert rows[0].stats["final_train_loss"][0] == pytest.approx(0.15)
     assert sorted(r.path.name for r in incomplete) == ["c", "d"]
     assert [r.problem for r in sorted(incomplete, key=lambda r: r.path.name)] == [
