@@ -212,3 +212,18 @@ def test_truncated_metrics_of_a_killed_run_only_list_it(tmp_path, capsys):
     code, out, err = report(str(tmp_path), "--csv", "-", capsys=capsys)
     assert code == 0, err
     assert f"{tmp_path / 'killed'}: no summary.json" in out
+
+
+@pytest.mark.parametrize("command, args, needle", [
+    ("report", [], "the following arguments are required: RUN_DIR"),
+    ("figures", ["some_dir"], "the following arguments are required: --out"),
+    ("report", ["x", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_usage_mistakes_are_one_line_exit_2(capsys, command, args, needle):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        gsgd_main(["gsgd", command, *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"gsgd {command}: error: ") and needle in err
+    assert f"see `gsgd {command} --help`" in err

@@ -21,12 +21,13 @@ import sys
 from pathlib import Path
 
 from gsgd_cli.analysis import ReportError, build_rows, load_runs
+from gsgd_cli.cli.report import OneLineParser
 
 KINDS = ("curves", "width", "lr")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="gsgd figures",
         description="Draw the paper's figures (PNG and PDF) from gsgd train run directories.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",

@@ -18,8 +18,15 @@ from pathlib import Path
 from gsgd_cli.analysis import ReportError, build_rows, load_runs, markdown, to_csv
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as one line on stderr (exit code 2), pointing at --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="gsgd report",
         description="Summarise gsgd train run directories (single runs or multirun sweep "
                     "directories, searched recursively) as a markdown table and a CSV.")
