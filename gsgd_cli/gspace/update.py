@@ -90,6 +90,25 @@ def _gather(t: Tensor, flat: Tensor) -> Tensor:
     return t.reshape(-1).index_select(0, flat)
 
 
+class Workspace:
+    """Scratch memory for one block's step, reused every step (on the CPU a fresh full-size
+    temporary costs page faults: twice the time of the same operation in place)."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        key = (slot, like.device, like.dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, device=like.device, dtype=like.dtype)
+            self._buffers[key] = buffer
+        return buffer[:numel].view(shape)
+
+
 @dataclass
 class StepOptions:
     lr: float
@@ -129,15 +148,12 @@ class ChainStep:
         return self.pivot_ok & torch.isfinite(self.bounds).all()
 
 
-def _node_sums(w: Tensor, g: Tensor, dim: int) -> Tensor:
-    """Sums of w * g ([o, i, K]) per row (dim 0) or per column (dim 1), without a temporary
-    of the full size (vecdot over the flattened 2-D view)."""
-    o, i, k = w.shape
-    w2, g2 = w.reshape(o, i * k), g.reshape(o, i * k)
-    if dim == 0:
-        return torch.linalg.vecdot(w2, g2)
-    sums = torch.linalg.vecdot(w2, g2, dim=0)
-    return sums.view(i, k).sum(1) if k > 1 else sums
+def _node_sums(w: Tensor, g: Tensor, dim: int, workspace: Workspace) -> Tensor:
+    """Sums of w * g ([o, i, K]) per row (dim 0) or per column (dim 1)."""
+    prod = torch.mul(w, g, out=workspace.get("prod", tuple(w.shape), w))
+    if prod.shape[2] > 1:
+        return prod.sum(dim=(1, 2) if dim == 0 else (0, 2))
+    return prod.squeeze(2).sum(1 - dim)
 
 
 def _max_abs(t: Tensor) -> Tensor:
@@ -148,7 +164,8 @@ def _max_abs(t: Tensor) -> Tensor:
 def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Tensor],
                     biases: list[Tensor | None], grads: list[Tensor | None],
                     bias_grads: list[Tensor | None], options: StepOptions,
-                    pivot_buffer: Tensor | None = None) -> ChainStep:
+                    pivot_buffer: Tensor | None = None,
+                    workspace: Workspace | None = None) -> ChainStep:
     """Compute one exact G-SGD step of a chain block without writing anything.
 
     `weights[i]` has `n_{i+1} * n_i * K_i` elements (a Linear weight `[out, in]`, a conv
@@ -156,6 +173,7 @@ def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Te
     pivots' momentum buffer (None before the first step).
     """
     lr, wd = options.lr, options.weight_decay
+    workspace = workspace or Workspace()
     pivot = skeleton.pivot_layer
     skel_values = [_gather(w, index.flat[i]) for i, w in enumerate(weights)]
     ins, outs = chain_products(skeleton, index, skel_values)
@@ -169,10 +187,10 @@ def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Te
         contribution = None
         if grads[i] is not None:
             g = _as_layer_view(grads[i], layer)
-            contribution = (_node_sums(w, g, 0 if layer.role == "in" else 1)
+            contribution = (_node_sums(w, g, 0 if layer.role == "in" else 1, workspace)
                             - skel_values[i] * _gather(g, index.flat[i]))
         if wd:
-            decay = wd * (_node_sums(w, w, 0 if layer.role == "in" else 1)
+            decay = wd * (_node_sums(w, w, 0 if layer.role == "in" else 1, workspace)
                           - skel_values[i] * skel_values[i])
             contribution = decay if contribution is None else contribution + decay
         if contribution is not None:
@@ -228,14 +246,16 @@ def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Te
     return ChainStep(layers, ratio, new_buffer, bounds, pivot_ok)
 
 
-def _outer(rows: Tensor, cols: Tensor, first: bool, last: bool) -> Tensor:
+def _outer(rows: Tensor, cols: Tensor, first: bool, last: bool,
+           workspace: Workspace) -> Tensor:
     """rows (x) cols as [o, i, 1]. On a block's first layer In = 1 (its inputs), so `cols` is
     all ones and a per-row factor suffices; on its last layer Out = 1, so a per-column one."""
     if first:
         return rows[:, None, None]
     if last:
         return cols[None, :, None]
-    return (rows[:, None] * cols[None, :])[:, :, None]
+    out = workspace.get("coef", (rows.numel(), cols.numel()), rows)
+    return torch.mul(rows[:, None], cols[None, :], out=out)[:, :, None]
 
 
 def _broadcast(vector: Tensor, role: str) -> Tensor:
@@ -247,12 +267,14 @@ def apply_chain_step(skeleton: ChainSkeleton, index: ChainIndex, step: ChainStep
                      weights: list[Tensor], biases: list[Tensor | None],
                      grads: list[Tensor | None], bias_grads: list[Tensor | None],
                      options: StepOptions, buffers: list[Tensor | None] | None = None,
-                     bias_buffers: list[Tensor | None] | None = None) -> None:
+                     bias_buffers: list[Tensor | None] | None = None,
+                     workspace: Workspace | None = None) -> None:
     """Write a planned step into the weights and biases, in place.
 
     With momentum, `buffers[i]` / `bias_buffers[i]` are the edges' v-space momentum buffers
     (shaped like the weights and biases; zeros before the first step), updated in place."""
     lr, mu, wd, bpr = options.lr, options.momentum, options.weight_decay, options.bpr
+    workspace = workspace or Workspace()
     last = len(skeleton.layers) - 1
     for i, (layer, update) in enumerate(zip(skeleton.layers, step.layers)):
         w = _as_layer_view(weights[i], layer)
@@ -267,7 +289,7 @@ def apply_chain_step(skeleton: ChainSkeleton, index: ChainIndex, step: ChainStep
                     rows = rows * scale
                 else:
                     cols = cols * scale
-            coef = _outer(rows, cols, i == 0, i == last)
+            coef = _outer(rows, cols, i == 0, i == last, workspace)
             multiplier = 1.0 - 2 * lr * bpr
             keep_scale = (multiplier * _broadcast(scale, layer.role) if scale is not None
                           else multiplier)
@@ -279,7 +301,7 @@ def apply_chain_step(skeleton: ChainSkeleton, index: ChainIndex, step: ChainStep
                 w.addcmul_(g, coef, value=-lr)
         else:
             # b <- mu b + (dw + wd w) / s + 2 bpr w s;   w' = (w - lr * b / s) / R
-            inv_s = _outer(rows, cols, i == 0, i == last)
+            inv_s = _outer(rows, cols, i == 0, i == last, workspace)
             buffer = _as_layer_view(buffers[i], layer)
             buffer.mul_(mu)
             if g is not None:

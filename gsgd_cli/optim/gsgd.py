@@ -28,7 +28,7 @@ states, or pass `skeleton_init="keep"` when wrapping an already trained model.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,8 @@ from torch.optim import Optimizer
 
 from ..gspace.blocks import ChainBlock, find_chain_blocks
 from ..gspace.skeleton import ChainSkeleton, UnsupportedWidthProfile, build_skeleton
-from ..gspace.update import ChainIndex, StepOptions, apply_chain_step, plan_chain_step
+from ..gspace.update import (ChainIndex, StepOptions, Workspace, apply_chain_step,
+                             plan_chain_step)
 
 SKELETON_INITS = ("one", "keep", "rescale")
 BN_OPTIONS = ("approx", "approx_per_tap", "split")
@@ -55,6 +56,7 @@ class _BlockPlan:
     biases: list[nn.Parameter | None]
     indices: dict[torch.device, ChainIndex]
     per_tap: bool = False      # bn="approx_per_tap": the published code's norm
+    workspace: Workspace = field(default_factory=Workspace)
 
     def index_on(self, device: torch.device) -> ChainIndex:
         if device not in self.indices:
@@ -244,7 +246,7 @@ class GSGD(Optimizer):
             index = plan.index_on(plan.weights[0].device)
             pivot_state = self.state[plan.weights[plan.skeleton.pivot_layer]]
             step = plan_chain_step(plan.skeleton, index, *tensors, options,
-                                   pivot_state.get("pivot_momentum_buffer"))
+                                   pivot_state.get("pivot_momentum_buffer"), plan.workspace)
             planned.append((plan, index, step, tensors))
         if planned:   # every check of every block in one device sync; nothing written yet
             checks = torch.stack([step.ok() for _, _, step, _ in planned])
@@ -259,7 +261,7 @@ class GSGD(Optimizer):
                     self.state[plan.weights[plan.skeleton.pivot_layer]][
                         "pivot_momentum_buffer"] = step.pivot_buffer
                 apply_chain_step(plan.skeleton, index, step, *tensors, options, buffers,
-                                 bias_buffers)
+                                 bias_buffers, plan.workspace)
         self._sgd_outside(options)
         return loss
 
