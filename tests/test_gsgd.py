@@ -181,7 +181,7 @@ def test_float32_training_lowers_the_loss():
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert model[1].weight.dtype == torch.float32
     assert losses[-1] < 0.6 * losses[0]
 
