@@ -303,3 +303,20 @@ def test_overflowing_update_raises_and_writes_nothing():
         opt.step()
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p.detach(), b)
+
+
+def test_block_with_a_frozen_layer_is_left_to_plain_sgd():
+    model = mlp([3, 4, 4, 2], bias=True)
+    model[0].weight.requires_grad_(False)
+    frozen_before = model[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"frozen layers to plain SGD .*: 0 -> 2 -> 4"):
+        opt = GSGD(model, lr=0.1)
+    assert opt.blocks == []
+    x, y = _data([3, 4, 4, 2])
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert torch.equal(model[0].weight, frozen_before)
+    for p, b in zip(model.parameters(), before):
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), b - 0.1 * p.grad)

@@ -167,6 +167,13 @@ class GSGD(Optimizer):
         blocks = self.discovery.blocks
         if block_split == "stage":
             blocks = [part for block in blocks for part in split_by_stage(block)]
+        frozen = [b for b in blocks if any(not p.requires_grad for m in b.modules
+                                           for p in m.parameters(recurse=False))]
+        if frozen:
+            warnings.warn("GSGD leaves chain block(s) with frozen layers to plain SGD (a step "
+                          "would have to rescale the frozen weights): "
+                          + "; ".join(" -> ".join(b.names) for b in frozen), stacklevel=2)
+            blocks = [b for b in blocks if b not in frozen]
         self._plans = [self._plan(block) for block in blocks]
         if not self._plans:
             warnings.warn(f"GSGD found no chain block (Linear layers joined by ReLU) in "
