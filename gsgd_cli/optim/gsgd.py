@@ -175,8 +175,8 @@ class GSGD(Optimizer):
                           + "; ".join(" -> ".join(b.names) for b in frozen), stacklevel=2)
             blocks = [b for b in blocks if b not in frozen]
         self._plans = [self._plan(block) for block in blocks]
-        if not self._plans:
-            warnings.warn(f"GSGD found no chain block (Linear layers joined by ReLU) in "
+        if not self._plans and not frozen:
+            warnings.warn(f"GSGD found no chain block (Linear/Conv2d layers joined by ReLU) in "
                           f"{type(model).__name__}; every parameter takes a plain SGD step",
                           stacklevel=2)
         in_blocks = {id(p) for plan in self._plans for p in (*plan.weights, *plan.biases)
