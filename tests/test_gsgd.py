@@ -320,3 +320,9 @@ def test_block_with_a_frozen_layer_is_left_to_plain_sgd():
     for p, b in zip(model.parameters(), before):
         if p.requires_grad:
             torch.testing.assert_close(p.detach(), b - 0.1 * p.grad)
+
+
+def test_add_param_group_is_refused():
+    opt = GSGD(mlp([3, 3, 2], bias=False), lr=0.1)
+    with pytest.raises(ValueError, match="add_param_group is not supported"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})

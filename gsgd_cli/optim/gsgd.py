@@ -224,6 +224,13 @@ class GSGD(Optimizer):
                                          [b.data if b is not None else None
                                           for b in plan.biases])
 
+    def add_param_group(self, param_group: dict) -> None:
+        if self.param_groups:
+            raise ValueError("GSGD keeps all parameters of its model in one param group (the "
+                             "step needs the model's structure); add_param_group is not "
+                             "supported: construct GSGD from the whole model instead")
+        super().add_param_group(param_group)
+
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
