@@ -96,6 +96,7 @@ def test_fig7_fig8_arms_and_lambda_grid():
     assert gsgd.optimizer._target_.endswith("GSGD") and gsgd.optimizer.bpr == 2e-5
     assert gsgd.optimizer.weight_decay == 0.0 and "bpr" not in sgd.optimizer
     for cfg in (sgd, gsgd):
+        assert cfg.data.val_size == 5000          # lambda is chosen on held-out images
         assert cfg.optimizer.lr == 1.0 and cfg.train.iterations == 64000
         assert (cfg.data.name, list(cfg.model.blocks)) == ("cifar10", [3, 4, 6, 3])
     fig8 = compose("experiment=fig8", "+experiment/reg=gsgd_bpr", "lambda_bpr=5e-6", "lambda_wd=1e-4")
@@ -129,7 +130,8 @@ SMOKE = {
     "fig4": (["model.width=8,16", "seed=0", "train.epochs=1"], 4),
     "fig4_cpu": (["model.width=8", "train.epochs=1"], 6),
     "fig5": (["optimizer.lr=0.01", "seed=0", "train.iterations=2"], 6),
-    "fig7": (["model=resnet_tiny", "reg_lambda=1e-4", "train.iterations=2"], 2),
+    "fig7": (["model=resnet_tiny", "reg_lambda=1e-4", "train.iterations=2", "data.val_size=8"],
+             2),
     "fig8": (["model=resnet_tiny", "lambda_wd=1e-4", "lambda_bpr=1e-5", "seed=0",
               "train.iterations=2"], 2),
     "smoke": ([], 0),  # a single run, not a sweep
@@ -158,6 +160,8 @@ def test_preset_runs_in_smoke_mode(name, fake_data, tmp_path):
     for run_dir in run_dirs:
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "completed"
+        if name == "fig7":
+            assert summary["val_size"] == 8 and summary["final_val_acc"] is not None
         assert summary["config"]["experiment"] == name
     if jobs:
         cfg = OmegaConf.load(run_dirs[0] / ".hydra" / "config.yaml")

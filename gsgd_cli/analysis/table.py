@@ -28,6 +28,13 @@ IGNORED_PREFIXES = ("hydra.",)
 OPTIMIZER_ORDER = {"sgd": 0, "path_sgd": 1, "gsgd": 2}
 METRICS = (("final_test_error", "final test error %"), ("best_test_error", "best test error %"),
            ("final_train_loss", "final train loss"))
+# shown when the runs held out a validation split (data.val_size > 0): choose settings by it
+VAL_METRICS = (("final_val_error", "final val error %"),)
+
+
+def metrics_for(runs: Iterable[Run]) -> tuple[tuple[str, str], ...]:
+    has_val = any((r.summary or {}).get("final_val_acc") is not None for r in runs)
+    return VAL_METRICS + METRICS if has_val else METRICS
 
 
 def data_label(run: Run) -> str:
@@ -126,11 +133,13 @@ class Row:
         return counts.pop() if len(counts) == 1 else None
 
 
-def run_values(run: Run) -> dict[str, float]:
+def run_values(run: Run) -> dict[str, float | None]:
+    val_acc = (run.summary or {}).get("final_val_acc")
     return {
         "final_test_error": 100.0 * (1.0 - run.final("final_test_acc")),
         "best_test_error": 100.0 * (1.0 - run.final("best_test_acc")),
         "final_train_loss": run.final("final_train_loss"),
+        "final_val_error": None if val_acc is None else 100.0 * (1.0 - float(val_acc)),
     }
 
 
@@ -151,8 +160,8 @@ def build_rows(runs: list[Run]) -> tuple[list[Row], list[str], list[Run]]:
     for row in rows.values():
         row.runs.sort(key=lambda r: _sortable(r.seed))
         values = [run_values(r) for r in row.runs]
-        for name, _ in METRICS:
-            row.stats[name] = mean_std([v[name] for v in values])
+        for name, _ in VAL_METRICS + METRICS:
+            row.stats[name] = mean_std([v[name] for v in values if v[name] is not None])
     ordered = sorted(rows.values(), key=lambda r: (
         r.data, r.model, *[_sortable(r.swept[k]) for k in keys],
         OPTIMIZER_ORDER.get(r.optimizer, 9), r.optimizer))
@@ -171,19 +180,23 @@ def _digits(name: str) -> int:
 
 
 def markdown(rows: list[Row], keys: list[str], incomplete: list[Run]) -> str:
+    metrics = metrics_for(r for row in rows for r in row.runs)
     head = ["data", "model", "optimizer", *keys, "seeds", "params",
-            *[label for _, label in METRICS], "paper (test error %)"]
+            *[label for _, label in metrics], "paper (test error %)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row.data, row.model, row.optimizer, *[_fmt_value(row.swept[k]) for k in keys],
                  str(len(row.runs)), "" if row.num_parameters is None else str(row.num_parameters),
-                 *[_fmt_stat(row.stats[name], _digits(name)) for name, _ in METRICS], row.paper]
+                 *[_fmt_stat(row.stats[name], _digits(name)) for name, _ in metrics], row.paper]
         lines.append("| " + " | ".join(cells) + " |")
     if not rows:
         lines.append("| " + " | ".join(["(no completed runs)"] + [""] * (len(head) - 1)) + " |")
     text = "\n".join(lines) + "\n"
     text += ("\nMeans over seeds (± sample std); test error = 100 × (1 − test accuracy); train "
              "loss = mean cross-entropy over the last evaluation interval.\n")
+    if metrics is not METRICS:
+        text += ("Val error: on the examples held out of the training split (data.val_size); "
+                 "choose hyperparameters by it, not by the test error.\n")
     if incomplete:
         text += f"\nLeft out of the means ({len(incomplete)} incomplete or failed runs):\n\n"
         for run in incomplete:
@@ -194,7 +207,8 @@ def markdown(rows: list[Row], keys: list[str], incomplete: list[Run]) -> str:
 def to_csv(rows: list[Row], keys: list[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    stat_cols = [f"{name}_{part}" for name, _ in METRICS for part in ("mean", "std")]
+    metrics = metrics_for(r for row in rows for r in row.runs)
+    stat_cols = [f"{name}_{part}" for name, _ in metrics for part in ("mean", "std")]
     writer.writerow(["data", "model", "optimizer", *keys, "n_seeds", "seeds", "num_parameters",
                      *stat_cols, "paper", "paper_test_error"])
 
@@ -202,7 +216,7 @@ def to_csv(rows: list[Row], keys: list[str]) -> str:
         return "" if value is None else repr(float(value))
 
     for row in rows:
-        stats = [num(part) for name, _ in METRICS for part in row.stats[name]]
+        stats = [num(part) for name, _ in metrics for part in row.stats[name]]
         writer.writerow([row.data, row.model, row.optimizer,
                          *[_fmt_value(row.swept[k]) for k in keys], len(row.runs),
                          " ".join(str(s) for s in row.seeds),

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gsgd_cli.train.errors import UserError
+
 from .datasets import SPECS, cfg_get, data_name, load_raw, pool_size
 from .synthetic import synthetic_shape
 
@@ -35,7 +37,9 @@ def describe(data_cfg: Any) -> tuple[tuple[int, int, int], int]:
 
 @dataclass
 class DeviceData:
-    """Both splits on one device plus what it takes to turn uint8 batches into inputs."""
+    """The splits on one device plus what it takes to turn uint8 batches into inputs.
+
+    `val_x`/`val_y` are held out of the training split when `data.val_size > 0` (else empty)."""
 
     name: str
     train_x: torch.Tensor  # uint8 [N, C, H, W]
@@ -47,6 +51,12 @@ class DeviceData:
     mean: torch.Tensor  # [1, C, 1, 1] on the device
     std: torch.Tensor
     augment: bool
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+
+    @property
+    def has_val(self) -> bool:
+        return self.val_y is not None and len(self.val_y) > 0
 
     @property
     def device(self) -> torch.device:
@@ -85,11 +95,32 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator,
     return torch.where(flips[:, None, None, None], out.flip(-1), out)
 
 
+def hold_out(train_x: torch.Tensor, train_y: torch.Tensor, val_size: Any,
+             split_seed: Any = 0) -> tuple[torch.Tensor, ...]:
+    """(train_x, train_y, val_x, val_y): `val_size` training examples, drawn by a permutation
+    seeded with `split_seed` (not the run's seed, so every run of a sweep holds out the same
+    examples), become the validation split; the rest keep their original order."""
+    n = len(train_y)
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < n:
+        raise UserError(f"Invalid data.val_size={val_size!r}. Must be an integer from 0 to "
+                        f"{n - 1} (training examples held out for validation; 0 = none).")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int):
+        raise UserError(f"Invalid data.split_seed={split_seed!r}. Must be an integer.")
+    if val_size == 0:
+        return train_x, train_y, train_x[:0], train_y[:0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
+    return train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx]
+
+
 def load_data(data_cfg: Any, device: torch.device | str = "cpu") -> DeviceData:
-    """Load both splits of a data set onto `device` (uint8 images, int64 labels)."""
+    """Load the splits of a data set onto `device` (uint8 images, int64 labels)."""
     name = data_name(data_cfg)
     in_shape, num_classes = describe(data_cfg)
     train_x, train_y, test_x, test_y = load_raw(data_cfg)
+    train_x, train_y, val_x, val_y = hold_out(train_x, train_y,
+                                              cfg_get(data_cfg, "val_size", 0),
+                                              cfg_get(data_cfg, "split_seed", 0))
     if name == "synthetic":
         mean = (0.5,) * in_shape[0]
         std = (0.25,) * in_shape[0]
@@ -108,4 +139,5 @@ def load_data(data_cfg: Any, device: torch.device | str = "cpu") -> DeviceData:
         mean=torch.tensor(mean, device=device).view(shape),
         std=torch.tensor(std, device=device).view(shape),
         augment=augment,
+        val_x=val_x.to(device), val_y=val_y.to(device),
     )

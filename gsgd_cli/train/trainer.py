@@ -6,7 +6,8 @@
 Writes into `run_dir`:
 
 * `metrics.jsonl`  one JSON object per evaluation: iteration, epoch, lr, train_loss, train_acc
-                   (running means since the previous evaluation), test_loss, test_acc, elapsed_s;
+                   (running means since the previous evaluation), test_loss, test_acc, elapsed_s,
+                   and val_loss, val_acc on the held-out split when data.val_size > 0;
 * `tb/`            TensorBoard scalars with the same names, step = iteration;
 * `checkpoint.pt`  model, optimizer, schedule base rates, RNG states, data order, iteration;
                    written atomically every `checkpoint_every` iterations and at the end;
@@ -61,6 +62,7 @@ def _divergence_errors() -> tuple[type[BaseException], ...]:
 
 METRIC_KEYS = ("iteration", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                "elapsed_s")
+VAL_KEYS = ("val_loss", "val_acc")   # also logged when data.val_size > 0
 
 
 @dataclass
@@ -125,6 +127,7 @@ class Trainer:
         self.perm: torch.Tensor | None = None
         self._reset_running()
         self.best_test_acc: float | None = None
+        self.best_val_acc: float | None = None
         self.last_metrics: dict[str, Any] | None = None
         self.elapsed_before = 0.0
         self.status = "running"
@@ -153,6 +156,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "running": (self.loss_sum, self.correct, self.seen),
             "best_test_acc": self.best_test_acc,
+            "best_val_acc": self.best_val_acc,
             "last_metrics": self.last_metrics,
             "elapsed_s": self._elapsed(),
             "batch_size": self.settings.batch_size,
@@ -188,6 +192,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.loss_sum, self.correct, self.seen = state["running"]
         self.best_test_acc = state["best_test_acc"]
+        self.best_val_acc = state.get("best_val_acc")
         self.last_metrics = state["last_metrics"]
         self.elapsed_before = state["elapsed_s"]
         self.checkpoint_iteration = self.iteration
@@ -211,17 +216,19 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy on the test split."""
+    def evaluate(self, split: str = "test") -> tuple[float, float]:
+        """Mean cross-entropy and accuracy on the test (or the held-out validation) split."""
+        xs, ys = ((self.data.test_x, self.data.test_y) if split == "test"
+                  else (self.data.val_x, self.data.val_y))
         was_training = self.model.training
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.data.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.data.device)
-        n = len(self.data.test_y)
+        n = len(ys)
         for start in range(0, n, self.settings.eval_batch_size):
-            x = self.data.inputs(self.data.test_x[start:start + self.settings.eval_batch_size],
+            x = self.data.inputs(xs[start:start + self.settings.eval_batch_size],
                                  train=False, dtype=self.settings.dtype)
-            y = self.data.test_y[start:start + self.settings.eval_batch_size]
+            y = ys[start:start + self.settings.eval_batch_size]
             out = self.model(x)
             loss_sum += F.cross_entropy(out, y, reduction="sum").double()
             correct += (out.argmax(1) == y).sum()
@@ -240,10 +247,14 @@ class Trainer:
             "test_acc": test_acc,
             "elapsed_s": round(self._elapsed(), 3),
         }
+        if self.data.has_val:
+            metrics["val_loss"], metrics["val_acc"] = self.evaluate("val")
+            if self.best_val_acc is None or metrics["val_acc"] > self.best_val_acc:
+                self.best_val_acc = metrics["val_acc"]
         with open(self.run_dir / METRICS, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if writer is not None:
-            for key in METRIC_KEYS[1:]:
+            for key in METRIC_KEYS[1:] + (VAL_KEYS if self.data.has_val else ()):
                 writer.add_scalar(key, metrics[key], self.iteration)
             writer.flush()
         self.last_metrics = metrics
@@ -369,6 +380,9 @@ class Trainer:
             "device": str(self.data.device),
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
         }
+        if self.data.has_val:
+            summary.update(final_val_acc=last.get("val_acc"), best_val_acc=self.best_val_acc,
+                           final_val_loss=last.get("val_loss"), val_size=len(self.data.val_y))
         summary.update(self.extra_summary)
         write_text_atomic(json.dumps(summary, indent=2) + "\n", self.run_dir / SUMMARY)
         return summary
