@@ -72,3 +72,16 @@ def rescale_hidden(model, generator, low=0.2, high=5.0):
                 left.bias.mul_(c)
             right.weight.div_(c[None, :])
     return model
+
+
+class Branchy(nn.Module):
+    """A forward with data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x)
+        return x

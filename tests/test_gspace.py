@@ -14,8 +14,8 @@ from gsgd_cli.gspace.blocks import ModelNotTraceable, find_chain_blocks
 from gsgd_cli.gspace.skeleton import UnsupportedWidthProfile, build_skeleton
 from gsgd_cli.optim.gsgd import GSGD
 
-from gsgd_helpers import (PROFILES, VALLEYS, as_reference_net, flat_grad, linears, mlp,
-                          randomise)
+from gsgd_helpers import (PROFILES, VALLEYS, Branchy, as_reference_net, flat_grad, linears,
+                          mlp, randomise)
 
 ALL_PROFILES = [w for _, w in PROFILES] + VALLEYS
 
@@ -147,15 +147,5 @@ def test_discovery_leaves_out_layers_whose_activations_leak_or_lack_relu():
 
 
 def test_untraceable_model_gives_one_clear_error():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(3, 3)
-
-        def forward(self, x):
-            if x.sum() > 0:
-                return self.a(x)
-            return x
-
     with pytest.raises(ModelNotTraceable, match="cannot trace Branchy with torch.fx"):
         find_chain_blocks(Branchy())

@@ -14,7 +14,7 @@ from gsgd_cli.models.convnets import BasicBlock, PlainNet, ResNet
 from gsgd_cli.models.mlp import MLP
 from gsgd_cli.optim.path_sgd import PathSGD, PathSGDStepError, needs_input_shape
 
-from gsgd_helpers import mlp
+from gsgd_helpers import Branchy, mlp
 from path_reference import brute_force_kappa, brute_force_path_norm_sq, count_paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -621,17 +621,6 @@ class _Twice(nn.Module):
         return self.a(F.relu(self.a(x)))
 
 
-class _Branchy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(3, 3)
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return self.a(x)
-        return x
-
-
 UNSUPPORTED = [
     ("bn", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
                                  nn.Linear(8, 2)),
@@ -689,7 +678,7 @@ def test_unsupported_models_are_refused_with_a_clear_message(make, message):
 
 def test_untraceable_model_is_refused():
     with pytest.raises(ValueError, match=r"^PathSGD could not trace the model with torch\.fx"):
-        PathSGD(_Branchy(), lr=0.1)
+        PathSGD(Branchy(), lr=0.1)
 
 
 def test_tensor_arithmetic_is_refused():

@@ -300,18 +300,9 @@ def apply_chain_step(skeleton: ChainSkeleton, index: ChainIndex, step: ChainStep
             if g is not None:
                 w.addcmul_(g, coef, value=-lr)
         else:
-            # b <- mu b + (dw + wd w) / s + 2 bpr w s;   w' = (w - lr * b / s) / R
-            inv_s = _outer(rows, cols, i == 0, i == last, workspace)
-            buffer = _as_layer_view(buffers[i], layer)
-            buffer.mul_(mu)
-            if g is not None:
-                buffer.addcmul_(g, inv_s)
-            if wd or bpr:
-                buffer.addcmul_(w, wd * inv_s + 2 * bpr * inv_s.reciprocal())
-            if scale is not None:
-                w.mul_(_broadcast(scale, layer.role))
-                inv_s = inv_s * _broadcast(scale, layer.role)
-            w.addcmul_(buffer, inv_s, value=-lr)
+            _momentum_update(w, g, _as_layer_view(buffers[i], layer),
+                             _outer(rows, cols, i == 0, i == last, workspace),
+                             None if scale is None else _broadcast(scale, layer.role), options)
         w.view(-1).index_copy_(0, index.flat[i], update.keep)
 
         bias = biases[i]
@@ -330,13 +321,20 @@ def apply_chain_step(skeleton: ChainSkeleton, index: ChainIndex, step: ChainStep
             if gb is not None:
                 bias.addcmul_(gb, coef_b, value=-lr)
         else:
-            buffer = bias_buffers[i]
-            buffer.mul_(mu)
-            if gb is not None:
-                buffer.addcmul_(gb, inv_s_b)
-            if wd or bpr:
-                buffer.addcmul_(bias, wd * inv_s_b + 2 * bpr * inv_s_b.reciprocal())
-            if b_scale is not None:
-                bias.mul_(b_scale)
-            bias.addcmul_(buffer, inv_s_b * (b_scale if b_scale is not None else 1.0),
-                          value=-lr)
+            _momentum_update(bias, gb, bias_buffers[i], inv_s_b, b_scale, options)
+
+
+def _momentum_update(p: Tensor, g: Tensor | None, buffer: Tensor, inv_s: Tensor,
+                     scale: Tensor | None, options: StepOptions) -> None:
+    """Heavy ball in v-space for the non-skeleton edges of one tensor, in place:
+    b <- mu b + (dw + wd w) / s + 2 bpr w s;   w' = (w - lr * b / s) / R  (`scale` = 1/R)."""
+    lr, wd, bpr = options.lr, options.weight_decay, options.bpr
+    buffer.mul_(options.momentum)
+    if g is not None:
+        buffer.addcmul_(g, inv_s)
+    if wd or bpr:
+        buffer.addcmul_(p, wd * inv_s + 2 * bpr * inv_s.reciprocal())
+    if scale is not None:
+        p.mul_(scale)
+        inv_s = inv_s * scale
+    p.addcmul_(buffer, inv_s, value=-lr)
