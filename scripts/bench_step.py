@@ -62,6 +62,7 @@ def paper_cases(width: float) -> list[Case]:
 OPTIMIZERS: dict[str, Callable[[nn.Module, float, tuple], torch.optim.Optimizer]] = {
     "sgd": lambda model, lr, shape: torch.optim.SGD(model.parameters(), lr=lr),
     "gsgd": lambda model, lr, shape: GSGD(model, lr=lr),
+    "gsgd_eager": lambda model, lr, shape: GSGD(model, lr=lr, fused=False),
     "path_sgd": lambda model, lr, shape: PathSGD(model, lr=lr, input_shape=shape),
 }
 

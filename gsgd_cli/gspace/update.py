@@ -126,6 +126,7 @@ class LayerUpdate:
     row_inv_s: Tensor               # 1 / Out per output node
     col_inv_s: Tensor               # 1 / In per input node
     keep: Tensor                    # values to write back at the skeleton entries
+    current: Tensor                 # their values before the step
 
 
 @dataclass
@@ -143,6 +144,8 @@ class ChainStep:
     pivot_buffer: Tensor | None     # new momentum buffer of the pivots' paths
     bounds: Tensor
     pivot_ok: Tensor
+    grad_max: Tensor                # max |dW| per layer (NaN/Inf when dW is not finite)
+    bias_max: Tensor                # max |db| per layer (0 without a bias gradient)
 
     def ok(self) -> Tensor:
         return self.pivot_ok & torch.isfinite(self.bounds).all()
@@ -236,14 +239,15 @@ def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Te
         keep = new_u if layer.role == "pivot" else skel_values[i]
         scale = row_inv_s.square().amax() * col_inv_s.square().amax()
         scales.append(scale if inv_r is None else scale * inv_r.abs().amax())
-        layers.append(LayerUpdate(inv_r, row_inv_s, col_inv_s, keep))
+        layers.append(LayerUpdate(inv_r, row_inv_s, col_inv_s, keep, skel_values[i]))
     # |update| <= lr * scale * max|dW| (+ the bias term)
     zero = ratio.new_zeros(())
     grad_max = [_max_abs(g) if g is not None else zero for g in grads]
     bias_max = [_max_abs(g) if g is not None else zero for g in bias_grads]
-    bounds = lr * torch.stack(scales) * torch.stack(grad_max) + lr * torch.stack(bias_max) * \
+    grad_max, bias_max = torch.stack(grad_max), torch.stack(bias_max)
+    bounds = lr * torch.stack(scales) * grad_max + lr * bias_max * \
         torch.stack([u.row_inv_s.square().amax() for u in layers])
-    return ChainStep(layers, ratio, new_buffer, bounds, pivot_ok)
+    return ChainStep(layers, ratio, new_buffer, bounds, pivot_ok, grad_max, bias_max)
 
 
 def _outer(rows: Tensor, cols: Tensor, first: bool, last: bool,
@@ -263,24 +267,48 @@ def _broadcast(vector: Tensor, role: str) -> Tensor:
     return vector[:, None, None] if role == "in" else vector[None, :, None]
 
 
+def _gated(value, gate: Tensor | None, identity, dtype: torch.dtype):
+    """`value` where `gate` holds, else `identity` (what leaves a weight as it is)."""
+    if gate is None:
+        return value
+    if not isinstance(value, Tensor):
+        value = torch.tensor(value, dtype=dtype, device=gate.device)
+    return torch.where(gate, value, identity)
+
+
+def _or_zero(x: Tensor, gate: Tensor | None) -> Tensor:
+    """A coefficient, replaced by 0 where `gate` is False (not multiplied: inf * 0 is NaN)."""
+    return x if gate is None else torch.where(gate, x, 0.0)
+
+
 def apply_chain_step(skeleton: ChainSkeleton, index: ChainIndex, step: ChainStep,
                      weights: list[Tensor], biases: list[Tensor | None],
                      grads: list[Tensor | None], bias_grads: list[Tensor | None],
                      options: StepOptions, buffers: list[Tensor | None] | None = None,
                      bias_buffers: list[Tensor | None] | None = None,
-                     workspace: Workspace | None = None) -> None:
+                     workspace: Workspace | None = None, gate: Tensor | None = None) -> None:
     """Write a planned step into the weights and biases, in place.
 
     With momentum, `buffers[i]` / `bias_buffers[i]` are the edges' v-space momentum buffers
-    (shaped like the weights and biases; zeros before the first step), updated in place."""
+    (shaped like the weights and biases; zeros before the first step), updated in place.
+
+    `gate` (a boolean tensor on the device, or None for "always"): where it is False, every
+    factor of the update is replaced by the one that leaves the weights, biases and buffers
+    exactly as they are (gradients by 0, `1/R` and the multipliers by 1, the coefficients by 0),
+    so a failed check writes nothing without the host waiting for the device."""
     lr, mu, wd, bpr = options.lr, options.momentum, options.weight_decay, options.bpr
     workspace = workspace or Workspace()
     last = len(skeleton.layers) - 1
+    dtype = weights[0].dtype
     for i, (layer, update) in enumerate(zip(skeleton.layers, step.layers)):
         w = _as_layer_view(weights[i], layer)
         g = _as_layer_view(grads[i], layer) if grads[i] is not None else None
-        scale = update.weight_scale             # 1/R per row ("in") or column ("out")
-        rows, cols = update.row_inv_s, update.col_inv_s   # 1/s = rows (x) cols
+        if g is not None and gate is not None:
+            g = torch.where(gate, g, 0.0)        # a non-finite dW times 0 would still be NaN
+        scale = (_gated(update.weight_scale, gate, 1.0, dtype)   # 1/R per row ("in") or
+                 if update.weight_scale is not None else None)   # column ("out")
+        # 1/s = rows (x) cols
+        rows, cols = _or_zero(update.row_inv_s, gate), _or_zero(update.col_inv_s, gate)
         if not mu:
             # w' = (w * (1 - 2 lr bpr) - lr * (dw + wd * w) / s^2) / R
             rows, cols = rows.square(), cols.square()
@@ -290,7 +318,7 @@ def apply_chain_step(skeleton: ChainSkeleton, index: ChainIndex, step: ChainStep
                 else:
                     cols = cols * scale
             coef = _outer(rows, cols, i == 0, i == last, workspace)
-            multiplier = 1.0 - 2 * lr * bpr
+            multiplier = _gated(1.0 - 2 * lr * bpr, gate, 1.0, dtype)
             keep_scale = (multiplier * _broadcast(scale, layer.role) if scale is not None
                           else multiplier)
             if wd:
@@ -302,18 +330,22 @@ def apply_chain_step(skeleton: ChainSkeleton, index: ChainIndex, step: ChainStep
         else:
             _momentum_update(w, g, _as_layer_view(buffers[i], layer),
                              _outer(rows, cols, i == 0, i == last, workspace),
-                             None if scale is None else _broadcast(scale, layer.role), options)
-        w.view(-1).index_copy_(0, index.flat[i], update.keep)
+                             None if scale is None else _broadcast(scale, layer.role), options,
+                             gate)
+        w.view(-1).index_copy_(0, index.flat[i], _gated(update.keep, gate, update.current, dtype))
 
         bias = biases[i]
         if bias is None:
             continue
         b_scale = scale if layer.role == "in" else None
-        inv_s_b = update.row_inv_s
+        inv_s_b = _or_zero(update.row_inv_s, gate)
         gb = bias_grads[i]
+        if gb is not None and gate is not None:
+            gb = torch.where(gate, gb, 0.0)
         if not mu:
             coef_b = inv_s_b.square() * (b_scale if b_scale is not None else 1.0)
-            multiplier = (1.0 - 2 * lr * bpr) * (b_scale if b_scale is not None else 1.0)
+            multiplier = _gated(1.0 - 2 * lr * bpr, gate, 1.0, dtype) * (
+                b_scale if b_scale is not None else 1.0)
             if wd:
                 bias.mul_(multiplier - lr * wd * coef_b)
             else:
@@ -321,19 +353,21 @@ def apply_chain_step(skeleton: ChainSkeleton, index: ChainIndex, step: ChainStep
             if gb is not None:
                 bias.addcmul_(gb, coef_b, value=-lr)
         else:
-            _momentum_update(bias, gb, bias_buffers[i], inv_s_b, b_scale, options)
+            _momentum_update(bias, gb, bias_buffers[i], inv_s_b, b_scale, options, gate)
 
 
 def _momentum_update(p: Tensor, g: Tensor | None, buffer: Tensor, inv_s: Tensor,
-                     scale: Tensor | None, options: StepOptions) -> None:
+                     scale: Tensor | None, options: StepOptions,
+                     gate: Tensor | None = None) -> None:
     """Heavy ball in v-space for the non-skeleton edges of one tensor, in place:
-    b <- mu b + (dw + wd w) / s + 2 bpr w s;   w' = (w - lr * b / s) / R  (`scale` = 1/R)."""
+    b <- mu b + (dw + wd w) / s + 2 bpr w s;   w' = (w - lr * b / s) / R  (`scale` = 1/R).
+    Where `gate` is False: mu -> 1 and every added term -> 0 (`g` and `inv_s` are 0 there)."""
     lr, wd, bpr = options.lr, options.weight_decay, options.bpr
-    buffer.mul_(options.momentum)
+    buffer.mul_(_gated(options.momentum, gate, 1.0, p.dtype))
     if g is not None:
         buffer.addcmul_(g, inv_s)
     if wd or bpr:
-        buffer.addcmul_(p, wd * inv_s + 2 * bpr * inv_s.reciprocal())
+        buffer.addcmul_(p, _or_zero(wd * inv_s + 2 * bpr * inv_s.reciprocal(), gate))
     if scale is not None:
         p.mul_(scale)
         inv_s = inv_s * scale

@@ -38,6 +38,8 @@ from ..gspace.blocks import ChainBlock, find_chain_blocks
 from ..gspace.skeleton import ChainSkeleton, UnsupportedWidthProfile, build_skeleton
 from ..gspace.update import (ChainIndex, StepOptions, Workspace, apply_chain_step,
                              plan_chain_step)
+from . import fused_cpu
+from .step_record import StepRecord
 
 SKELETON_INITS = ("one", "keep", "rescale")
 BN_OPTIONS = ("approx", "approx_per_tap", "split")
@@ -45,7 +47,15 @@ BLOCK_SPLITS = ("none", "stage")
 
 
 class GSGDStepError(RuntimeError):
-    """A G-SGD step would write a non-finite value or divide by a vanished pivot."""
+    """A G-SGD step would write a non-finite value or divide by a vanished pivot; it wrote
+    nothing. `step` is the number of the failed `step()` call of the optimizer (1 = its first),
+    `steps_after` how many calls came after it before the error was raised (they wrote nothing
+    either)."""
+
+    def __init__(self, message: str, step: int | None = None, steps_after: int = 0):
+        super().__init__(message)
+        self.step = step
+        self.steps_after = steps_after
 
 
 @dataclass
@@ -134,11 +144,21 @@ class GSGD(Optimizer):
             plain network from stem to classifier. `"stage"`: one block per run of
             equal-width layers (per stage, as the published code does); the layers that change
             the width (stem, stride-2 transitions, classifier) then take plain SGD.
+        fused: `None` (default): the fused CPU kernel (`fused_cpu.py`: one read and one write
+            pass per layer, compiled on first use) for float32/float64 models on the CPU, the
+            eager step elsewhere. `True`: the same (with a warning if the kernel cannot be
+            built); `False`: always the eager step, the readable reference of
+            `gsgd_cli.gspace.update`. Both compute the same step (to rounding).
+        strict: `False` (default): `step()` never waits for the device; a failed check writes
+            nothing and is raised as `GSGDStepError` by `check_steps()` or by a later `step()`
+            (see `gsgd_cli.optim.step_record`). `True`: every `step()` waits for its checks and
+            raises at once.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
                  momentum: float = 0.0, weight_decay: float = 0.0, bpr: float = 0.0,
-                 min_pivot_ratio: float = 1e-6, bn: str = "approx", block_split: str = "none"):
+                 min_pivot_ratio: float = 1e-6, bn: str = "approx", block_split: str = "none",
+                 fused: bool | None = None, strict: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GSGD takes the model (an nn.Module), got {type(model).__name__}; "
                             "write GSGD(model, lr) rather than GSGD(model.parameters(), lr)")
@@ -156,12 +176,21 @@ class GSGD(Optimizer):
             if value not in choices:
                 raise ValueError(f"Invalid {name}={value!r}. Must be one of "
                                  f"{', '.join(repr(c) for c in choices)}.")
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused={fused!r}. Must be None, True or False.")
+        if strict not in (True, False):
+            raise ValueError(f"Invalid strict={strict!r}. Must be True or False.")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("GSGD got a model with no trainable parameters")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       bpr=bpr, min_pivot_ratio=min_pivot_ratio))
         self.skeleton_init = skeleton_init
+        self.fused = fused
+        self.strict = strict
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        self._record: StepRecord | None = None
+        self._native: fused_cpu.FusedCPUStep | None = None
         self.discovery = find_chain_blocks(model, bn="split" if bn == "split" else "approx")
         self._per_tap = bn == "approx_per_tap"
         blocks = self.discovery.blocks
@@ -244,40 +273,162 @@ class GSGD(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One G-SGD step: plan every block (nothing written), check them all on the device,
+        apply (the writes gated by the check). Never waits for the device unless `strict`."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        record = self._record_on(self.param_groups[0]["params"][0].device)
+        if record.visible_failure():
+            raise self._step_error()
         group = self.param_groups[0]
-        lr = group["lr"]
-        options = StepOptions(lr, group["momentum"], group["weight_decay"], group["bpr"],
-                              group["min_pivot_ratio"])
+        options = StepOptions(group["lr"], group["momentum"], group["weight_decay"],
+                              group["bpr"], group["min_pivot_ratio"])
+        if not self._fused_step(options, record):
+            self._eager_step(options, record)
+        if self.strict:
+            self.check_steps()
+        else:
+            record.publish()
+        return loss
+
+    def check_steps(self) -> None:
+        """Raise `GSGDStepError` if a step since the last check failed (waits for the device).
+
+        The failed step and every step after it wrote nothing; once raised, the record is
+        cleared and later steps write again."""
+        if self._record is not None and self._record.failed():
+            raise self._step_error()
+
+    def _record_on(self, device: torch.device) -> StepRecord:
+        if self._record is None or self._record.device != device:
+            size = fused_cpu.diag_size([len(plan.weights) for plan in self._plans],
+                                       len(self._outside))
+            self._record = StepRecord(device, size)
+        return self._record
+
+    # -- the eager step: the readable reference (gsgd_cli.gspace.update) ----------------------
+    def _eager_step(self, options: StepOptions, record: StepRecord) -> None:
         planned = []
-        for plan in self._plans:
+        for plan in self._plans:          # plan: compute every block's step, write nothing
             tensors = plan.tensors()
             if all(g is None for g in tensors[2] + tensors[3]):
+                planned.append(None)
                 continue
             index = plan.index_on(plan.weights[0].device)
             pivot_state = self.state[plan.weights[plan.skeleton.pivot_layer]]
             step = plan_chain_step(plan.skeleton, index, *tensors, options,
                                    pivot_state.get("pivot_momentum_buffer"), plan.workspace)
             planned.append((plan, index, step, tensors))
-        if planned:   # every check of every block in one device sync; nothing written yet
-            checks = torch.stack([step.ok() for _, _, step, _ in planned])
-            if not bool(checks.all()):
-                self._raise_step_error(planned, lr)
-            for plan, index, step, tensors in planned:
-                buffers = bias_buffers = None
-                if options.momentum:
-                    buffers = [self._buffer(w) for w in plan.weights]
-                    bias_buffers = [self._buffer(b) if b is not None else None
-                                    for b in plan.biases]
-                    self.state[plan.weights[plan.skeleton.pivot_layer]][
-                        "pivot_momentum_buffer"] = step.pivot_buffer
-                apply_chain_step(plan.skeleton, index, step, *tensors, options, buffers,
-                                 bias_buffers, plan.workspace)
-        self._sgd_outside(options)
-        return loss
+        # check: every block and every outside gradient, on the device (no sync)
+        gate = record.update(*self._checks(planned, options))
+        if self.strict:
+            self.check_steps()            # waits for the device; raises if the check failed
+            gate = None
+        for item in planned:              # apply, gated by the check
+            if item is None:
+                continue
+            plan, index, step, tensors = item
+            buffers = bias_buffers = None
+            if options.momentum:
+                buffers = [self._buffer(w) for w in plan.weights]
+                bias_buffers = [self._buffer(b) if b is not None else None
+                                for b in plan.biases]
+                pivot_state = self.state[plan.weights[plan.skeleton.pivot_layer]]
+                old = pivot_state.get("pivot_momentum_buffer")
+                pivot_state["pivot_momentum_buffer"] = (
+                    step.pivot_buffer if gate is None or old is None
+                    else torch.where(gate, step.pivot_buffer, old))
+            apply_chain_step(plan.skeleton, index, step, *tensors, options, buffers,
+                             bias_buffers, plan.workspace, gate)
+        self._sgd_outside(options, gate)
+
+    def _checks(self, planned, options: StepOptions) -> tuple[Tensor, Tensor]:
+        """(all checks passed, diag) on the device, diag laid out as in `fused_cpu`."""
+        device = self._record.device
+        oks, pieces = [], []
+        for plan, item in zip(self._plans, planned):
+            num_layers = len(plan.weights)
+            if item is None:
+                pieces.append(torch.zeros(3 * num_layers + 3, dtype=torch.float64,
+                                          device=device))
+                continue
+            step = item[2]
+            ratio = step.pivot_ratio
+            bad = ~(torch.isfinite(ratio) & (ratio.abs() >= options.min_ratio) & (ratio != 0))
+            first = bad.to(torch.uint8).argmax()
+            pieces += [t.to(torch.float64) for t in (
+                ~torch.isfinite(step.grad_max), ~torch.isfinite(step.bias_max), bad.any()[None],
+                first[None], ratio.index_select(0, first[None]), ~torch.isfinite(step.bounds))]
+            oks.append(step.ok())
+        grads = [p.grad for p in self._outside]
+        present = [g for g in grads if g is not None]
+        if present:
+            finite = iter(torch.isfinite(torch.stack(torch._foreach_norm(present, float("inf")))))
+            outside_bad = torch.stack([~next(finite) if g is not None
+                                       else torch.zeros((), dtype=torch.bool, device=device)
+                                       for g in grads])
+            oks.append(~outside_bad.any())
+            pieces.append(outside_bad.to(torch.float64))
+        else:
+            pieces.append(torch.zeros(len(grads), dtype=torch.float64, device=device))
+        ok = torch.stack(oks).all() if oks else torch.ones((), dtype=torch.bool, device=device)
+        return ok[None], torch.cat(pieces)
+
+    # -- the fused CPU step ----------------------------------------------------------------------
+    def _fused_step(self, options: StepOptions, record: StepRecord) -> bool:
+        """Run the whole step in the fused CPU kernel; False when it does not apply."""
+        if self.fused is False or record.device.type != "cpu":
+            return False
+        if self._native is None:
+            tensors = [t for plan in self._plans for t in (*plan.weights, *plan.biases)
+                       if t is not None] + self._outside
+            lib = fused_cpu.library() if fused_cpu.FusedCPUStep.supports(tensors) else None
+            if lib is None:
+                self.fused = False
+                return False
+            self._native = fused_cpu.FusedCPUStep(lib, self._plans, self._outside,
+                                                  self._per_tap)
+            self._native_dtype = tensors[0].dtype
+        elif self._plans and self._plans[0].weights[0].dtype != self._native_dtype:
+            return False                  # the model was cast after the first step
+        dtype = self._native_dtype
+        mu = options.momentum
+        keep, ptrs = [], []               # keep: temporaries alive until the kernel returns
+        for plan in self._plans:
+            grads = [w.grad for w in plan.weights]
+            bias_grads = [None if b is None else b.grad for b in plan.biases]
+            active = mu and any(g is not None for g in grads + bias_grads)
+            if self._per_tap:
+                grads = plan.tensors()[2]
+            for w, b, g, gb in zip(plan.weights, plan.biases, grads, bias_grads):
+                for t in (g, gb):
+                    if t is not None and not (t.dtype == dtype and t.is_contiguous()
+                                              and t.device.type == "cpu"):
+                        return False
+                ptrs += [w.data_ptr(), 0 if g is None else g.data_ptr(),
+                         0 if b is None else b.data_ptr(), 0 if gb is None else gb.data_ptr(),
+                         self._buffer(w).data_ptr() if active else 0,
+                         self._buffer(b).data_ptr() if active and b is not None else 0]
+            if active:
+                pivot = plan.weights[plan.skeleton.pivot_layer]
+                if "pivot_momentum_buffer" not in self.state[pivot]:
+                    self.state[pivot]["pivot_momentum_buffer"] = pivot.new_zeros(
+                        plan.skeleton.num_pivots)
+                ptrs.append(self.state[pivot]["pivot_momentum_buffer"].data_ptr())
+            else:
+                ptrs.append(0)
+            keep.append(grads)
+        for p in self._outside:
+            g = p.grad
+            if g is not None and not (g.dtype == dtype and g.is_contiguous()
+                                      and g.device.type == "cpu"):
+                return False
+            ptrs += [p.data_ptr(), 0 if g is None else g.data_ptr(),
+                     self._buffer(p).data_ptr() if mu and g is not None else 0]
+        self._native(ptrs, options, record.status, record.diag, dtype)
+        return True
 
     def _buffer(self, param: Tensor) -> Tensor:
         state = self.state[param]
@@ -285,7 +436,7 @@ class GSGD(Optimizer):
             state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
         return state["momentum_buffer"]
 
-    def _sgd_outside(self, options: StepOptions) -> None:
+    def _sgd_outside(self, options: StepOptions, gate: Tensor | None = None) -> None:
         """torch.optim.SGD's step (momentum, weight decay) for parameters outside blocks."""
         params = [p for p in self._outside if p.grad is not None]
         if not params:
@@ -293,33 +444,63 @@ class GSGD(Optimizer):
         grads = [p.grad for p in params]
         if options.weight_decay:
             grads = torch._foreach_add(grads, params, alpha=options.weight_decay)
+        if gate is not None:
+            grads = [torch.where(gate, g, 0.0) for g in grads]
         if options.momentum:
             buffers = [self._buffer(p) for p in params]
-            torch._foreach_mul_(buffers, options.momentum)
+            mu = options.momentum
+            if gate is not None:
+                mu = torch.where(gate, torch.tensor(mu, dtype=params[0].dtype,
+                                                    device=gate.device), 1.0)
+            torch._foreach_mul_(buffers, mu)
             torch._foreach_add_(buffers, grads)
             grads = buffers
         torch._foreach_add_(params, grads, alpha=-options.lr)
 
-    def _raise_step_error(self, planned, lr: float) -> None:
+    def _step_error(self) -> GSGDStepError:
+        """The recorded failure as an exception (and the record cleared)."""
+        step, after, diag = self._record.take()
+        lr = self.param_groups[0]["lr"]
         advice = f"lower the learning rate (lr={lr:g}) or check the inputs and loss"
-        for plan, _, step, _ in planned:
-            for name, p in zip(plan.block.names * 2, [*plan.weights, *plan.biases]):
-                if p is not None and p.grad is not None and not bool(p.grad.isfinite().all()):
-                    raise GSGDStepError(f"G-SGD step failed in layer '{name}': its gradient is "
-                                        f"not finite; {advice}. Nothing was updated.")
-        for plan, _, step, _ in planned:
-            if not bool(step.pivot_ok):
-                r = step.pivot_ratio
-                min_ratio = self.param_groups[0]["min_pivot_ratio"]
-                j = int((~(torch.isfinite(r) & (r != 0)) | (r.abs() < min_ratio)).nonzero()[0])
+        nothing = ("Nothing was updated." if after == 0 else
+                   f"Nothing was updated by it or by the {after} step(s) after it (the "
+                   f"weights are those before step {step}).")
+        where = f"G-SGD step {step} failed in"
+        at, sections = 0, []
+        for plan in self._plans:
+            n = len(plan.weights)
+            sections.append((plan, diag[at:at + 3 * n + 3]))
+            at += 3 * n + 3
+        outside = diag[at:]
+
+        def error(message):
+            return GSGDStepError(message, step, after)
+
+        for plan, d in sections:          # a non-finite gradient first, in any block
+            n = len(plan.weights)
+            for k, name in enumerate(plan.block.names * 2):
+                if d[k]:
+                    what = "its gradient" if k < n else "its bias gradient"
+                    return error(f"{where} layer '{name}': {what} is not finite; {advice}. "
+                                 f"{nothing}")
+        for p, flag in zip(self._outside, outside):
+            if flag:
+                return error(f"{where} parameter '{self._names.get(id(p), '?')}' (plain SGD "
+                             f"step outside the chain blocks): its gradient is not finite; "
+                             f"{advice}. {nothing}")
+        for plan, d in sections:
+            n = len(plan.weights)
+            if d[2 * n]:
                 name = plan.block.names[plan.skeleton.pivot_layer]
-                raise GSGDStepError(
-                    f"G-SGD step failed in layer '{name}': pivot {j} would change by the ratio "
-                    f"{float(r[j]):.3g} (to 0 or not finite); {advice}. Nothing was updated.")
-            for name, bound in zip(plan.block.names, step.bounds):
-                if not bool(torch.isfinite(bound)):
-                    raise GSGDStepError(f"G-SGD step failed in layer '{name}': the update is not "
-                                        f"finite; {advice}. Nothing was updated.")
+                min_ratio = self.param_groups[0]["min_pivot_ratio"]
+                return error(f"{where} layer '{name}': pivot {int(d[2 * n + 1])} would change by "
+                             f"the ratio {d[2 * n + 2]:.3g} (to 0, not finite or below "
+                             f"min_pivot_ratio={min_ratio:g}); {advice}. {nothing}")
+            for name, flag in zip(plan.block.names, d[2 * n + 3:]):
+                if flag:
+                    return error(f"{where} layer '{name}': the update is not finite; {advice}. "
+                                 f"{nothing}")
+        return error(f"G-SGD step {step} failed; {advice}. {nothing}")
 
 
 def rescale_free_weights_to_unit(skeleton: ChainSkeleton, weights: list[Tensor],
