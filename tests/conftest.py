@@ -66,3 +66,28 @@ def gsgd_train_inproc(tmp_path, capsys, monkeypatch):
         return code, captured.out, captured.err
 
     return _run
+
+
+@pytest.fixture(params=["fused", "eager"])
+def step_path(request, monkeypatch):
+    """Run a G-SGD test twice: with the fused CPU kernel and with the eager reference step
+    (sets the default of `GSGD(fused=...)`), and check that the intended path was taken."""
+    from gsgd_cli.optim import fused_cpu
+    from gsgd_cli.optim.gsgd import GSGD
+
+    fused = request.param == "fused"
+    if fused and fused_cpu.library() is None:
+        pytest.skip("the fused CPU step cannot be built here (no C++ compiler)")
+    monkeypatch.setitem(GSGD.__init__.__kwdefaults__, "fused", fused)
+    used = []
+    original = GSGD._fused_step
+
+    def spy(self, *args):
+        result = original(self, *args)
+        used.append(result)
+        return result
+
+    monkeypatch.setattr(GSGD, "_fused_step", spy)
+    yield request.param
+    if used:
+        assert any(used) == fused, f"the {request.param} step path was not taken"

@@ -49,6 +49,7 @@ def _skeleton_values(model):
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("name,widths", [PROFILES[1], PROFILES[3], PROFILES[4], PROFILES[5]],
                          ids=["equal", "increasing", "decreasing", "peak"])
+@pytest.mark.usefixtures("step_path")
 def test_invariance_gsgd_same_function_from_w_and_rescaled_w_sgd_drifts(name, widths, bias):
     gen = torch.Generator().manual_seed(1)
     model_a = randomise(mlp(widths, bias), gen)
@@ -71,6 +72,7 @@ def test_invariance_gsgd_same_function_from_w_and_rescaled_w_sgd_drifts(name, wi
     assert (out_a[-1] - out_b[-1]).abs().max() > 1e-3
 
 
+@pytest.mark.usefixtures("step_path")
 @pytest.mark.parametrize("skeleton_init", ["one", "keep"])
 def test_free_weights_are_bit_for_bit_unchanged(skeleton_init):
     gen = torch.Generator().manual_seed(3)
@@ -96,6 +98,7 @@ def test_default_skeleton_init_one_sets_pivots_and_free_weights_to_one():
     assert all(bool((v == 1).all()) for v in free + pivots)
 
 
+@pytest.mark.usefixtures("step_path")
 def test_state_dict_round_trip_continues_identically():
     widths = [6, 5, 5, 3]
     x, y = _data(widths)
@@ -122,6 +125,7 @@ def test_state_dict_round_trip_continues_identically():
         assert torch.equal(out, clone_out)
 
 
+@pytest.mark.usefixtures("step_path")
 def test_scheduler_changes_the_step_size():
     widths = [4, 4, 4, 2]
     x, y = _data(widths)
@@ -144,6 +148,7 @@ def test_scheduler_changes_the_step_size():
     assert moved_small < 0.05 * moved_full
 
 
+@pytest.mark.usefixtures("step_path")
 def test_none_grads_and_layers_outside_blocks():
     class Net(nn.Module):
         def __init__(self):
@@ -169,6 +174,7 @@ def test_none_grads_and_layers_outside_blocks():
     assert [b.names for b in opt.blocks] == [["body.0", "body.2"]]
 
 
+@pytest.mark.usefixtures("step_path")
 def test_float32_training_lowers_the_loss():
     torch.manual_seed(0)
     model = MLP(10, 3, width=16, depth=2, bias=True)
@@ -241,36 +247,140 @@ def test_keep_with_zero_skeleton_weight_is_refused():
         GSGD(model, lr=0.1, skeleton_init="keep")
 
 
-def test_pivot_falling_to_zero_raises_and_writes_nothing():
+def _expect_step_error(opt, model, match, strict, step=1):
+    """The step that fails writes nothing and raises (strict: at once; else at the next
+    check_steps(), or at the next step() since the CPU sees the failure without waiting)."""
+    before = [p.detach().clone() for p in model.parameters()]
+    if strict:
+        with pytest.raises(GSGDStepError, match=match) as info:
+            opt.step()
+    else:
+        opt.step()                 # recorded on the device, not raised: no host sync
+        for p, b in zip(model.parameters(), before):
+            assert torch.equal(p.detach(), b)
+        with pytest.raises(GSGDStepError, match=match) as info:
+            opt.check_steps()
+    assert info.value.step == step and info.value.steps_after == 0
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    opt.check_steps()              # raised once; the record is clear again
+    return info.value
+
+
+STRICT_OR_DEFERRED = pytest.mark.parametrize("strict", [True, False], ids=["strict", "deferred"])
+
+
+@STRICT_OR_DEFERRED
+@pytest.mark.usefixtures("step_path")
+def test_pivot_falling_to_zero_raises_and_writes_nothing(strict):
     widths = [3, 4, 4, 2]
     x, y = _data(widths)
     model = randomise(mlp(widths, bias=False), torch.Generator().manual_seed(6))
-    opt = GSGD(model, lr=1.0, skeleton_init="keep")
+    opt = GSGD(model, lr=1.0, skeleton_init="keep", strict=strict)
     F.cross_entropy(model(x), y).backward()
     # find the learning rate that sends pivot 0 exactly to zero: u' = u - lr * c, so lr = u / c
     probe = copy.deepcopy(model)
-    probe_opt = GSGD(probe, lr=1.0, skeleton_init="keep")
+    probe_opt = GSGD(probe, lr=1.0, skeleton_init="keep", fused=False)
     for p, q in zip(model.parameters(), probe.parameters()):
         q.grad = p.grad.clone()
     u = model[0].weight[0, 0].item()
     probe_opt.step()
     c = u - probe[0].weight[0, 0].item()
     opt.param_groups[0]["lr"] = u / c
+    _expect_step_error(opt, model, r"step 1 failed in layer '0': pivot 0 would change by the "
+                                   r"ratio .* lower the learning rate .* Nothing was updated",
+                       strict)
+
+
+@STRICT_OR_DEFERRED
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.usefixtures("step_path")
+def test_non_finite_gradient_raises_naming_the_layer(bad, strict):
+    model = mlp([3, 4, 4, 2], bias=True)
+    opt = GSGD(model, lr=0.1, strict=strict)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model[4].weight.grad[1, 2] = bad
+    _expect_step_error(opt, model, "layer '4': its gradient is not finite", strict)
+    model[4].weight.grad[1, 2] = 0.0
+    model[2].bias.grad[1] = bad
+    _expect_step_error(opt, model, "step 2 failed in layer '2': its bias gradient is not finite",
+                       strict, step=2)
+
+
+@STRICT_OR_DEFERRED
+@pytest.mark.usefixtures("step_path")
+def test_non_finite_gradient_outside_the_blocks_raises_and_writes_nothing(strict):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3))
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.body(x) * self.scale
+
+    model = Net().double()
+    opt = GSGD(model, lr=0.1, strict=strict)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model.scale.grad[0] = float("nan")
+    _expect_step_error(opt, model, r"parameter 'scale' \(plain SGD step outside the chain "
+                                   r"blocks\): its gradient is not finite", strict)
+
+
+@STRICT_OR_DEFERRED
+@pytest.mark.usefixtures("step_path")
+def test_overflowing_coefficients_write_nothing(strict):
+    # a tiny free weight makes 1/s^2 overflow in float32 while the weights are finite: the
+    # gated (deferred) step must not compute 0 * inf = NaN into them
+    widths = [3, 4, 4, 2]
+    model = randomise(mlp(widths, bias=True, dtype=torch.float64), torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        model[2].weight[0, 0] = 1e-30               # free skeleton weight of node 0
+    model = model.float()
+    opt = GSGD(model, lr=0.1, skeleton_init="keep", strict=strict)
+    x, y = _data(widths, dtype=torch.float32)
+    F.cross_entropy(model(x), y).backward()
+    _expect_step_error(opt, model, "G-SGD step 1 failed in layer '0'", strict)
+
+
+@pytest.mark.usefixtures("step_path")
+def test_steps_after_a_failed_one_write_nothing_until_it_is_raised(monkeypatch):
+    # a device that has not yet shown the failure to the host (CUDA a step or two later)
+    widths = [3, 4, 4, 2]
+    model = mlp(widths, bias=True)
+    opt = GSGD(model, lr=0.1)
+    x, y = _data(widths)
+    F.cross_entropy(model(x), y).backward()
+    good = {p: p.grad.clone() for p in model.parameters()}
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.step()                                               # step 1 fails
+    monkeypatch.setattr(opt._record, "visible_failure", lambda: False)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(GSGDStepError, match=r"layer '0': pivot 0 would change by the ratio .* "
-                                            r"lower the learning rate .* Nothing was updated"):
-        opt.step()
+    for p in model.parameters():
+        p.grad = good[p].clone()
+    opt.step()                                               # steps 2, 3: good gradients,
+    opt.step()                                               # but written only after a raise
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p.detach(), b)
+    with pytest.raises(GSGDStepError, match=r"step 1 failed in layer '0': its gradient is not "
+                                            r"finite; .* Nothing was updated by it or by the 2 "
+                                            r"step\(s\) after it") as info:
+        opt.check_steps()
+    assert (info.value.step, info.value.steps_after) == (1, 2)
+    opt.step()                                               # and then steps write again
+    assert not torch.equal(model[0].weight.detach(), before[0])
 
 
-def test_non_finite_gradient_raises_naming_the_layer():
+def test_a_failure_is_raised_by_the_next_step_on_the_cpu():
     model = mlp([3, 4, 4, 2], bias=False)
     opt = GSGD(model, lr=0.1)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    model[4].weight.grad[1, 2] = float("nan")
-    with pytest.raises(GSGDStepError, match="layer '4': its gradient is not finite"):
+    model[2].weight.grad[0, 1] = float("inf")
+    opt.step()
+    with pytest.raises(GSGDStepError, match="step 1 failed in layer '2'"):
         opt.step()
 
 
@@ -292,19 +402,18 @@ def test_cuda_step_matches_cpu():
     torch.testing.assert_close(out_gpu[-1].cpu(), out_cpu[-1], rtol=0, atol=1e-9)
 
 
-def test_overflowing_update_raises_and_writes_nothing():
+@STRICT_OR_DEFERRED
+@pytest.mark.usefixtures("step_path")
+def test_overflowing_update_raises_and_writes_nothing(strict):
     model = mlp([3, 4, 4, 2], bias=False, dtype=torch.float32)
-    opt = GSGD(model, lr=1e10)
+    opt = GSGD(model, lr=1e10, strict=strict)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     model[0].weight.grad[1, 2] = 1e30      # a non-pivot entry of the pivot layer
-    before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(GSGDStepError, match="layer '0': the update is not finite"):
-        opt.step()
-    for p, b in zip(model.parameters(), before):
-        assert torch.equal(p.detach(), b)
+    _expect_step_error(opt, model, "layer '0': the update is not finite", strict)
 
 
+@pytest.mark.usefixtures("step_path")
 def test_block_with_a_frozen_layer_is_left_to_plain_sgd():
     model = mlp([3, 4, 4, 2], bias=True)
     model[0].weight.requires_grad_(False)

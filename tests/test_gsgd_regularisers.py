@@ -31,6 +31,7 @@ def _assert_same(model, net, atol=1e-10):
             torch.testing.assert_close(layer.bias.detach(), b, rtol=0, atol=atol)
 
 
+@pytest.mark.usefixtures("step_path")
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("widths", PROFILES, ids=str)
 def test_momentum_matches_dense_v_space_heavy_ball_over_several_steps(widths, bias):
@@ -45,6 +46,7 @@ def test_momentum_matches_dense_v_space_heavy_ball_over_several_steps(widths, bi
         _assert_same(model, net)
 
 
+@pytest.mark.usefixtures("step_path")
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_momentum_branch_reduces_to_the_plain_step_as_mu_goes_to_zero(bias):
     model, x, y = _setup([3, 2, 4, 6, 2], bias)
@@ -61,6 +63,7 @@ def test_momentum_branch_reduces_to_the_plain_step_as_mu_goes_to_zero(bias):
     assert "momentum_buffer" in opt.state[linears(model)[0].weight]
 
 
+@pytest.mark.usefixtures("step_path")
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_weight_decay_and_bpr_match_the_reference(bias, momentum):
@@ -97,6 +100,7 @@ def test_bpr_gradient_equals_autograd_of_the_regulariser_in_path_values(bias):
     assert any(float(p.grad.abs().max()) > 1e-3 for p in twin.parameters())
 
 
+@pytest.mark.usefixtures("step_path")
 def test_weight_decay_equals_adding_wd_times_w_to_the_gradient():
     model, x, y = _setup([3, 4, 4, 2], True, seed=7)
     twin = copy.deepcopy(model)
@@ -111,6 +115,7 @@ def test_weight_decay_equals_adding_wd_times_w_to_the_gradient():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.usefixtures("step_path")
 def test_momentum_buffers_survive_a_state_dict_round_trip():
     model, x, y = _setup([3, 4, 4, 2], True, seed=8)
     opt = GSGD(model, lr=0.05, momentum=0.9)
@@ -134,6 +139,7 @@ def test_momentum_buffers_survive_a_state_dict_round_trip():
         assert torch.equal(a, b)
 
 
+@pytest.mark.usefixtures("step_path")
 def test_outside_parameters_follow_torch_sgd_with_momentum_and_weight_decay():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()

@@ -61,6 +61,7 @@ def test_fast_skeleton_matches_reference_skeleton(name, widths):
     assert skeleton.num_hidden == len(basis.free)
 
 
+@pytest.mark.usefixtures("step_path")
 @pytest.mark.parametrize("lr", [0.05, 0.7])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("name,widths", PROFILES, ids=[n for n, _ in PROFILES])

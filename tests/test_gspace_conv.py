@@ -79,6 +79,7 @@ def test_theorem_3_4_on_the_channel_graph(name, kwargs):
         basis.free)
 
 
+@pytest.mark.usefixtures("step_path")
 @pytest.mark.parametrize("name,kwargs", CONV_CASES, ids=[n for n, _ in CONV_CASES])
 def test_conv_step_equals_brute_force(name, kwargs):
     gen = torch.Generator().manual_seed(len(name))
@@ -114,6 +115,7 @@ def _rescale_chains(model, generator, discovery):
                 w.div_(c[None, :, None])
 
 
+@pytest.mark.usefixtures("step_path")
 @pytest.mark.parametrize("arch", ["plain", "resnet"])
 def test_invariance_on_bn_free_paper_models_at_reduced_width(arch):
     torch.manual_seed(0)
@@ -167,6 +169,7 @@ def test_discovery_on_paper_models():
     assert find_chain_blocks(PlainNet(bn=True), bn="split").blocks == []
 
 
+@pytest.mark.usefixtures("step_path")
 @pytest.mark.parametrize("mode", ["approx", "approx_per_tap"])
 def test_bn_approximation_multiplies_gradients_by_filter_norm(mode):
     torch.manual_seed(0)
@@ -195,6 +198,7 @@ def test_bn_approximation_multiplies_gradients_by_filter_norm(mode):
         torch.testing.assert_close(got.weight, want.weight, rtol=0, atol=1e-12)
 
 
+@pytest.mark.usefixtures("step_path")
 def test_block_split_by_stage():
     model = PlainNet(3, 10, blocks=[3, 3], widths=[4, 8], bn=False)
     opt = GSGD(model, lr=0.1, block_split="stage")
@@ -206,6 +210,7 @@ def test_block_split_by_stage():
         assert {id(p) for p in layer.parameters()} <= plain
 
 
+@pytest.mark.usefixtures("step_path")
 def test_rescale_init_keeps_the_function_and_sets_free_weights_to_unit():
     torch.manual_seed(0)
     model = PlainNet(3, 5, blocks=[2, 1], widths=[3, 4], bn=False).double()
