@@ -514,11 +514,30 @@ def test_zero_kappa_with_zero_gradient_is_a_zero_step():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_zero_kappa_with_a_non_zero_gradient_raises_and_writes_nothing():
+def _raises_at_once_or_later(opt, model, strict, error=PathSGDStepError, match=None):
+    """strict: the failing step raises; else it writes nothing and check_steps() raises."""
+    before = [p.detach().clone() for p in model.parameters()]
+    if strict:
+        with pytest.raises(error, match=match) as info:
+            opt.step()
+    else:
+        opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        with pytest.raises(error, match=match) as info:
+            opt.check_steps()
+    assert (info.value.step, info.value.steps_after) == (1, 0)
+    return info
+
+
+STRICT_OR_DEFERRED = pytest.mark.parametrize("strict", [True, False], ids=["strict", "deferred"])
+
+
+@STRICT_OR_DEFERRED
+def test_zero_kappa_with_a_non_zero_gradient_raises_and_writes_nothing(strict):
     model = randomise(mlp([3, 4, 2], bias=False), seed=12)
     with torch.no_grad():
         model[2].weight.zero_()
-    opt = PathSGD(model, lr=0.1)
+    opt = PathSGD(model, lr=0.1, strict=strict)
     for p in model.parameters():
         p.grad = torch.ones_like(p)           # not a gradient of this model's loss
     before = [p.detach().clone() for p in model.parameters()]
@@ -526,25 +545,60 @@ def test_zero_kappa_with_a_non_zero_gradient_raises_and_writes_nothing():
            "'0.weight' (4, 3): no path with non-zero weights runs through them, so that "
            "gradient did not come from backpropagating through this model. Check what sets "
            ".grad, or pass eps > 0 to divide by kappa + eps (not exactly invariant).")
-    with pytest.raises(PathSGDStepError) as info:
-        opt.step()
+    info = _raises_at_once_or_later(opt, model, strict)
     assert str(info.value) == msg
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     PathSGD(model, lr=0.1, eps=1e-8).step()  # eps > 0: finite step
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_non_finite_gradient_raises_and_writes_nothing():
+@STRICT_OR_DEFERRED
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_gradient_raises_and_writes_nothing(bad, strict):
     model = randomise(mlp([3, 4, 2], bias=True), seed=13)
     x, y = _data((3,))
-    opt = PathSGD(model, lr=0.1)
+    opt = PathSGD(model, lr=0.1, strict=strict)
     _loss(model, x, y).backward()
-    model[2].bias.grad[0] = float("nan")
+    model[2].bias.grad[0] = bad
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(PathSGDStepError, match=r"^PathSGD: non-finite update for parameter "
-                                           r"'2\.bias' \(2,\): its gradient is not finite\."):
-        opt.step()
+    _raises_at_once_or_later(opt, model, strict, match=r"^PathSGD: non-finite update for "
+                             r"parameter '2\.bias' \(2,\): its gradient is not finite\.")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_steps_after_a_failed_one_write_nothing_until_it_is_raised(monkeypatch):
+    model = randomise(mlp([3, 4, 2], bias=True), seed=13)
+    x, y = _data((3,))
+    opt = PathSGD(model, lr=0.1, rescale="first")
+    _loss(model, x, y).backward()
+    good = [p.grad.clone() for p in model.parameters()]
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.step()                                        # fails: recorded, nothing written
+    monkeypatch.setattr(opt._record, "visible_failure", lambda: False)   # e.g. CUDA, later
+    before = [p.detach().clone() for p in model.parameters()]
+    for p, g in zip(model.parameters(), good):
+        p.grad = g.clone()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(PathSGDStepError, match=r"'0\.weight' \(4, 3\): its gradient is not "
+                                               r"finite\..*This was step 1; the 1 step\(s\) "
+                                               r"after it wrote nothing either"):
+        opt.check_steps()
+    opt.step()                                        # writes again; the frozen ratio is
+    assert not torch.equal(model[0].weight, before[0])   # that of this first good step
+    assert torch.isfinite(opt.state[model[0].weight]["rescale_ratio"])
+
+
+def test_the_step_never_reads_a_device_value():
+    # meta tensors have no values: .item()/bool() on them raise, so this step never syncs
+    with torch.device("meta"):
+        model = mlp([3, 4, 2], bias=True)
+    opt = PathSGD(model, lr=0.1, rescale="first", eps=1e-6)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    opt.step()
+    opt.step()
+    assert opt._record.device.type == "meta"
 
 
 # --------------------------------------------------------------------------------------------

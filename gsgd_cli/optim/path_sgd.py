@@ -75,8 +75,13 @@ purpose:
   off by default.
 
 Guard: if kappa + eps is exactly 0 for an entry whose update is needed, or an update is not
-finite, ``step`` raises ``PathSGDStepError`` (a ``RuntimeError``) naming the parameter before
-changing any weight; the message's first line is self-contained (for a trainer's log).
+finite, the step changes no weight and ``PathSGDStepError`` (a ``RuntimeError``) names the
+parameter; the message's first line is self-contained (for a trainer's log). The check runs on
+the device and gates the writes there, so ``step`` never waits for the device: the error is
+raised by ``check_steps()`` (a trainer calls it where it synchronises anyway) or by a later
+``step`` (at once on the CPU), and the steps in between write nothing either
+(``gsgd_cli.optim.step_record``). ``strict=True`` waits for the check in every step and raises
+at once.
 
 Not supported: momentum and weight decay (Path-SGD's paper has neither for this baseline),
 several param groups (all parameters of the model are one group, in ``model.parameters()``
@@ -94,6 +99,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .step_record import StepRecord
+
 __all__ = ["PathSGD", "PathSGDStepError", "needs_input_shape"]
 
 # Keys in the optimizer's param group / state (kept here: the project has no shared key module yet).
@@ -105,7 +112,14 @@ _RESCALE_CHOICES = (None, "first", "every")
 
 
 class PathSGDStepError(RuntimeError):
-    """A Path-SGD step that would divide 0/0 or write non-finite weights; nothing was written."""
+    """A Path-SGD step that would divide 0/0 or write non-finite weights; nothing was written.
+    `step` is the number of the failed `step()` call (1 = the first), `steps_after` the number of
+    calls after it before the error was raised (they wrote nothing either)."""
+
+    def __init__(self, message: str, step: int | None = None, steps_after: int = 0):
+        super().__init__(message)
+        self.step = step
+        self.steps_after = steps_after
 
 
 _PARAM_LAYERS = (nn.Linear, nn.Conv2d)
@@ -421,10 +435,13 @@ class PathSGD(torch.optim.Optimizer):
             every step (a consistent version of the published code's ratio; not invariant).
         eps: added to kappa before dividing (default 0.0; > 0 breaks the exact invariance).
         input_shape: the input's shape without the batch dimension; required for conv nets.
+        strict: ``False`` (default): the guard runs on the device and a failed step is raised
+            later (``check_steps()`` or the next ``step``); ``True``: every step waits for it.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, rescale: Optional[str] = None,
-                 eps: float = 0.0, input_shape: Optional[Sequence[int]] = None):
+                 eps: float = 0.0, input_shape: Optional[Sequence[int]] = None,
+                 strict: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}. Must be a torch.nn.Module "
                             "(PathSGD takes the model, not its parameters).")
@@ -432,6 +449,10 @@ class PathSGD(torch.optim.Optimizer):
         eps = _check_number("eps", eps)
         if not (rescale is None or (isinstance(rescale, str) and rescale in _RESCALE_CHOICES)):
             raise ValueError(f"Invalid rescale={rescale!r}. Must be None, 'first' or 'every'.")
+        if strict not in (True, False):
+            raise ValueError(f"Invalid strict={strict!r}. Must be True or False.")
+        self.strict = strict
+        self._record: Optional[StepRecord] = None
         if input_shape is not None:
             if (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence)
                     or len(input_shape) == 0
@@ -543,6 +564,9 @@ class PathSGD(torch.optim.Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         params = group["params"]
+        record = self._record_on(params[0].device)
+        if record.visible_failure():
+            raise self._step_error()
         lr, eps, rescale = group[LR], group[EPS], group[RESCALE]
         idx = [i for i, p in enumerate(params) if p.grad is not None]
         if not idx:
@@ -568,44 +592,82 @@ class PathSGD(torch.optim.Optimizer):
             # A zero kappa with a non-zero gradient cannot come from backprop: it is an error.
             updates = [g / torch.where(k == 0, torch.ones_like(k), k)
                        for g, k in zip(grads, kappas)]
-            # One device sync for the guard.
-            bad = torch.stack([((k == 0) & (g != 0)).any() | ~torch.isfinite(u).all()
-                               for k, g, u in zip(kappas, grads, updates)])
-            if bool(bad.any()):
-                self._raise_guard(idx, kappas, updates, grads)
+            # the guard on the device: per parameter (zero kappa with a gradient, update not
+            # finite, gradient not finite); the writes are gated by it
+            zero = torch.stack([((k == 0) & (g != 0)).sum() for k, g in zip(kappas, grads)])
+            bad_update = ~torch.isfinite(torch.stack(torch._foreach_norm(updates, float("inf"))))
+            bad_grad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
+            flags = torch.stack([zero.to(torch.float64), bad_update.to(torch.float64),
+                                 bad_grad.to(torch.float64)], dim=1)
+            if len(idx) == len(params):
+                diag = flags.reshape(-1)
+            else:
+                diag = flags.new_zeros(len(params), 3)
+                diag[torch.tensor(idx, device=flags.device)] = flags
+                diag = diag.reshape(-1)
+            ok = ((zero == 0).all() & ~bad_update.any())[None]
+            gate = record.update(ok, diag)
+            if self.strict:
+                self.check_steps()
+                gate = None
+            else:
+                updates = [torch.where(gate, u, 0.0) for u in updates]
             if rescale is not None:
-                ratio = self._rescale_ratio(rescale, grads, updates, params[0])
+                ratio = self._rescale_ratio(rescale, grads, updates, params[0], gate)
                 torch._foreach_mul_(updates, ratio)
             torch._foreach_add_(ps, updates, alpha=-lr)
+        if not self.strict:
+            record.publish()
         return loss
 
-    def _rescale_ratio(self, rescale, grads, updates, first_param) -> torch.Tensor:
+    def check_steps(self) -> None:
+        """Raise ``PathSGDStepError`` if a step since the last check failed (waits for the
+        device). The failed step and the steps after it wrote nothing; once raised, the record
+        is cleared and later steps write again."""
+        if self._record is not None and self._record.failed():
+            raise self._step_error()
+
+    def _record_on(self, device: torch.device) -> StepRecord:
+        if self._record is None or self._record.device != device:
+            self._record = StepRecord(device, 3 * len(self.param_groups[0]["params"]))
+        return self._record
+
+    def _rescale_ratio(self, rescale, grads, updates, first_param, gate) -> torch.Tensor:
         state = self.state[first_param]
-        if rescale == "first" and RESCALE_RATIO in state:
-            return state[RESCALE_RATIO]
         g2 = torch.stack([torch.linalg.vector_norm(g) ** 2 for g in grads]).sum()
         u2 = torch.stack([torch.linalg.vector_norm(u) ** 2 for u in updates]).sum()
         ratio = torch.sqrt(g2 / u2)
         ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))
         if rescale == "first":
-            state[RESCALE_RATIO] = ratio
+            # frozen at the first step that wrote (NaN until then), all on the device
+            stored = state.get(RESCALE_RATIO)
+            if stored is None:
+                stored = torch.full_like(ratio, float("nan"))
+            unset = torch.isnan(stored)
+            ratio = torch.where(unset, ratio, stored)
+            state[RESCALE_RATIO] = ratio if gate is None else torch.where(gate, ratio, stored)
         return ratio
 
-    def _raise_guard(self, idx, kappas, updates, grads) -> None:
-        for i, k, u, g in zip(idx, kappas, updates, grads):
-            name, shape = self._param_names[i], tuple(k.shape)
-            n_zero = int(((k == 0) & (g != 0)).sum())
+    def _step_error(self) -> PathSGDStepError:
+        step, after, diag = self._record.take()
+        params = self.param_groups[0]["params"]
+        tail = ("" if after == 0 else
+                f" (This was step {step}; the {after} step(s) after it wrote nothing either.)")
+        for i, (name, p) in enumerate(zip(self._param_names, params)):
+            n_zero, bad_update, bad_grad = diag[3 * i:3 * i + 3]
+            shape = tuple(p.shape)
             if n_zero:
-                raise PathSGDStepError(
-                    f"PathSGD: kappa is 0 but the gradient is not for {n_zero} of {k.numel()} "
-                    f"entries of parameter '{name}' {shape}: no path with non-zero weights "
-                    "runs through them, so that gradient did not come from backpropagating "
-                    "through this model. Check what sets .grad, or pass eps > 0 to divide by "
-                    "kappa + eps (not exactly invariant).")
-            if not bool(torch.isfinite(u).all()):
-                what = ("its gradient is not finite" if not bool(torch.isfinite(g).all()) else
+                return PathSGDStepError(
+                    f"PathSGD: kappa is 0 but the gradient is not for {int(n_zero)} of "
+                    f"{p.numel()} entries of parameter '{name}' {shape}: no path with non-zero "
+                    "weights runs through them, so that gradient did not come from "
+                    "backpropagating through this model. Check what sets .grad, or pass eps > 0 "
+                    "to divide by kappa + eps (not exactly invariant)." + tail, step, after)
+            if bad_update:
+                what = ("its gradient is not finite" if bad_grad else
                         "kappa is not finite or too small (overflow/underflow)")
-                raise PathSGDStepError(
+                return PathSGDStepError(
                     f"PathSGD: non-finite update for parameter '{name}' {shape}: {what}. Lower "
                     "lr, check the loss for NaN/Inf, or train in float64; eps > 0 bounds the "
-                    "step where kappa underflows.")
+                    "step where kappa underflows." + tail, step, after)
+        return PathSGDStepError(f"PathSGD step {step} failed." + tail, step, after)
