@@ -190,3 +190,142 @@ def test_optimizer_step_errors_count_as_divergence(tmp_path, module, name):
     assert summary["status"] == "diverged"
     assert "optimizer step failed (pivot vanished)" in summary["message"]
     assert load(tmp_path / "checkpoint.pt")["iteration"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The loop waits for the device only at its sync points
+# --------------------------------------------------------------------------------------------
+class NaNAt(torch.nn.Module):
+    """Wraps a model; its output is NaN from the `at`-th training forward pass on."""
+
+    def __init__(self, model, at):
+        super().__init__()
+        self.model, self.at, self.calls = model, at, 0
+
+    def forward(self, x):
+        out = self.model(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.at:
+                out = out * float("nan")
+        return out
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "gsgd"])
+def test_a_non_finite_loss_stops_the_run_naming_its_iteration(tmp_path, optimizer):
+    from gsgd_cli.optim.gsgd import GSGD
+
+    trainer = make_trainer(tmp_path, iterations=30, checkpoint_every=5, eval_every=10,
+                           dtype=torch.float32)
+    if optimizer == "gsgd":
+        trainer.optimizer = GSGD(trainer.model, lr=0.01)
+    trainer.model = NaNAt(trainer.model, at=13)
+    summary = trainer.fit()
+    assert summary["status"] == "diverged" and summary["iterations"] == 12
+    assert "training diverged: loss=nan at iteration 13" in summary["message"]
+    assert "last good checkpoint" in summary["message"]
+    state = load(tmp_path / "checkpoint.pt")
+    assert state["iteration"] == 10
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["deferred", "strict"])
+def test_a_failed_gsgd_step_stops_the_run_naming_its_iteration_and_layer(tmp_path, strict):
+    from gsgd_cli.optim.gsgd import GSGD
+
+    class PoisonGrad(torch.nn.Module):
+        """Identity on the way forward; a NaN gradient on the way back from the 7th pass."""
+
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += self.training
+            return x if self.calls < 7 else _NaNGrad.apply(x)
+
+    trainer = make_trainer(tmp_path, iterations=20, checkpoint_every=5, dtype=torch.float32)
+    net = torch.nn.Sequential(trainer.model, PoisonGrad())
+    trainer.optimizer = GSGD(net, lr=0.01, strict=strict)     # (traces net: forward once)
+    trainer.model = net
+    net[1].calls = 0
+    summary = trainer.fit()
+    assert summary["status"] == "diverged" and summary["iterations"] == 6
+    assert ("optimizer step failed (G-SGD step 7 failed in layer '0.1': its gradient is not "
+            "finite") in summary["message"]
+    assert "at iteration 7 " in summary["message"]
+    assert load(tmp_path / "checkpoint.pt")["iteration"] == 5
+
+
+class _NaNGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_syncing_every_iteration_gives_the_same_run(tmp_path):
+    runs = {}
+    for every in (1, 7, 1000):
+        trainer = make_trainer(tmp_path / str(every), iterations=17, eval_every=5,
+                               sync_every=every)
+        trainer.fit()
+        runs[every] = (trainer.model.state_dict(), read_metrics(tmp_path / str(every)))
+    for every in (7, 1000):
+        for a, b in zip(runs[1][0].values(), runs[every][0].values()):
+            assert torch.equal(a, b)
+        assert runs[every][1] == [{**m, "elapsed_s": runs[every][1][k]["elapsed_s"]}
+                                  for k, m in enumerate(runs[1][1])]
+
+
+def test_the_loop_checks_only_at_its_sync_points(tmp_path, monkeypatch):
+    from gsgd_cli.optim.gsgd import GSGD
+    from gsgd_cli.train.step import RunningSums
+
+    trainer = make_trainer(tmp_path, iterations=30, eval_every=10, checkpoint_every=15,
+                           sync_every=1000)
+    trainer.optimizer = GSGD(trainer.model, lr=0.01)
+    checks, takes = [], []
+    original_check, original_take = trainer.optimizer.check_steps, RunningSums.take
+    monkeypatch.setattr(trainer.optimizer, "check_steps",
+                        lambda: (checks.append(trainer.iteration), original_check())[1])
+    monkeypatch.setattr(RunningSums, "take",
+                        lambda self: (takes.append(trainer.iteration), original_take(self))[1])
+    assert trainer.fit()["status"] == "completed"
+    assert checks == takes == [10, 15, 20, 30]
+
+
+def test_cuda_graphs_need_a_cuda_device(tmp_path):
+    trainer = make_trainer(tmp_path, cuda_graphs=True)
+    with pytest.raises(UserError, match="train.cuda_graphs=true needs a CUDA device"):
+        trainer.fit()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("optimizer", ["sgd", "gsgd", "path_sgd"])
+def test_cuda_graph_training_follows_the_eager_run(tmp_path, optimizer):
+    from gsgd_cli.optim.gsgd import GSGD
+    from gsgd_cli.optim.path_sgd import PathSGD
+
+    results = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        data = load_data({**SYNTH, "augment": True}, "cuda")
+        net = MLP(3 * 8 * 8, 4, width=16).cuda()
+        opt = {"sgd": lambda: make_sgd(net, lr=0.05, momentum=0.9),
+               "gsgd": lambda: GSGD(net, lr=0.05, momentum=0.9),
+               "path_sgd": lambda: PathSGD(net, lr=0.05)}[optimizer]()
+        settings = TrainSettings(iterations=40, batch_size=16, progress=False, tensorboard=False,
+                                 eval_every=10, cuda_graphs=graphs)
+        trainer = Trainer(net, opt, data, tmp_path / str(graphs), settings,
+                          Schedule("multistep", "iteration", (20,), 0.5), log=lambda m: None)
+        assert trainer.fit()["status"] == "completed"
+        results[graphs] = (net.state_dict(), read_metrics(tmp_path / str(graphs)))
+    for a, b in zip(results[False][0].values(), results[True][0].values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[False][1], results[True][1]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)

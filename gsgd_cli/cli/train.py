@@ -83,6 +83,12 @@ def set_cpu_threads(value: Any, device: torch.device, num_parameters: int) -> No
     torch.set_num_threads(value)
 
 
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"Invalid {name}={value!r}. Must be true or false.")
+    return value
+
+
 def settings_from_cfg(cfg: DictConfig, progress: bool | None) -> TrainSettings:
     t = cfg.train
     if cfg.dtype not in DTYPES:
@@ -90,7 +96,9 @@ def settings_from_cfg(cfg: DictConfig, progress: bool | None) -> TrainSettings:
     return TrainSettings(epochs=t.epochs, iterations=t.iterations, batch_size=t.batch_size,
                          eval_every=t.eval_every, eval_batch_size=t.eval_batch_size,
                          checkpoint_every=t.checkpoint_every, seed=cfg.seed, progress=progress,
-                         tensorboard=bool(t.tensorboard), dtype=DTYPES[cfg.dtype])
+                         tensorboard=bool(t.tensorboard), dtype=DTYPES[cfg.dtype],
+                         sync_every=t.get("sync_every", 1000),
+                         cuda_graphs=_flag("train.cuda_graphs", t.get("cuda_graphs", False)))
 
 
 def schedule_from_cfg(cfg: DictConfig) -> Schedule:

@@ -76,16 +76,22 @@ class DeviceData:
         return (x - self.mean.to(dtype)) / self.std.to(dtype)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator,
                      padding: int = CROP_PADDING) -> torch.Tensor:
     """Random crop after zero padding, then random horizontal flip, per sample, batched.
 
     Offsets and flips are drawn on the CPU from `generator` (a few bytes per sample) and then
-    moved to the batch's device.
+    moved to the batch's device (on CUDA from pinned memory, asynchronously: no sync).
     """
     n, c, h, w = x.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(x.device)
-    flips = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    offsets = _to_device(torch.randint(0, 2 * padding + 1, (2, n), generator=generator), x.device)
+    flips = _to_device(torch.rand(n, generator=generator) < 0.5, x.device)
     padded = F.pad(x, (padding, padding, padding, padding))
     rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]

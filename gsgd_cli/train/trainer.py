@@ -18,6 +18,14 @@ Writes into `run_dir`:
 Reproducibility: all data-order and augmentation randomness comes from one CPU generator
 seeded with `seed`, and every random state is in the checkpoint, so a resumed run ends with
 the same weights as an uninterrupted one (bitwise on the CPU).
+
+Waiting for the device: a training step (`step.TrainStep`) never reads a device value. The
+per-iteration loss and accuracy stay on the device (`step.RunningSums`), and the loop
+synchronises only at its sync points: evaluation, checkpoints and every `sync_every`
+iterations. There it checks every loss since the previous sync point and calls the optimizer's
+`check_steps()` (G-SGD, Path-SGD: their steps write nothing once a check failed). A non-finite
+loss or a failed step stops the run as `diverged`, naming the iteration where it happened, and
+no checkpoint is written after it. `train.cuda_graphs=true` replays the step as a CUDA graph.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from torch import nn
 from .checkpoint import load, save_atomic, write_text_atomic
 from .errors import UserError
 from .schedule import Schedule
+from .step import GraphStep, RunningSums, TrainStep
 
 if TYPE_CHECKING:
     from gsgd_cli.data.pipeline import DeviceData
@@ -79,6 +88,8 @@ class TrainSettings:
     progress: bool | None = None  # None = show a progress bar only on a terminal
     tensorboard: bool = True
     dtype: torch.dtype = torch.float32
+    sync_every: int = 1000   # iterations between device syncs at the latest (1: every iteration)
+    cuda_graphs: bool = False    # replay the training step as a CUDA graph (CUDA only)
 
     def validate(self) -> None:
         def positive(name, value, allow_none=False):
@@ -98,6 +109,7 @@ class TrainSettings:
         positive("eval_batch_size", self.eval_batch_size)
         if self.checkpoint_every not in (None, 0):
             positive("checkpoint_every", self.checkpoint_every)
+        positive("sync_every", self.sync_every)
 
 
 class Trainer:
@@ -263,6 +275,76 @@ class Trainer:
         self._reset_running()
 
     # -- the loop ----------------------------------------------------------------------------
+    def _make_step(self) -> TrainStep:
+        if not self.settings.cuda_graphs:
+            return TrainStep(self.model, self.optimizer)
+        if self.data.device.type != "cuda":
+            raise UserError(f"train.cuda_graphs=true needs a CUDA device (the data and model "
+                            f"are on {self.data.device}); set device=cuda or drop it.")
+        if self.schedule.kind == "exponential" and self.schedule.unit == "iteration":
+            raise UserError("train.cuda_graphs=true captures the learning rate in the graph "
+                            "and captures again when it changes; schedule=exponential with "
+                            "schedule.unit=iteration changes it every iteration. Use "
+                            "schedule.unit=epoch or train.cuda_graphs=false.")
+        return GraphStep(self.model, self.optimizer)
+
+    def _sync(self, running: RunningSums, bar, step_error: BaseException | None = None,
+              ) -> str | None:
+        """A sync point: fold the pending losses into the running sums and check them and the
+        optimizer's steps (or take `step_error`, raised by a step of the current iteration).
+        Returns why the run diverged, or None."""
+        start = self.iteration - running.count       # iterations before the pending ones
+        losses, hits = running.take()
+        bad_loss = next((k for k, v in enumerate(losses) if not math.isfinite(v)), None)
+        cause, at = None, None
+        if bad_loss is not None:
+            cause, at = f"loss={losses[bad_loss]}", start + bad_loss + 1
+        check = getattr(self.optimizer, "check_steps", None)
+        try:
+            if step_error is not None:
+                raise step_error
+            if check is not None:
+                check()
+        except _divergence_errors() as exc:
+            step_at = self._failed_iteration(exc, self.iteration + (step_error is not None))
+            if at is None or step_at < at:
+                cause = f"optimizer step failed ({str(exc).splitlines()[0]})"
+                at = step_at
+        if cause is not None:
+            return self._diverged(cause, at)
+        batch = self.settings.batch_size
+        for value, correct in zip(losses, hits):
+            self.loss_sum += value * batch
+            self.correct += correct
+        self.seen += batch * len(losses)
+        if losses:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        return None
+
+    def _failed_iteration(self, exc: BaseException, current: int) -> int:
+        """The iteration of a failed optimizer step: `exc.step` counts the optimizer's step()
+        calls, which began at this fit's first iteration (else: the `current` iteration)."""
+        step = getattr(exc, "step", None)
+        return current if step is None else self._fit_start + step
+
+    def _diverged(self, cause: str, iteration: int) -> str:
+        self.status = "diverged"
+        self.iteration = iteration - 1           # the last iteration that completed normally
+        kept = (f"kept the last good checkpoint {self.checkpoint_path} (iteration "
+                f"{self.checkpoint_iteration})" if self.checkpoint_iteration is not None
+                else "no checkpoint had been written yet")
+        lr = self.base_lrs[0] * self.schedule.factor(iteration - 1, self.iterations_per_epoch)
+        self.message = (f"training diverged: {cause} at iteration {iteration} (lr={lr:.4g}); "
+                        f"stopped and {kept}. Try a smaller learning rate.")
+        return self.message
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the data's device without waiting for it (pinned, asynchronous)."""
+        device = self.data.device
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
+
     def fit(self, resume: bool = False) -> dict[str, Any]:
         s = self.settings
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -282,18 +364,20 @@ class Trainer:
 
         bar = tqdm(total=self.total, initial=self.iteration, disable=not show, leave=False,
                    dynamic_ncols=True, unit="it")
-        data, model, ipe = self.data, self.model, self.iterations_per_epoch
-        device = data.device
-        model.train()
+        data, ipe = self.data, self.iterations_per_epoch
+        self.model.train()
         perm_device = None
+        self._fit_start = self.iteration
+        running = RunningSums(min(s.sync_every, self.total), data.device)
         try:
+            train_step = self._make_step()
             while self.iteration < self.total:
                 position = self.iteration % ipe
                 if position == 0 or self.perm is None:
                     self.perm = torch.randperm(len(data.train_y), generator=self.generator)
                     perm_device = None
                 if perm_device is None:
-                    perm_device = self.perm.to(device)
+                    perm_device = self._to_device(self.perm)
                 idx = perm_device[position * s.batch_size:(position + 1) * s.batch_size]
                 x = data.inputs(data.train_x[idx], train=True, generator=self.generator,
                                 dtype=s.dtype)
@@ -301,42 +385,23 @@ class Trainer:
                 factor = self.schedule.factor(self.iteration, ipe)
                 for group, base in zip(self.optimizer.param_groups, self.base_lrs):
                     group["lr"] = base * factor
-                self.optimizer.zero_grad(set_to_none=True)
-                out = model(x)
-                loss = F.cross_entropy(out, y)
-                loss.backward()
-                hits = (out.detach().argmax(1) == y).sum()
-                # one device sync per step for both numbers
-                loss_value, correct = torch.stack([loss.detach().double(), hits.double()]).tolist()
-                step_error = None
-                if math.isfinite(loss_value):
-                    try:
-                        self.optimizer.step()
-                    except _divergence_errors() as exc:
-                        step_error = str(exc).splitlines()[0]
-                checkpoint_due = bool(s.checkpoint_every) and (
-                    (self.iteration + 1) % s.checkpoint_every == 0) or self.iteration + 1 == self.total
-                if not step_error and checkpoint_due and not self._weights_finite():
-                    step_error = "the step left non-finite weights"
-                if not math.isfinite(loss_value) or step_error:
-                    self.status = "diverged"
-                    kept = (f"kept the last good checkpoint {self.checkpoint_path} (iteration "
-                            f"{self.checkpoint_iteration})" if self.checkpoint_iteration is not None
-                            else "no checkpoint had been written yet")
-                    cause = f"optimizer step failed ({step_error})" if step_error else f"loss={loss_value}"
-                    self.message = (f"training diverged: {cause} at iteration "
-                                    f"{self.iteration + 1} (lr={self.lr():.4g}); stopped and {kept}. "
-                                    "Try a smaller learning rate.")
+                try:
+                    running.add(*train_step(x, y))
+                except _divergence_errors() as exc:   # raised by step() itself (strict mode,
+                    self._sync(running, bar, exc)     # or an earlier failure seen on the CPU)
                     break
-                self.loss_sum += loss_value * len(y)
-                self.correct += int(correct)
-                self.seen += len(y)
                 self.iteration += 1
                 bar.update(1)
-                if self.iteration % 50 == 0:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
                 last = self.iteration == self.total
                 due = (self.iteration % s.eval_every == 0) if s.eval_every else (self.iteration % ipe == 0)
+                checkpoint_due = bool(s.checkpoint_every) and (
+                    self.iteration % s.checkpoint_every == 0) or last
+                if (due or last or checkpoint_due or running.full) and self._sync(running, bar):
+                    break
+                if checkpoint_due and not self._weights_finite():
+                    self._diverged("optimizer step failed (the step left non-finite weights)",
+                                   self.iteration)
+                    break
                 if due or last:
                     self._record(writer)
                 if checkpoint_due:
