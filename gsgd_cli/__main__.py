@@ -11,6 +11,14 @@ import importlib
 import os
 import sys
 
+# OpenMP threads that wait for work sleep instead of spinning. libgomp reads this once, when
+# torch is first imported, so it is set here, before any command imports torch (a user's own
+# value wins). With spinning, a second process on the same cores (another job of a joblib
+# sweep, another user) slows every step of both; measured on 2 shared cores, a loop of short
+# parallel ops with pauses: 89% of a core burnt and 1.49 s wall unset, 41% and 0.36 s with
+# PASSIVE (README, "Threads").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "train": ("gsgd_cli.cli.train", "train a model (Hydra app: overrides, -m multirun, --cfg job)"),

@@ -1,34 +1,58 @@
 #!/usr/bin/env python
-"""Time torch.optim.SGD against GSGD (and Path-SGD) in the same run, and print the ratios.
+"""Time SGD, G-SGD (fast and eager) and Path-SGD in the same run, and print ratios to SGD.
 
-    python scripts/bench_step.py                 # MLPs, batch 64, on cuda if present else cpu
-    python scripts/bench_step.py --suite paper --batch 128 --optimizers sgd,gsgd,path_sgd
-    python scripts/bench_step.py --suite paper --width 0.25 --rounds 3 --iters 2  # CPU-sized
+    python scripts/bench_step.py                          # MLPs, batch 64, cuda if present
+    python scripts/bench_step.py --suite paper            # Plain-34/ResNet-34, batch 128
+    python scripts/bench_step.py --suite all --json out.json
+    python scripts/bench_step.py --e2e                    # `gsgd train` (1 epoch): G-SGD vs SGD
 
-For every model it measures, on the same device and with the same batch:
-* the iteration: zero_grad + forward + backward + step, per optimizer;
-* the step alone: `optimizer.step()` on fixed gradients.
-Each figure is the median over `--rounds` rounds of the mean over `--iters` calls; the rounds of
-the optimizers are interleaved so that background load hits them alike. Only the ratios
-against SGD are meant to be compared across machines. The learning rate is 1e-12 so that the
-weights hardly move while timing (the time of a step does not depend on it), and G-SGD uses
-its default skeleton_init="one".
+Figures, for every model and optimizer, on the same device and batch:
+* iteration: zero_grad + forward + backward + step (with `--graphs` on CUDA also as one
+  replayed CUDA graph, `gsgd_cli.train.step.GraphStep`);
+* step: `optimizer.step()` alone, on fixed gradients.
+Each figure is the mean over `--iters` calls, measured in `--rounds` rounds; the table gives
+min / median / max over the rounds. The optimizers' rounds are interleaved (round r of every
+optimizer, then round r + 1), so background load hits them alike, and each ratio to SGD is the
+median over the rounds of (time / SGD's time in the same round). Only ratios compare across
+machines. The learning rate is 1e-12, so the weights hardly move while timing (a step's time
+does not depend on it); G-SGD uses its default skeleton_init="one".
+
+`--e2e` runs the default `gsgd train` for one epoch (`train.epochs=1`; MLP [49:64:64:10] on
+Fashion-MNIST 7x7) with G-SGD and with SGD, alternating, `--e2e-rounds` times, and reports the
+wall time of the whole command and the training loop's own time (summary.json `wall_time_s`),
+with their ratios. `--e2e-args` adds overrides (e.g. synthetic data where Fashion-MNIST is
+missing).
+
+OpenMP threads are told to sleep while they wait (`OMP_WAIT_POLICY=PASSIVE`, set here before
+torch is imported unless already set); `--threads` sets torch's thread count.
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-from dataclasses import dataclass
-from typing import Callable
+import os
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads libgomp
 
-from gsgd_cli.models import MLP, PlainNet, ResNet
-from gsgd_cli.optim.gsgd import GSGD
-from gsgd_cli.optim.path_sgd import PathSGD
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from gsgd_cli.models import MLP, PlainNet, ResNet  # noqa: E402
+from gsgd_cli.optim.gsgd import GSGD  # noqa: E402
+from gsgd_cli.optim.path_sgd import PathSGD  # noqa: E402
+
+LR = 1e-12
 
 
 @dataclass
@@ -37,17 +61,21 @@ class Case:
     build: Callable[[], nn.Module]
     in_shape: tuple[int, ...]
     classes: int
+    batch: int
+    slow: bool = False      # CPU-heavy: fewer rounds by default
 
 
-MLP_CASES = [
-    Case("MLP [49:64:64:10]", lambda: MLP(49, 10, width=64, depth=2), (49,), 10),
-    Case("MLP [49:1024:1024:10]", lambda: MLP(49, 10, width=1024, depth=2), (49,), 10),
-    Case("MLP [784:1024:1024:1024:10]", lambda: MLP(784, 10, width=1024, depth=3), (784,), 10),
-]
+def mlp_cases(batch: int) -> list[Case]:
+    return [
+        Case("MLP [49:64:64:10]", lambda: MLP(49, 10, width=64, depth=2), (49,), 10, batch),
+        Case("MLP [49:1024:1024:10]", lambda: MLP(49, 10, width=1024, depth=2), (49,), 10, batch),
+        Case("MLP [784:1024x3:10]", lambda: MLP(784, 10, width=1024, depth=3), (784,), 10, batch),
+    ]
 
-def paper_cases(width: float) -> list[Case]:
+
+def paper_cases(width: float, batch: int) -> list[Case]:
     """Plain-34 and ResNet-34 (CIFAR form), with and without batch norm; `width` scales the
-    channels (1.0 = the paper's 64/128/256/512)."""
+    channels (1 = the paper's 64/128/256/512)."""
     widths = [max(1, round(w * width)) for w in (64, 128, 256, 512)]
     tag = "" if width == 1 else f" x{width:g} width"
     cases = []
@@ -55,19 +83,18 @@ def paper_cases(width: float) -> list[Case]:
         for bn in (True, False):
             cases.append(Case(f"{name}{' BN' if bn else ''}{tag}",
                               lambda cls=cls, bn=bn: cls(3, 10, widths=widths, bn=bn),
-                              (3, 32, 32), 10))
+                              (3, 32, 32), 10, batch, slow=True))
     return cases
 
 
-OPTIMIZERS: dict[str, Callable[[nn.Module, float, tuple], torch.optim.Optimizer]] = {
-    "sgd": lambda model, lr, shape: torch.optim.SGD(model.parameters(), lr=lr),
-    "gsgd": lambda model, lr, shape: GSGD(model, lr=lr),
-    "gsgd_eager": lambda model, lr, shape: GSGD(model, lr=lr, fused=False),
-    "path_sgd": lambda model, lr, shape: PathSGD(model, lr=lr, input_shape=shape),
+OPTIMIZERS: dict[str, Callable[[nn.Module, tuple], torch.optim.Optimizer]] = {
+    "sgd": lambda model, shape: torch.optim.SGD(model.parameters(), lr=LR),
+    "gsgd": lambda model, shape: GSGD(model, lr=LR),
+    "gsgd_eager": lambda model, shape: GSGD(model, lr=LR, fused=False),
+    "path_sgd": lambda model, shape: PathSGD(model, lr=LR, input_shape=shape),
 }
-
-
-LR = 1e-12
+LABELS = {"sgd": "SGD", "gsgd": "G-SGD (fast)", "gsgd_eager": "G-SGD (eager)",
+          "path_sgd": "Path-SGD"}
 
 
 def _sync(device: torch.device) -> None:
@@ -84,19 +111,27 @@ def _mean_time(fn: Callable[[], None], iters: int, device: torch.device) -> floa
     return (time.perf_counter() - start) / iters
 
 
-def bench_case(case: Case, optimizers: list[str], batch: int, rounds: int, iters: int,
-               device: torch.device) -> dict[str, tuple[float, float]]:
+def _stats(times: list[float], base: list[float]) -> dict:
+    ms = sorted(t * 1e3 for t in times)
+    return {"min": ms[0], "median": statistics.median(ms), "max": ms[-1],
+            "ratio": statistics.median(t / b for t, b in zip(times, base))}
+
+
+def bench_case(case: Case, optimizers: list[str], rounds: int, iters: int,
+               device: torch.device, graphs: bool) -> tuple[dict, list[str]]:
     torch.manual_seed(0)
-    x = torch.randn(batch, *case.in_shape, device=device)
-    y = torch.randint(0, case.classes, (batch,), device=device)
-    setups = {}
+    x = torch.randn(case.batch, *case.in_shape, device=device)
+    y = torch.randint(0, case.classes, (case.batch,), device=device)
+    notes, setups = [], {}
     for name in optimizers:
         torch.manual_seed(0)
         model = case.build().to(device)
         try:
-            opt = OPTIMIZERS[name](model, LR, case.in_shape)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt = OPTIMIZERS[name](model, case.in_shape)
         except ValueError as exc:          # e.g. Path-SGD refuses batch norm
-            print(f"  ({case.name}: {name} skipped: {str(exc).splitlines()[0][:90]})")
+            notes.append(f"{LABELS[name]} on {case.name}: {str(exc).splitlines()[0][:100]}")
             continue
 
         def iteration(model=model, opt=opt):
@@ -104,65 +139,174 @@ def bench_case(case: Case, optimizers: list[str], batch: int, rounds: int, iters
             F.cross_entropy(model(x), y).backward()
             opt.step()
 
-        def step(model=model, opt=opt):
-            opt.step()
+        setups[name] = {"model": model, "opt": opt, "iteration": iteration}
+        if graphs:
+            from gsgd_cli.train.step import GraphStep
 
-        setups[name] = (model, opt, iteration, step)
-    for name, (model, opt, iteration, _) in setups.items():   # warm up
-        for _ in range(3):
-            iteration()
+            g_model = case.build().to(device)
+            g_opt = OPTIMIZERS[name](g_model, case.in_shape)
+            g_step = GraphStep(g_model, g_opt)
+            setups[name + "+graphs"] = {"model": g_model, "opt": g_opt,
+                                        "iteration": lambda s=g_step: s(x, y)}
+    for setup in setups.values():          # warm up (and build the fused kernel, capture)
+        for _ in range(5):
+            setup["iteration"]()
+    _sync(device)
     iter_times = {name: [] for name in setups}
-    step_times = {name: [] for name in setups}
     for _ in range(rounds):
-        for name, (_, _, iteration, _) in setups.items():
-            iter_times[name].append(_mean_time(iteration, iters, device))
-    for name, (model, opt, _, step) in setups.items():   # fixed gradients for the step timing
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        for name, setup in setups.items():
+            iter_times[name].append(_mean_time(setup["iteration"], iters, device))
+    step_times = {name: [] for name in setups if not name.endswith("+graphs")}
+    for name in step_times:                # fixed gradients for the step timing
+        setup = setups[name]
+        setup["opt"].zero_grad(set_to_none=True)
+        F.cross_entropy(setup["model"](x), y).backward()
     for _ in range(rounds):
-        for name, (_, _, _, step) in setups.items():
-            step_times[name].append(_mean_time(step, iters, device))
-    return {name: (statistics.median(iter_times[name]), statistics.median(step_times[name]))
-            for name in setups}
+        for name in step_times:
+            step_times[name].append(_mean_time(setups[name]["opt"].step, iters, device))
+    for setup in setups.values():          # nothing failed while timing
+        check = getattr(setup["opt"], "check_steps", None)
+        if check is not None:
+            check()
+    results = {}
+    for name in setups:
+        base = "sgd+graphs" if name.endswith("+graphs") else "sgd"
+        results[name] = {"iteration_ms": _stats(iter_times[name], iter_times[base])}
+        if name in step_times:
+            results[name]["step_ms"] = _stats(step_times[name], step_times["sgd"])
+    return results, notes
+
+
+def _cell(stats: dict | None) -> str:
+    if stats is None:
+        return "-"
+    return f"{stats['min']:.3f} / {stats['median']:.3f} / {stats['max']:.3f}"
+
+
+def _ratio(stats: dict | None, name: str) -> str:
+    if stats is None or name in ("sgd", "sgd+graphs"):
+        return "1" if stats is not None else "-"
+    return f"{stats['ratio']:.2f}x"
+
+
+def device_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}"
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def run_steps(args, device: torch.device) -> list[dict]:
+    batch_mlp = args.batch or 64
+    batch_paper = args.batch or 128
+    width = args.width if args.width is not None else (1.0 if device.type == "cuda" else 0.25)
+    cases = []
+    if args.suite in ("mlp", "all"):
+        cases += mlp_cases(batch_mlp)
+    if args.suite in ("paper", "all"):
+        cases += paper_cases(width, batch_paper)
+    optimizers = args.optimizers.split(",")
+    print(f"`python scripts/bench_step.py {' '.join(sys.argv[1:])}` on {device_line(device)}, "
+          f"torch {torch.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+          "times in ms as min / median / max over the rounds; ratio = median over the rounds "
+          "of time / SGD's time in the same round\n")
+    print("| model | batch | optimizer | iteration ms | iteration / SGD | step ms | step / SGD |")
+    print("|---|---|---|---|---|---|---|")
+    records, notes = [], []
+    for case in cases:
+        slow = case.slow and device.type == "cpu"
+        rounds = args.rounds or (3 if slow else 7)
+        iters = args.iters or (2 if slow else 20)
+        results, case_notes = bench_case(case, optimizers, rounds, iters, device,
+                                         args.graphs and device.type == "cuda")
+        notes += case_notes
+        for name, r in results.items():
+            label = LABELS[name.split("+")[0]] + (" + CUDA graph" if "+graphs" in name else "")
+            step = r.get("step_ms")
+            print(f"| {case.name} | {case.batch} | {label} | {_cell(r['iteration_ms'])} | "
+                  f"{_ratio(r['iteration_ms'], name)} | {_cell(step)} | {_ratio(step, name)} |",
+                  flush=True)
+            records.append({"model": case.name, "batch": case.batch, "optimizer": name,
+                            "device": device_line(device), "rounds": rounds, "iters": iters,
+                            **r})
+    if notes:
+        print()
+        for note in notes:
+            print(f"* not run: {note}")
+    return records
+
+
+def run_e2e(args) -> list[dict]:
+    """The default `gsgd train` for one epoch, G-SGD and SGD alternating."""
+    extra = args.e2e_args.split() if args.e2e_args else []
+    rows = {"gsgd": [], "sgd": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.e2e_rounds):
+            for opt in ("sgd", "gsgd"):
+                run_dir = Path(tmp) / f"{opt}-{r}"
+                cmd = [sys.executable, "-m", "gsgd_cli", "train", f"optimizer={opt}",
+                       "train.epochs=1", f"hydra.run.dir={run_dir}", *extra]
+                start = time.perf_counter()
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                wall = time.perf_counter() - start
+                if done.returncode != 0:
+                    sys.exit(f"bench_step: `{' '.join(cmd)}` failed:\n{done.stderr[-2000:]}")
+                summary = json.loads((run_dir / "summary.json").read_text())
+                rows[opt].append((wall, summary["wall_time_s"]))
+    print(f"\n`python scripts/bench_step.py {' '.join(sys.argv[1:])}`: `gsgd train "
+          f"train.epochs=1 {' '.join(extra)}` (one epoch, 937 iterations with the defaults), "
+          f"{args.e2e_rounds} runs each, alternating; s as min / median / max\n")
+    print("| optimizer | command wall s | training loop s (summary wall_time_s) |")
+    print("|---|---|---|")
+    stats = {}
+    for opt in ("sgd", "gsgd"):
+        walls = [w for w, _ in rows[opt]]
+        loops = [t for _, t in rows[opt]]
+        stats[opt] = {"wall_s": _stats(walls, [w for w, _ in rows["sgd"]]),
+                      "loop_s": _stats(loops, [t for _, t in rows["sgd"]])}
+        cell = lambda s: f"{s['min'] / 1e3:.2f} / {s['median'] / 1e3:.2f} / {s['max'] / 1e3:.2f}"
+        print(f"| {LABELS[opt]} | {cell(stats[opt]['wall_s'])} | {cell(stats[opt]['loop_s'])} |")
+    print(f"| G-SGD / SGD | {stats['gsgd']['wall_s']['ratio']:.2f}x | "
+          f"{stats['gsgd']['loop_s']['ratio']:.2f}x |")
+    return [{"e2e": opt, **stats[opt]} for opt in stats]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--optimizers", default="sgd,gsgd")
-    parser.add_argument("--suite", default="mlp", choices=["mlp", "paper"],
+    parser.add_argument("--suite", default="mlp", choices=["mlp", "paper", "all", "none"],
                         help="mlp: the MLPs of the paper's 5.2; paper: Plain-34/ResNet-34")
-    parser.add_argument("--width", type=float, default=1.0,
-                        help="channel multiplier for --suite paper (1.0 = the paper's)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (default 64 for the MLPs, 128 for the paper's nets)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="default 7 (3 for the conv nets on the CPU)")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="calls per round (default 20; 2 for the conv nets on the CPU)")
+    parser.add_argument("--optimizers", default="sgd,gsgd,gsgd_eager,path_sgd")
+    parser.add_argument("--width", type=float, default=None,
+                        help="channel multiplier of the conv nets (default: 1 on CUDA, 0.25 "
+                             "on the CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--graphs", action="store_true",
+                        help="CUDA: also time each iteration as a replayed CUDA graph")
+    parser.add_argument("--e2e", action="store_true",
+                        help="also time `gsgd train train.epochs=1` with G-SGD against SGD")
+    parser.add_argument("--e2e-rounds", type=int, default=3)
+    parser.add_argument("--e2e-args", default="", help="extra overrides for --e2e")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
     optimizers = args.optimizers.split(",")
     unknown = [o for o in optimizers if o not in OPTIMIZERS]
     if unknown or optimizers[0] != "sgd":
         parser.error(f"--optimizers must start with sgd and use only {', '.join(OPTIMIZERS)}")
-    threads = torch.get_num_threads()
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{threads} CPU threads'}), "
-          f"torch {torch.__version__}, batch {args.batch}, median of {args.rounds} rounds x "
-          f"{args.iters} calls")
-    header = "| model | " + " | ".join(
-        f"{o} iter ms | {o} step ms" for o in optimizers) + " | " + " | ".join(
-        f"{o}/sgd iter | {o}/sgd step" for o in optimizers[1:]) + " |"
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    cases = MLP_CASES if args.suite == "mlp" else paper_cases(args.width)
-    for case in cases:
-        times = bench_case(case, optimizers, args.batch, args.rounds, args.iters, device)
-        base_iter, base_step = times["sgd"]
-        cells = [f"{times[o][0] * 1e3:.3f} | {times[o][1] * 1e3:.3f}" if o in times else "- | -"
-                 for o in optimizers]
-        ratios = [f"{times[o][0] / base_iter:.2f}x | {times[o][1] / base_step:.2f}x"
-                  if o in times else "- | -" for o in optimizers[1:]]
-        print(f"| {case.name} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |",
-              flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    records = run_steps(args, device) if args.suite != "none" else []
+    if args.e2e:
+        records += run_e2e(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
 
 
 if __name__ == "__main__":

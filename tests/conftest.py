@@ -70,24 +70,27 @@ def gsgd_train_inproc(tmp_path, capsys, monkeypatch):
 
 @pytest.fixture(params=["fused", "eager"])
 def step_path(request, monkeypatch):
-    """Run a G-SGD test twice: with the fused CPU kernel and with the eager reference step
-    (sets the default of `GSGD(fused=...)`), and check that the intended path was taken."""
+    """Run a G-SGD / Path-SGD test twice: with the fused CPU kernels and with the eager
+    reference steps (sets the default of `fused=`), and check that the intended path was taken
+    by every step on the CPU."""
     from gsgd_cli.optim import fused_cpu
     from gsgd_cli.optim.gsgd import GSGD
+    from gsgd_cli.optim.path_sgd import PathSGD
 
     fused = request.param == "fused"
     if fused and fused_cpu.library() is None:
         pytest.skip("the fused CPU step cannot be built here (no C++ compiler)")
-    monkeypatch.setitem(GSGD.__init__.__kwdefaults__, "fused", fused)
     used = []
-    original = GSGD._fused_step
+    for cls in (GSGD, PathSGD):
+        monkeypatch.setitem(cls.__init__.__kwdefaults__, "fused", fused)
+        original = cls._fused_step
 
-    def spy(self, *args):
-        result = original(self, *args)
-        used.append(result)
-        return result
+        def spy(self, *args, original=original):
+            result = original(self, *args)
+            if self._record.device.type == "cpu":
+                used.append(result)
+            return result
 
-    monkeypatch.setattr(GSGD, "_fused_step", spy)
+        monkeypatch.setattr(cls, "_fused_step", spy)
     yield request.param
-    if used:
-        assert any(used) == fused, f"the {request.param} step path was not taken"
+    assert all(used) if fused else not any(used), f"the {request.param} step path was not taken"

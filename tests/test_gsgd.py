@@ -280,7 +280,7 @@ def test_pivot_falling_to_zero_raises_and_writes_nothing(strict):
     F.cross_entropy(model(x), y).backward()
     # find the learning rate that sends pivot 0 exactly to zero: u' = u - lr * c, so lr = u / c
     probe = copy.deepcopy(model)
-    probe_opt = GSGD(probe, lr=1.0, skeleton_init="keep", fused=False)
+    probe_opt = GSGD(probe, lr=1.0, skeleton_init="keep")
     for p, q in zip(model.parameters(), probe.parameters()):
         q.grad = p.grad.clone()
     u = model[0].weight[0, 0].item()

@@ -17,6 +17,9 @@ from gsgd_cli.optim.path_sgd import PathSGD, PathSGDStepError, needs_input_shape
 from gsgd_helpers import Branchy, mlp
 from path_reference import brute_force_kappa, brute_force_path_norm_sq, count_paths
 
+# every test runs with the fused CPU kernel and with the tensor operations (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("step_path")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

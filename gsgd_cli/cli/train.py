@@ -72,7 +72,9 @@ def set_cpu_threads(value: Any, device: torch.device, num_parameters: int) -> No
 
     The MLPs' matrices are tiny: splitting them over threads gains nothing and is 100x slower
     when the cores are busy with other work (measured: 0.6 ms vs 80 ms per step on 2 shared
-    cores), so `auto` uses one thread for them and torch's default otherwise.
+    cores), so `auto` uses one thread for them and torch's default otherwise, which is
+    `OMP_NUM_THREADS` when set: in the jobs of `hydra/launcher=joblib`, joblib sets it to
+    cores // n_jobs, so parallel jobs divide the cores between them.
     """
     if value == "auto":
         if device.type == "cpu" and num_parameters < SMALL_MODEL:
@@ -154,6 +156,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
                    if v is not None and not k.startswith("hydra/")},
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "run_dir": str(run_dir),
+        "cpu_threads": torch.get_num_threads(),
     }
     trainer = Trainer(model, optimizer, data, run_dir, settings, schedule, extra_summary=extra)
     return trainer.fit(resume=bool(cfg.resume))

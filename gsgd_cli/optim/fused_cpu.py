@@ -1,11 +1,16 @@
-"""GSGD's fused CPU step: `native/gsgd_step.cpp`, compiled on first use and called with ctypes.
+"""Fused CPU steps of GSGD and PathSGD: `native/fused_steps.cpp`, compiled on first use and
+called with ctypes.
 
-The kernel does a whole G-SGD step (every chain block and the plain-SGD parameters outside
+The G-SGD kernel does a whole G-SGD step (every chain block and the plain-SGD parameters outside
 them) in one call: one read pass per layer for the per-node sums, the largest |dw| and the
 finiteness checks, the per-node vectors in short loops over the nodes, then, only if every
 check passed, one write pass per layer. The formulas are those of `gsgd_cli.gspace.update`
 (the readable reference); `tests/test_fused_step.py` checks the two against each other and
 against the brute-force reference.
+
+The Path-SGD kernel takes kappa (computed as before, by the squared-weight copy) and does the
+division, the guard and the update in one read and one write pass per parameter, instead of
+about ten tensor operations.
 
 Why plain C++ through ctypes and not `torch.utils.cpp_extension`: the kernel needs no torch
 headers, so it compiles in about 2 s with `c++ -O3 -fopenmp` instead of ~25 s, and needs only a
@@ -40,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("native") / "gsgd_step.cpp"
+SOURCE = Path(__file__).with_name("native") / "fused_steps.cpp"
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared"]
 NATIVE = ["-march=native"]    # the vector units torch's own kernels use (AVX2/AVX-512): ~2x
 ROLES = {"in": 0, "pivot": 1, "out": 2}
@@ -83,11 +88,11 @@ def _build(compiler: str) -> Path:
                                      version.encode(), platform.machine().encode(),
                                      _cpu_signature()]))
     directory = cache_dir()
-    target = directory / f"gsgd_step-{key.hexdigest()[:16]}.so"
+    target = directory / f"fused_steps-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".gsgd_step-", suffix=".so", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".fused_steps-", suffix=".so", dir=directory)
     os.close(fd)
     try:
         for flags in (FLAGS + NATIVE, FLAGS):   # without -march=native if the compiler refuses it
@@ -121,6 +126,11 @@ def library() -> ctypes.CDLL | None:
                     fn = getattr(lib, name)
                     fn.restype = ctypes.c_int64
                     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int]
+                for name in ("path_sgd_step_f32", "path_sgd_step_f64"):
+                    fn = getattr(lib, name)
+                    fn.restype = ctypes.c_int64
+                    fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 5
+                                   + [ctypes.c_int])
                 _library = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _failure = str(exc)
@@ -173,3 +183,25 @@ class FusedCPUStep:
         self._opts[:] = (options.lr, options.momentum, options.weight_decay, options.bpr,
                          options.min_ratio)
         return self._functions[dtype](*self._addresses, status.data_ptr(), diag.data_ptr(), torch.get_num_threads())
+
+
+class FusedPathStep:
+    """PathSGD's kernel call: `pointers` = (weight, grad or 0, kappa or 0) per parameter."""
+
+    def __init__(self, lib: ctypes.CDLL, params: list[torch.Tensor]):
+        self._functions = {torch.float32: lib.path_sgd_step_f32,
+                           torch.float64: lib.path_sgd_step_f64}
+        self._numels = (ctypes.c_int64 * len(params))(*[p.numel() for p in params])
+        self._n = len(params)
+        self._ptrs = (ctypes.c_int64 * (3 * len(params)))()
+        self._opts = (ctypes.c_double * 3)()
+
+    def __call__(self, pointers: list[int], lr: float, eps: float, rescale: str | None,
+                 ratio: torch.Tensor, status: torch.Tensor, diag: torch.Tensor,
+                 dtype: torch.dtype) -> int:
+        self._ptrs[:] = pointers
+        self._opts[:] = (lr, eps, {None: 0, "first": 1, "every": 2}[rescale])
+        return self._functions[dtype](
+            ctypes.addressof(self._numels), self._n, ctypes.addressof(self._ptrs),
+            ctypes.addressof(self._opts), ratio.data_ptr(), status.data_ptr(), diag.data_ptr(),
+            torch.get_num_threads())

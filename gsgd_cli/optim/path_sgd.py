@@ -99,6 +99,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from . import fused_cpu
 from .step_record import StepRecord
 
 __all__ = ["PathSGD", "PathSGDStepError", "needs_input_shape"]
@@ -437,11 +438,14 @@ class PathSGD(torch.optim.Optimizer):
         input_shape: the input's shape without the batch dimension; required for conv nets.
         strict: ``False`` (default): the guard runs on the device and a failed step is raised
             later (``check_steps()`` or the next ``step``); ``True``: every step waits for it.
+        fused: ``None`` (default) / ``True``: on the CPU (float32/float64), the division, the
+            guard and the update run in one kernel (``fused_cpu``: one read and one write pass
+            per parameter); ``False``: always the tensor operations of ``step``. Same result.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, rescale: Optional[str] = None,
                  eps: float = 0.0, input_shape: Optional[Sequence[int]] = None,
-                 strict: bool = False):
+                 strict: bool = False, fused: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}. Must be a torch.nn.Module "
                             "(PathSGD takes the model, not its parameters).")
@@ -451,7 +455,11 @@ class PathSGD(torch.optim.Optimizer):
             raise ValueError(f"Invalid rescale={rescale!r}. Must be None, 'first' or 'every'.")
         if strict not in (True, False):
             raise ValueError(f"Invalid strict={strict!r}. Must be True or False.")
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused={fused!r}. Must be None, True or False.")
         self.strict = strict
+        self.fused = fused
+        self._native: Optional[fused_cpu.FusedPathStep] = None
         self._record: Optional[StepRecord] = None
         if input_shape is not None:
             if (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence)
@@ -582,6 +590,10 @@ class PathSGD(torch.optim.Optimizer):
                     "path; freeze it (requires_grad=False) or use another optimizer for it.")
         with torch.no_grad():
             kappa_all = self._compute_kappa()
+            if self._fused_step(params, kappa_all, record, lr, eps, rescale):
+                if self.strict:
+                    self.check_steps()
+                return loss
             ps = [params[i] for i in idx]
             grads = [params[i].grad for i in idx]
             kappas = [kappa_all[i] for i in idx]
@@ -619,6 +631,41 @@ class PathSGD(torch.optim.Optimizer):
         if not self.strict:
             record.publish()
         return loss
+
+    def _fused_step(self, params, kappas, record: StepRecord, lr, eps, rescale) -> bool:
+        """The division, guard and update in the fused CPU kernel; False when it does not
+        apply (then the tensor operations run)."""
+        if self.fused is False or record.device.type != "cpu":
+            return False
+        dtype = params[0].dtype
+        if self._native is None:
+            lib = (fused_cpu.library() if fused_cpu.FusedCPUStep.supports(list(params))
+                   else None)
+            if lib is None:
+                self.fused = False
+                return False
+            self._native = fused_cpu.FusedPathStep(lib, list(params))
+        ptrs = []
+        for p, k in zip(params, kappas):
+            g = p.grad
+            if g is None:
+                ptrs += [p.data_ptr(), 0, 0]
+                continue
+            if not (p.dtype == g.dtype == k.dtype == dtype and p.device.type == "cpu"
+                    and g.is_contiguous() and k.is_contiguous() and p.is_contiguous()):
+                return False
+            ptrs += [p.data_ptr(), g.data_ptr(), k.data_ptr()]
+        state = self.state[params[0]]
+        ratio = None
+        if rescale == "first":
+            ratio = state.get(RESCALE_RATIO)
+            if ratio is None or ratio.dtype != torch.float64 or ratio.device.type != "cpu":
+                ratio = torch.full((), float("nan"), dtype=torch.float64) if ratio is None \
+                    else ratio.detach().to("cpu", torch.float64).clone()
+                state[RESCALE_RATIO] = ratio
+        slot = ratio if ratio is not None else torch.zeros((), dtype=torch.float64)
+        self._native(ptrs, lr, eps, rescale, slot, record.status, record.diag, dtype)
+        return True
 
     def check_steps(self) -> None:
         """Raise ``PathSGDStepError`` if a step since the last check failed (waits for the
