@@ -272,7 +272,7 @@ def _gated(value, gate: Tensor | None, identity, dtype: torch.dtype):
     if gate is None:
         return value
     if not isinstance(value, Tensor):
-        value = torch.tensor(value, dtype=dtype, device=gate.device)
+        value = torch.full((), value, dtype=dtype, device=gate.device)   # no host copy
     return torch.where(gate, value, identity)
 
 

@@ -337,9 +337,12 @@ class GSGD(Optimizer):
                                 for b in plan.biases]
                 pivot_state = self.state[plan.weights[plan.skeleton.pivot_layer]]
                 old = pivot_state.get("pivot_momentum_buffer")
-                pivot_state["pivot_momentum_buffer"] = (
-                    step.pivot_buffer if gate is None or old is None
-                    else torch.where(gate, step.pivot_buffer, old))
+                if old is None:
+                    old = pivot_state["pivot_momentum_buffer"] = torch.zeros_like(
+                        step.pivot_buffer)       # = the buffer "before the first step"
+                # in place, so that a captured CUDA graph keeps updating the same tensor
+                old.copy_(step.pivot_buffer if gate is None
+                          else torch.where(gate, step.pivot_buffer, old))
             apply_chain_step(plan.skeleton, index, step, *tensors, options, buffers,
                              bias_buffers, plan.workspace, gate)
         self._sgd_outside(options, gate)
@@ -450,8 +453,8 @@ class GSGD(Optimizer):
             buffers = [self._buffer(p) for p in params]
             mu = options.momentum
             if gate is not None:
-                mu = torch.where(gate, torch.tensor(mu, dtype=params[0].dtype,
-                                                    device=gate.device), 1.0)
+                mu = torch.where(gate, torch.full((), mu, dtype=params[0].dtype,
+                                                  device=gate.device), 1.0)
             torch._foreach_mul_(buffers, mu)
             torch._foreach_add_(buffers, grads)
             grads = buffers

@@ -613,10 +613,10 @@ class PathSGD(torch.optim.Optimizer):
                                  bad_grad.to(torch.float64)], dim=1)
             if len(idx) == len(params):
                 diag = flags.reshape(-1)
-            else:
-                diag = flags.new_zeros(len(params), 3)
-                diag[torch.tensor(idx, device=flags.device)] = flags
-                diag = diag.reshape(-1)
+            else:                          # rows of zeros for the parameters without a grad
+                rows = dict(zip(idx, flags.unbind(0)))
+                zeros = flags.new_zeros(3)
+                diag = torch.cat([rows.get(i, zeros) for i in range(len(params))])
             ok = ((zero == 0).all() & ~bad_update.any())[None]
             gate = record.update(ok, diag)
             if self.strict:
