@@ -93,8 +93,7 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, tuple], torch.optim.Optimizer]] = {
     "gsgd_eager": lambda model, shape: GSGD(model, lr=LR, fused=False),
     "path_sgd": lambda model, shape: PathSGD(model, lr=LR, input_shape=shape),
 }
-LABELS = {"sgd": "SGD", "gsgd": "G-SGD (fast)", "gsgd_eager": "G-SGD (eager)",
-          "path_sgd": "Path-SGD"}
+LABELS = {"sgd": "SGD", "gsgd": "G-SGD", "gsgd_eager": "G-SGD (eager)", "path_sgd": "Path-SGD"}
 
 
 def _sync(device: torch.device) -> None:
@@ -205,10 +204,12 @@ def run_steps(args, device: torch.device) -> list[dict]:
     if args.suite in ("paper", "all"):
         cases += paper_cases(width, batch_paper)
     optimizers = args.optimizers.split(",")
+    step = ("the fused CPU kernel" if device.type == "cpu" and "gsgd" in optimizers
+            else "the eager step")
     print(f"`python scripts/bench_step.py {' '.join(sys.argv[1:])}` on {device_line(device)}, "
           f"torch {torch.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
-          "times in ms as min / median / max over the rounds; ratio = median over the rounds "
-          "of time / SGD's time in the same round\n")
+          f"G-SGD = {step}; times in ms as min / median / max over the rounds; ratio = median "
+          "over the rounds of time / SGD's time in the same round\n")
     print("| model | batch | optimizer | iteration ms | iteration / SGD | step ms | step / SGD |")
     print("|---|---|---|---|---|---|---|")
     records, notes = [], []
@@ -281,7 +282,10 @@ def main() -> None:
                         help="default 7 (3 for the conv nets on the CPU)")
     parser.add_argument("--iters", type=int, default=None,
                         help="calls per round (default 20; 2 for the conv nets on the CPU)")
-    parser.add_argument("--optimizers", default="sgd,gsgd,gsgd_eager,path_sgd")
+    parser.add_argument("--optimizers", default=None,
+                        help="default sgd,gsgd,gsgd_eager,path_sgd on the CPU (gsgd: the fused "
+                             "kernel; gsgd_eager: fused=False), sgd,gsgd,path_sgd on CUDA "
+                             "(where gsgd is the eager step)")
     parser.add_argument("--width", type=float, default=None,
                         help="channel multiplier of the conv nets (default: 1 on CUDA, 0.25 "
                              "on the CPU)")
@@ -294,14 +298,17 @@ def main() -> None:
     parser.add_argument("--e2e-args", default="", help="extra overrides for --e2e")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
-    optimizers = args.optimizers.split(",")
-    unknown = [o for o in optimizers if o not in OPTIMIZERS]
-    if unknown or optimizers[0] != "sgd":
-        parser.error(f"--optimizers must start with sgd and use only {', '.join(OPTIMIZERS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
+    if args.optimizers is None:
+        args.optimizers = ("sgd,gsgd,path_sgd" if device.type == "cuda"
+                           else "sgd,gsgd,gsgd_eager,path_sgd")
+    optimizers = args.optimizers.split(",")
+    unknown = [o for o in optimizers if o not in OPTIMIZERS]
+    if unknown or optimizers[0] != "sgd":
+        parser.error(f"--optimizers must start with sgd and use only {', '.join(OPTIMIZERS)}")
     records = run_steps(args, device) if args.suite != "none" else []
     if args.e2e:
         records += run_e2e(args)
