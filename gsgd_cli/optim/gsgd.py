@@ -15,7 +15,10 @@ blocks (`gsgd_cli.gspace.blocks`), builds the skeleton of each (`gsgd_cli.gspace
 once, and every `step()` runs the closed-form update of `gsgd_cli.gspace.update`: plain SGD
 on the values of the basis paths (the coordinates of G-space), mapped back to the weights with
 the free skeleton weights held fixed. Parameters outside every chain block take a plain SGD
-step with the same learning rate.
+step with the same learning rate. A step plans every block (nothing written), checks them all
+on the device and applies them, the writes gated by the check; on the CPU the same step runs in
+one fused kernel (`fused_cpu`). Nothing in `step()` waits for the device unless `strict=True`;
+a failed check is raised by `check_steps()` or a later `step()` (`step_record`).
 
 Symbols of the paper and their arguments: `eta_t` is `lr` (per step, so schedulers work);
 the skeleton weights' initial value 1 is `skeleton_init="one"`; `"keep"` keeps the model's
@@ -382,7 +385,16 @@ class GSGD(Optimizer):
     # -- the fused CPU step ----------------------------------------------------------------------
     def _fused_step(self, options: StepOptions, record: StepRecord) -> bool:
         """Run the whole step in the fused CPU kernel; False when it does not apply."""
-        if self.fused is False or record.device.type != "cpu":
+        if self.fused is False:
+            return False
+        if record.device.type != "cpu":
+            if self.fused is True:
+                self.fused = None                 # warn once
+                warnings.warn(f"GSGD(fused=True): the fused step runs on the CPU only; on "
+                              f"{record.device.type} the eager step is used (capture the "
+                              "training step in a CUDA graph to avoid its launch costs, e.g. "
+                              "gsgd train train.cuda_graphs=true)", RuntimeWarning,
+                              stacklevel=3)
             return False
         if self._native is None:
             tensors = [t for plan in self._plans for t in (*plan.weights, *plan.biases)

@@ -692,7 +692,11 @@ class PathSGD(torch.optim.Optimizer):
                 stored = torch.full_like(ratio, float("nan"))
             unset = torch.isnan(stored)
             ratio = torch.where(unset, ratio, stored)
-            state[RESCALE_RATIO] = ratio if gate is None else torch.where(gate, ratio, stored)
+            new = ratio if gate is None else torch.where(gate, ratio, stored)
+            if RESCALE_RATIO in state:        # in place: a captured CUDA graph keeps using it
+                stored.copy_(new)
+            else:
+                state[RESCALE_RATIO] = new
         return ratio
 
     def _step_error(self) -> PathSGDStepError:
