@@ -156,3 +156,22 @@ def test_the_eager_step_never_reads_a_device_value(arch, options):
     strict = GSGD(model, lr=0.1, strict=True, **options)
     with pytest.raises(RuntimeError, match="meta"):     # strict mode does wait, on purpose
         strict.step()
+
+
+@pytest.mark.parametrize("missing", ["0.weight", "2.bias", "4.weight"])
+def test_fused_equals_eager_when_a_layer_has_no_gradient(missing):
+    # a None gradient counts as zero in both steps (the layer is still rescaled by 1/R)
+    model, x, y = _mlp_case([3, 4, 5, 2], bias=True)
+    results = []
+    for fused in (True, False):
+        m = copy.deepcopy(model)
+        opt = GSGD(m, lr=0.1, skeleton_init="keep", momentum=0.5, weight_decay=0.01,
+                   fused=fused)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            dict(m.named_parameters())[missing].grad = None
+            opt.step()
+        opt.check_steps()
+        results.append([p.detach().clone() for p in m.parameters()])
+    assert _max_diff(*results) < 1e-12
