@@ -33,7 +33,8 @@ from gsgd_cli.data import describe, load_data
 from gsgd_cli.models import build_model
 from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError
 from gsgd_cli.train.checkpoint import load as load_checkpoint
-from gsgd_cli.train.rundir import HYDRA_DIR, RunDirectory, check_resume_config, new_run_id
+from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_resume_config, new_run_id,
+                                   restrict_umask)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -260,8 +261,16 @@ def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) 
     (folder / JOB_RECORD.format(hc.job.num)).write_text(json.dumps(record) + "\n")
 
 
+def main() -> Any:
+    """`gsgd train`: the Hydra application below, with `o-w` added to the umask first (before
+    Hydra creates any directory), so nothing it writes is world-writable."""
+    restrict_umask()
+    return train_app()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def train_app(cfg: DictConfig) -> float | None:
+    restrict_umask()   # again: a job may run in another process (joblib, submitit)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)

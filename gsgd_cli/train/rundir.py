@@ -43,6 +43,13 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
+def restrict_umask() -> None:
+    """Add `o-w` to the process umask: nothing the runner writes is world-writable (anyone
+    could otherwise replace a checkpoint or config in someone's run directory). Read
+    permissions follow the user's umask, the same for every run file."""
+    os.umask(os.umask(0o022) | 0o002)
+
+
 def new_run_id() -> str:
     """`$GSGD_RUN_ID`, else `<pid>-<random>`: unique among processes (see the module doc)."""
     return os.environ.get(RUN_ID_ENV) or f"{os.getpid()}-{secrets.token_hex(2)}"

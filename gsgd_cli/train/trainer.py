@@ -9,7 +9,9 @@ Writes into `run_dir`:
                    (running means since the previous evaluation), test_loss, test_acc, elapsed_s,
                    and val_loss, val_acc on the held-out split when data.val_size > 0;
 * `tb/`            TensorBoard scalars with the same names, step = iteration;
-* `checkpoint.pt`  model, optimizer, schedule base rates, RNG states, data order, iteration;
+* `checkpoint.pt`  model, optimizer, schedule base rates, RNG states, data order, iteration and
+                   the run's composed config (`config`, checked on resume); read back with
+                   torch's restricted unpickler;
                    written atomically every `checkpoint_every` iterations and at the end;
 * `summary.json`   status (completed | diverged | interrupted), final and best test accuracy,
                    final train loss, wall time and whatever `extra_summary` adds (seed, git
