@@ -133,12 +133,25 @@ class Run:
         return None if value is None else float(value)
 
 
+def _keep_env_as_text(tree: Any) -> Any:
+    """Escape `${oc.env:...}`: a run directory is someone else's file, and resolving it would
+    put the reader's environment variables (which may hold secrets) into the report."""
+    if isinstance(tree, dict):
+        return {k: _keep_env_as_text(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_keep_env_as_text(v) for v in tree]
+    if isinstance(tree, str):
+        return tree.replace("${oc.env:", "\\${oc.env:")
+    return tree
+
+
 def _resolved(tree: dict) -> dict:
-    """The config with interpolations (`${lambda_wd}`, `${oc.env:...}`) resolved where they can
-    be outside the run; one that cannot stays as its text."""
+    """The config with interpolations (`${lambda_wd}`) resolved where they can be outside the
+    run; one that cannot, and `${oc.env:...}` (see `_keep_env_as_text`), stays as its text."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    tree = _keep_env_as_text(tree)
     try:
         return OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
     except OmegaConfBaseException:

@@ -5,6 +5,11 @@ The config lives in the top-level `conf/` folder of the repository (root config
 install. This module only turns the composed config into plain objects and hands them to
 `gsgd_cli.train.Trainer`; mistakes the user can fix (`UserError`) are printed as one line on
 stderr with exit code 2 (in a multirun the failing job is reported and the others go on).
+
+A run directory belongs to one run (`gsgd_cli.train.rundir`): a new run refuses a directory
+holding another run unless `overwrite=true`, `resume=true` refuses settings that differ from the
+checkpoint's, and nothing is written into the directory (`.hydra/` included, which is why
+Hydra's own `.hydra/` writing is off) until every check has passed.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import functools
 import json
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +32,17 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from gsgd_cli.data import describe, load_data
 from gsgd_cli.models import build_model
 from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError
+from gsgd_cli.train.checkpoint import load as load_checkpoint
+from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_resume_config, new_run_id,
+                                   restrict_umask)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+JOB_RECORD = ".gsgd_job.{}.json"   # in a sweep dir: one per job of the latest `gsgd train -m`
+
+# `${gsgd.run_id:}` in conf/train.yaml's run and sweep directories; cached per composed config,
+# so a sweep's jobs all see the value of the sweep.
+OmegaConf.register_new_resolver("gsgd.run_id", new_run_id, use_cache=True, replace=True)
 
 
 def resolve_device(name: Any) -> torch.device:
@@ -118,9 +132,61 @@ def _progress(cfg: DictConfig, multirun: bool) -> bool | None:
     raise UserError(f"Invalid progress={value!r}. Must be auto, true or false.")
 
 
+def _plan(directory: RunDirectory, cfg: DictConfig, config: dict[str, Any],
+          settings: TrainSettings, multirun: bool) -> tuple[str, dict[str, Any] | None]:
+    """What to do with the run directory, decided before anything is written:
+    ("new", None) | ("resume", checkpoint state) | ("skip", None)."""
+    resume, overwrite = cfg.resume, cfg.get("overwrite", False)
+    for key, value in (("resume", resume), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise UserError(f"Invalid {key}={value!r}. Must be true or false.")
+    where = directory.path
+    if resume and overwrite:
+        raise UserError("resume=true and overwrite=true contradict each other: resume=true "
+                        "continues the run, overwrite=true deletes it. Pass one of them.")
+    if not resume:
+        if directory.holds_run() and not overwrite:
+            raise UserError(f"{where} already holds a run ({', '.join(directory.existing())}). "
+                            "Continue it with resume=true, choose another hydra.run.dir, or "
+                            "pass overwrite=true to delete its files and start again.")
+        return "new", None
+    if not directory.checkpoint.is_file():
+        if multirun:   # a job of the sweep that never started, or never reached a checkpoint
+            return "new", None
+        raise UserError(f"resume=true but there is no checkpoint at {directory.checkpoint}. "
+                        "Point hydra.run.dir at the run to continue, or drop resume=true.")
+    state = load_checkpoint(directory.checkpoint)
+    check_resume_config(directory.checkpoint, state.get("config"), config)
+    if directory.status == "diverged":
+        return "skip", None   # resuming would diverge again at the same step
+    if directory.status == "completed":
+        ipe = state["iterations_per_epoch"]
+        total = settings.iterations if settings.iterations is not None else settings.epochs * ipe
+        if state["iteration"] == total:
+            return "skip", None
+    return "resume", state
+
+
+def _save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
+    """`.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`, as Hydra itself would write them."""
+    folder = run_dir / HYDRA_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = HydraConfig.instance().cfg
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        (folder / name).write_text(OmegaConf.to_yaml(node))
+
+
 def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
-        choices: dict[str, str] | None = None) -> dict[str, Any]:
-    """Train as `cfg` says, writing into `run_dir`; returns the summary dict."""
+        choices: dict[str, str] | None = None, directory: RunDirectory | None = None,
+        on_claim=None) -> dict[str, Any]:
+    """Train as `cfg` says, writing into `run_dir`; returns the summary dict.
+
+    `on_claim()` runs once the directory is this run's (every check passed, old files
+    removed when asked), before training; the CLI writes `.hydra/` there. A run that was
+    already finished (`resume=true` on a completed run with the same budget, or on a
+    diverged one) is not touched: its summary comes back with `"skipped": True`.
+    """
     try:  # `???` values, e.g. the lambdas that experiment=fig8 asks for
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (MissingMandatoryValue, InterpolationToMissingValueError) as exc:
@@ -134,6 +200,11 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
     schedule = schedule_from_cfg(cfg)
     settings.validate()
     describe(cfg.data)  # checks data config values before any loading
+    directory = directory or RunDirectory(run_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    action, state = _plan(directory, cfg, config, settings, multirun)
+    if action == "skip":
+        return {**directory.summary, "skipped": True}
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, device)
     try:
@@ -158,50 +229,110 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         "run_dir": str(run_dir),
         "cpu_threads": torch.get_num_threads(),
     }
-    trainer = Trainer(model, optimizer, data, run_dir, settings, schedule, extra_summary=extra)
-    return trainer.fit(resume=bool(cfg.resume))
+    trainer = Trainer(model, optimizer, data, run_dir, settings, schedule, extra_summary=extra,
+                      config=config)
+    if action == "resume":
+        trainer.restore(state)   # every check of the checkpoint, before anything is written
+    directory.claim(remove_old=action == "new")
+    if on_claim is not None:
+        on_claim()
+    return trainer.fit(resume=action == "resume", state=state)
 
 
 def summary_line(summary: dict[str, Any]) -> str:
     def fmt(value, spec=".4f"):
         return "n/a" if value is None else format(value, spec)
 
-    return (f"gsgd train: {summary['status']} {summary['iterations']} iterations "
+    status = ("already " if summary.get("skipped") else "") + str(summary["status"])
+    return (f"gsgd train: {status} {summary['iterations']} iterations "
             f"({summary['epochs']:g} epochs) in {summary['wall_time_s']:.1f}s: "
             f"test_acc={fmt(summary['final_test_acc'])} (best {fmt(summary['best_test_acc'])}), "
-            f"train_loss={fmt(summary['final_train_loss'])}; run dir {summary['run_dir']}")
+            f"train_loss={fmt(summary['final_train_loss'])}; run dir {summary['run_dir']}"
+            + ("; nothing to do" if summary.get("skipped") else ""))
 
 
 def _write_failed_summary(run_dir: Path, message: str) -> None:
     path = run_dir / SUMMARY
-    summary = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        summary = {}
     summary.update(status="failed", message=message, run_dir=str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) -> None:
+    """One file per sweep job, `<sweep dir>/.gsgd_job.<num>.json`, read by `MultirunReport`."""
+    hc = HydraConfig.get()
+    folder = Path(hc.sweep.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"num": hc.job.num, "run_dir": str(run_dir), "status": status,
+              "message": message, "skipped": skipped}
+    (folder / JOB_RECORD.format(hc.job.num)).write_text(json.dumps(record) + "\n")
+
+
+def main() -> Any:
+    """`gsgd train`: the Hydra application below, with `o-w` added to the umask first (before
+    Hydra creates any directory), so nothing it writes is world-writable."""
+    restrict_umask()
+    return train_app()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def train_app(cfg: DictConfig) -> float | None:
+    restrict_umask()   # again: a job may run in another process (joblib, submitit)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
+    directory = RunDirectory(run_dir)
+    status, message, skipped = "failed", None, False
+
+    def ours() -> bool:
+        """May this command write a failed summary here (never into another run's files)?"""
+        return directory.claimed or not directory.holds_run()
+
     try:
-        summary = run(cfg, run_dir, multirun=multirun, choices=dict(hc.runtime.choices))
+        summary = run(cfg, run_dir, multirun=multirun, choices=dict(hc.runtime.choices),
+                      directory=directory, on_claim=lambda: _save_hydra_files(run_dir, cfg))
+        status, message = summary["status"], summary.get("message")
+        skipped = bool(summary.get("skipped"))
     except UserError as exc:
+        message = str(exc)
         print(f"gsgd train: error: {exc}", file=sys.stderr)
-        _write_failed_summary(run_dir, str(exc))
+        if ours():
+            _write_failed_summary(run_dir, message)
+            if not directory.claimed:
+                _save_hydra_files(run_dir, cfg)
+        else:
+            status = "refused"
         if multirun:
+            _record_job(status, run_dir, message, skipped)
             return None
         sys.exit(2)
     except KeyboardInterrupt:
+        status = "interrupted"
+        if multirun:
+            _record_job(status, run_dir, message, skipped)
         print(f"gsgd train: interrupted; continue with: gsgd train resume=true "
               f"hydra.run.dir={run_dir} (plus the same overrides)", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
-        _write_failed_summary(run_dir, f"{type(exc).__name__}: {exc}")
-        raise
-    if summary["status"] == "diverged":
-        print(f"gsgd train: {summary['message']}", file=sys.stderr)
+        message = f"{type(exc).__name__}: {exc}"
+        if ours():
+            _write_failed_summary(run_dir, message)
+        if not multirun:
+            raise
+        # A crash in one job must not hide the end-of-sweep line: report it and go on.
+        traceback.print_exc()
+        print(f"gsgd train: job {run_dir} crashed: {message.splitlines()[0]}", file=sys.stderr)
+        _record_job(status, run_dir, message, skipped)
+        return None
+    if multirun:
+        _record_job(status, run_dir, message, skipped)
+    if status == "diverged":
+        print(f"gsgd train: {message}" + (" (already diverged before; nothing to do)"
+                                           if skipped else ""), file=sys.stderr)
         if not multirun:
             sys.exit(1)
     else:
@@ -210,26 +341,37 @@ def main(cfg: DictConfig) -> float | None:
 
 
 class MultirunReport(Callback):
-    """After a sweep: one line counting the jobs that completed or diverged, naming the others.
+    """After a sweep: one line counting this sweep's jobs that completed or diverged, naming
+    the others.
 
-    Exit code 1 when a job failed (bad value, crash) or left no summary; a diverged job is a
-    result (e.g. too large a learning rate in a sweep), reported but not an error.
+    Every job of the sweep leaves a record `<sweep dir>/.gsgd_job.<num>.json` (those of an
+    earlier sweep are deleted when the sweep starts), so job folders of an earlier sweep in the same directory are not counted.
+    Exit code 1 when a job failed (bad value, crash), was refused, or left no record; a
+    diverged job is a result (e.g. too large a learning rate in a sweep), reported but not an
+    error.
     """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        for old in Path(config.hydra.sweep.dir).glob(JOB_RECORD.format("*")):
+            old.unlink(missing_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = sorted((p.parent for p in sweep_dir.glob("*/.hydra")), key=lambda p: p.name)
-        by_status: dict[str, list[Path]] = {}
-        for job in jobs:
-            path = job / SUMMARY
-            status = json.loads(path.read_text()).get("status") if path.is_file() else "no summary"
-            by_status.setdefault(status, []).append(job)
-        done = len(by_status.get("completed", []))
-        bad = [f"{job} ({status})" for status, dirs in by_status.items()
-               if status not in ("completed", "diverged") for job in dirs]
-        diverged = by_status.get("diverged", [])
-        print(f"gsgd train: {done} of {len(jobs)} jobs completed in {sweep_dir}"
-              + (f"; diverged: {', '.join(map(str, diverged))}" if diverged else "")
+        records = []
+        for path in sweep_dir.glob(JOB_RECORD.format("*")):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                records.append({"num": -1, "run_dir": str(path), "status": "unreadable record"})
+        records.sort(key=lambda r: r["num"])
+        done = [r for r in records if r["status"] == "completed"]
+        before = sum(bool(r.get("skipped")) for r in done)
+        diverged = [r["run_dir"] for r in records if r["status"] == "diverged"]
+        bad = [f"{r['run_dir']} ({r['status']})" for r in records
+               if r["status"] not in ("completed", "diverged")]
+        print(f"gsgd train: {len(done)} of {len(records)} jobs completed in {sweep_dir}"
+              + (f" ({before} already before this command)" if before else "")
+              + (f"; diverged: {', '.join(diverged)}" if diverged else "")
               + (f"; not completed: {', '.join(bad)}" if bad else ""))
         if bad:
             sys.exit(1)

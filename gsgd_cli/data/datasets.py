@@ -9,9 +9,10 @@ Real data sets go through torchvision's data set classes and file layouts under 
 * `cifar10`        `<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`
 * `cifar100`       `<root>/cifar-100-python/{train,test,meta}`
 
-torchvision checks the md5 of every CIFAR file. Roots that the user generated or copied do not
-match that list, so without `data.download=true` a subclass with the md5 checks switched off
-reads them; with `data.download=true` torchvision's own classes (with the checks) are used.
+CIFAR batches are pickles by format; `gsgd_cli.data.cifar` reads them with a restricted
+unpickler (numpy arrays and plain values only). With `data.download=true` torchvision downloads
+the archive and every batch must match torchvision's md5 list; roots that the user generated or
+copied are read without the md5 check.
 """
 from __future__ import annotations
 
@@ -147,47 +148,11 @@ def _load_mnist_family(name: str, cfg: Any):
         f"mnist --root {_shell_path(root)}`).")
 
 
-def _cifar_classes(name: str):
-    import torchvision
-
-    base = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-
-    class Unchecked(base):  # type: ignore[misc, valid-type]
-        """Reads user-supplied or generated roots: same files, no md5 comparison."""
-
-        train_list = [[fname, None] for fname, _ in base.train_list]
-        test_list = [[fname, None] for fname, _ in base.test_list]
-        meta = {**base.meta, "md5": None}
-
-    return base, Unchecked
-
-
 def _load_cifar(name: str, cfg: Any):
+    from .cifar import load_cifar
+
     root = Path(cfg_get(cfg, "root", "data")).expanduser()
-    download = bool(cfg_get(cfg, "download", False))
-    checked, unchecked = _cifar_classes(name)
-    folder = root / checked.base_folder
-    out = []
-    for train in (True, False):
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                ds = (checked(str(root), train=train, download=True) if download
-                      else unchecked(str(root), train=train, download=False))
-        except RuntimeError:
-            files = [f for f, _ in checked.train_list + checked.test_list] + [checked.meta["filename"]]
-            label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
-            if download:
-                raise DataNotFoundError(
-                    f"Downloading {label} into {folder} failed or gave corrupted files; check the "
-                    f"network, or place the python-version batches there and drop "
-                    f"data.download=true.") from None
-            raise DataNotFoundError(
-                f"{label} not found in {folder} (needs {', '.join(files)}). Fix: `gsgd train "
-                f"data={name} data.root={_shell_path(root)} data.download=true` (or `python -m "
-                f"gsgd_cli.data.fetch {name} --root {_shell_path(root)}`).") from None
-        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        out += [x, torch.as_tensor(ds.targets, dtype=torch.long)]
-    return tuple(out)
+    return load_cifar(name, root, download=bool(cfg_get(cfg, "download", False)))
 
 
 def load_raw(cfg: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,18 +1,27 @@
-"""Atomic checkpoint files: write to a temporary file in the same folder, then rename."""
+"""Checkpoint files: written atomically (temporary file in the same folder, then rename), read
+with torch's restricted unpickler (`weights_only=True`), so loading one never runs code."""
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import UserError
+
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """`torch.save(obj, path)` so that `path` is never seen half-written (rename is atomic)."""
+    """`torch.save(obj, path)` so that `path` is never seen half-written (rename is atomic).
+
+    The file gets the mode of the run's other files (0666 less the umask, as for `open()`),
+    not `tempfile.mkstemp`'s 0600: see the README's "What is trusted".
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp, fd = _create_tmp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -20,8 +29,19 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_tmp(path: Path) -> tuple[Path, int]:
+    """A new `.<name>.<random>.tmp` next to `path`, opened for writing with mode 0666 & ~umask."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {path}")
 
 
 def write_text_atomic(text: str, path: str | Path) -> None:
@@ -32,4 +52,31 @@ def write_text_atomic(text: str, path: str | Path) -> None:
 
 
 def load(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The checkpoint at `path` as a dict, read with torch's restricted unpickler
+    (`weights_only=True`: tensors, containers and plain Python values only, never code).
+    A file that cannot be read, or that holds other objects, is one `UserError` line."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            what = f" (e.g. {found.group(1)})" if found else ""
+            raise UserError(f"refusing to load {path}: it contains objects that are not allowed "
+                            f"in a checkpoint{what}, which could run code when loaded. A "
+                            "checkpoint written by gsgd train holds only tensors and plain "
+                            "values: use one from a source you trust.") from None
+        _corrupt(path, exc)
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError) as exc:
+        _corrupt(path, exc)
+    if not isinstance(state, dict) or not {"iteration", "model", "optimizer"} <= set(state):
+        raise UserError(f"{path} is not a checkpoint written by gsgd train; point "
+                        "hydra.run.dir at a run directory, or start again with overwrite=true.")
+    return state
+
+
+def _corrupt(path: Path, exc: BaseException) -> None:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise UserError(f"cannot read the checkpoint {path}: the file is corrupt or truncated "
+                    f"({reason[:200]}); restore it from a copy, or start the run again "
+                    "with overwrite=true.") from None

@@ -9,7 +9,9 @@ Writes into `run_dir`:
                    (running means since the previous evaluation), test_loss, test_acc, elapsed_s,
                    and val_loss, val_acc on the held-out split when data.val_size > 0;
 * `tb/`            TensorBoard scalars with the same names, step = iteration;
-* `checkpoint.pt`  model, optimizer, schedule base rates, RNG states, data order, iteration;
+* `checkpoint.pt`  model, optimizer, schedule base rates, RNG states, data order, iteration and
+                   the run's composed config (`config`, checked on resume); read back with
+                   torch's restricted unpickler;
                    written atomically every `checkpoint_every` iterations and at the end;
 * `summary.json`   status (completed | diverged | interrupted), final and best test accuracy,
                    final train loss, wall time and whatever `extra_summary` adds (seed, git
@@ -43,6 +45,7 @@ from torch import nn
 
 from .checkpoint import load, save_atomic, write_text_atomic
 from .errors import UserError
+from .rundir import check_resume_config, remove_orphaned_tmp
 from .schedule import Schedule
 from .step import GraphStep, RunningSums, TrainStep
 
@@ -116,7 +119,10 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: "DeviceData",
                  run_dir: str | Path, settings: TrainSettings | None = None,
                  schedule: Schedule | None = None, extra_summary: dict[str, Any] | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, config: dict[str, Any] | None = None):
+        """`config`: the run's composed config as plain containers, recorded in the
+        checkpoint; `fit(resume=True)` then refuses a checkpoint whose recorded config differs
+        outside `rundir.RESUME_MAY_CHANGE`."""
         self.model = model
         self.optimizer = optimizer
         self.data = data
@@ -125,6 +131,7 @@ class Trainer:
         self.settings.validate()
         self.schedule = schedule or Schedule()
         self.extra_summary = dict(extra_summary or {})
+        self.config = config
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         n = len(data.train_y)
         self.iterations_per_epoch = n // self.settings.batch_size
@@ -145,6 +152,7 @@ class Trainer:
         self.status = "running"
         self.message = ""
         self.checkpoint_iteration: int | None = None
+        self.restored = False
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _reset_running(self) -> None:
@@ -172,18 +180,30 @@ class Trainer:
             "last_metrics": self.last_metrics,
             "elapsed_s": self._elapsed(),
             "batch_size": self.settings.batch_size,
+            "iterations_per_epoch": self.iterations_per_epoch,
+            "config": self.config,
         }
 
     def save_checkpoint(self) -> None:
         save_atomic(self._state(), self.checkpoint_path)
         self.checkpoint_iteration = self.iteration
 
-    def _restore(self) -> None:
+    def restore(self, state: dict[str, Any] | None = None) -> None:
+        """Load `state` (default: the run directory's checkpoint) into the model, optimizer and
+        RNGs after checking it fits this run; writes nothing. `fit(resume=True)` calls it
+        unless it was called before."""
         path = self.checkpoint_path
-        if not path.is_file():
-            raise UserError(f"resume=true but there is no checkpoint at {path}. Point "
-                            "hydra.run.dir at the run to continue, or drop resume=true.")
-        state = load(path)
+        if state is None:
+            if not path.is_file():
+                raise UserError(f"resume=true but there is no checkpoint at {path}. Point "
+                                "hydra.run.dir at the run to continue, or drop resume=true.")
+            state = load(path)
+        if self.config is not None:
+            check_resume_config(path, state.get("config"), self.config)
+        if state["iteration"] > self.total:
+            raise UserError(f"The checkpoint at {path} is at iteration {state['iteration']}, "
+                            f"beyond this budget of {self.total} iterations; a run cannot be "
+                            "shortened: resume with a budget at least as large.")
         if state["batch_size"] != self.settings.batch_size:
             raise UserError(f"The checkpoint at {path} was trained with train.batch_size="
                             f"{state['batch_size']}; resume with the same batch size.")
@@ -208,12 +228,31 @@ class Trainer:
         self.last_metrics = state["last_metrics"]
         self.elapsed_before = state["elapsed_s"]
         self.checkpoint_iteration = self.iteration
-        # Evaluations logged after this checkpoint will be redone: drop them.
+        self._metrics_to_keep = self._metrics_up_to_checkpoint()
+        self.restored = True
+
+    def _metrics_up_to_checkpoint(self) -> list[str] | None:
+        """The lines of metrics.jsonl to keep on resume: those up to the checkpoint (later
+        evaluations will be redone), without a partial last line (the run was killed while
+        writing it). Reads only; `fit` writes the result."""
         metrics = self.run_dir / METRICS
-        if metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= self.iteration]
-            write_text_atomic("".join(line + "\n" for line in kept), metrics)
+        if not metrics.is_file():
+            return None
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                iteration = json.loads(line)["iteration"]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                if number == len(lines):
+                    self.log(f"gsgd train: dropped the partial last line of {metrics} (the run "
+                             "was stopped while writing it).")
+                    break
+                raise UserError(f"{metrics} line {number} is not a metrics record; delete or "
+                                "fix that line, then resume again.") from None
+            if iteration <= self.iteration:
+                kept.append(line)
+        return kept
 
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._t0)
@@ -345,20 +384,29 @@ class Trainer:
             return t.pin_memory().to(device, non_blocking=True)
         return t.to(device)
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
+    def fit(self, resume: bool = False, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Train to the budget; `resume=True` continues from `state` (default: the
+        checkpoint in the run directory)."""
         s = self.settings
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_orphaned_tmp(self.run_dir)
         self._t0 = time.perf_counter()
         if resume:
-            self._restore()
+            if not self.restored:
+                self.restore(state)
+            if self._metrics_to_keep is not None:
+                write_text_atomic("".join(line + "\n" for line in self._metrics_to_keep),
+                                  self.run_dir / METRICS)
         elif (self.run_dir / METRICS).exists():
             (self.run_dir / METRICS).unlink()
         writer = None
         if s.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            # Readers drop the events with step >= purge_step of earlier files: those after the
+            # checkpoint, which will be logged again. The checkpoint's own step stays.
             writer = SummaryWriter(str(self.run_dir / TB_DIR),
-                                   purge_step=self.iteration if resume else None)
+                                   purge_step=self.iteration + 1 if resume else None)
         show = sys.stderr.isatty() if s.progress is None else s.progress
         from tqdm.auto import tqdm
 
