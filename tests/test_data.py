@@ -38,6 +38,20 @@ def test_describe_rejects_bad_values(compose_train):
         describe({"name": "svhn"})
 
 
+def test_normalize_unit_keeps_pixels_in_0_1_and_standard_uses_the_data_set_statistics(tmp_path):
+    write_fake_idx(tmp_path / "MNIST" / "raw", n_train=32, n_test=16)
+    cfg = {"name": "mnist", "root": str(tmp_path)}
+    raw = load_data(cfg).train_x[:4]
+    unit = load_data({**cfg, "normalize": "unit"})
+    standard = load_data({**cfg, "normalize": "standard"})
+    scaled = raw.double() / 255.0
+    assert torch.equal(unit.inputs(raw, train=False, dtype=torch.float64), scaled)
+    assert torch.allclose(standard.inputs(raw, train=False, dtype=torch.float64),
+                          (scaled - 0.1307) / 0.3081)
+    with pytest.raises(UserError, match=r"Invalid data.normalize='none'. Must be standard"):
+        describe({**cfg, "normalize": "none"})
+
+
 def test_idx_roundtrip_plain_and_gz(tmp_path):
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     for name in ("a-idx3-ubyte", "a-idx3-ubyte.gz"):

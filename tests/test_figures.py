@@ -103,6 +103,28 @@ def test_learning_rate_sweep_picks_by_training_loss(tmp_path, capsys):
     assert_image(tmp_path / "figs" / "fig5_best_lr.png")
 
 
+def test_learning_rate_sweep_picks_by_validation_error_when_held_out(tmp_path, capsys):
+    # lr 0.01 has the lower training loss, lr 0.1 the lower validation error: with a held-out
+    # split the validation error decides; the test accuracy (best at 0.01) never does
+    for opt in ("sgd", "path_sgd", "gsgd"):
+        make_run(tmp_path / f"{opt}-a", data="fashion_mnist", model="mlp", optimizer=opt,
+                 test_accs=(0.5, 0.7), train_losses=(1.0, 0.8), val_acc=0.9,
+                 config_extra={"optimizer.lr": 0.1})
+        make_run(tmp_path / f"{opt}-b", data="fashion_mnist", model="mlp", optimizer=opt,
+                 test_accs=(0.5, 0.9), train_losses=(1.0, 0.3), val_acc=0.6,
+                 config_extra={"optimizer.lr": 0.01})
+    rows, _, _ = build_rows(load_runs([tmp_path]))
+    assert [(r.optimizer, r.swept["optimizer.lr"]) for r in best_lr_rows(rows)] == [
+        ("sgd", 0.1), ("path_sgd", 0.1), ("gsgd", 0.1)]
+    capsys.readouterr()
+    assert gsgd_main(["gsgd", "report", str(tmp_path), "--csv", "-", "--best"]) == 0
+    out = capsys.readouterr().out
+    best = out.split("Best setting per data set, model and optimizer:")[1]
+    chosen = [line.split(" | ")[2:4] for line in best.strip().splitlines()[2:]]
+    assert chosen == [["sgd", "0.1"], ["path_sgd", "0.1"], ["gsgd", "0.1"]]
+    assert "lowest mean final validation error" in best and "10.00" in best
+
+
 @pytest.mark.parametrize("setup, args, needle", [
     (lambda p: make_run(p / "r", summary=False), [], "none of the 1 runs found completed"),
     (lambda p: make_run(p / "r"), ["--only", "width"], "--only width needs MLP runs"),

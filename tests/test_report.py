@@ -22,7 +22,7 @@ SWEEP = ["data=synthetic", "train.iterations=6", "train.eval_every=3", "train.ba
 
 def make_run(path: Path, *, data="cifar10", model="resnet34", optimizer="sgd", seed=0,
              test_accs=(0.5, 0.6), train_losses=(1.0, 0.5), status="completed",
-             config_extra: dict | None = None, summary=True) -> Path:
+             config_extra: dict | None = None, summary=True, val_acc: float | None = None) -> Path:
     """A run directory in the runner's format, written by hand."""
     model_cfg = {"mlp": {"name": "mlp", "width": 64, "depth": 2, "bias": False},
                  "resnet34": {"name": "resnet", "blocks": [3, 4, 6, 3],
@@ -53,7 +53,8 @@ def make_run(path: Path, *, data="cifar10", model="resnet34", optimizer="sgd", s
             "final_test_acc": test_accs[-1], "best_test_acc": max(test_accs),
             "final_train_loss": train_losses[-1], "seed": seed, "num_parameters": 123,
             "epochs": float(len(test_accs)),
-            "config": {"data": data, "model": model, "optimizer": optimizer}}))
+            "config": {"data": data, "model": model, "optimizer": optimizer},
+            **({} if val_acc is None else {"final_val_acc": val_acc})}))
     return path
 
 

@@ -8,8 +8,9 @@
                       width h (log2 axis) for each optimizer (mean ± std over seeds), and the
                       gap Delta = SGD - G-SGD of both.
 * `plot_best_lr`      Figure 5: for each data set and optimizer, the curves at the learning
-                      rate with the lowest mean final *training* loss (the choice never looks at
-                      the test set).
+                      rate with the lowest mean final *validation* error when the runs held out a
+                      validation split (data.val_size > 0), else the lowest mean final
+                      *training* loss (the choice never looks at the test set).
 
 Each function writes `<out>/<name>.png` and `.pdf` and returns the paths.
 """
@@ -24,7 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .table import OPTIMIZER_ORDER, Row, _fmt_value, mean_std, run_values  # noqa: E402
+from .table import (OPTIMIZER_ORDER, SELECTION_LABELS, Row, _fmt_value, best_lr_rows,  # noqa: E402
+                    mean_std, run_values, selection_metric)
 
 OPTIMIZER_NAMES = {"sgd": "SGD", "gsgd": "G-SGD", "path_sgd": "Path-SGD"}
 MODEL_NAMES = {"plain34": "Plain-34", "resnet34": "ResNet-34", "mlp": "MLP"}
@@ -171,24 +173,17 @@ def plot_width_sweep(rows: list[Row], out: Path, name: str = "fig4_width_sweep")
     return _save(fig, out, name)
 
 
-def best_lr_rows(rows: list[Row]) -> list[Row]:
-    """Per (data, model, optimizer): the row with the lowest mean final training loss."""
-    best: dict[tuple, Row] = {}
-    for row in rows:
-        key = (row.data, row.model, row.optimizer)
-        loss = row.stats["final_train_loss"][0]
-        if key not in best or loss < best[key].stats["final_train_loss"][0]:
-            best[key] = row
-    return sorted(best.values(), key=lambda r: (r.data, r.model, OPTIMIZER_ORDER.get(r.optimizer, 9)))
-
-
 def plot_best_lr(rows: list[Row], keys: list[str], out: Path,
                  name: str = "fig5_best_lr") -> list[Path]:
     chosen = best_lr_rows(rows)
+    criteria = sorted({SELECTION_LABELS[selection_metric(
+        [r for r in rows if (r.data, r.model, r.optimizer) == (c.data, c.model, c.optimizer)])]
+        for c in chosen})
     return plot_curves(chosen, keys, out, name=name,
                        title="Figure 5 form: each optimizer at its best learning rate "
-                             "(lowest mean final training loss; mean over seeds, band: min to max)")
+                             f"({'; '.join(criteria)}; mean over seeds, band: min to max)")
 
 
-__all__ = ["plot_curves", "plot_width_sweep", "plot_best_lr", "best_lr_rows", "width_sweep_ready",
+__all__ = ["plot_curves", "plot_width_sweep", "plot_best_lr", "best_lr_rows",
+           "selection_metric", "width_sweep_ready",
            "seed_curves", "mean_std", "run_values"]

@@ -168,6 +168,34 @@ def build_rows(runs: list[Run]) -> tuple[list[Row], list[str], list[Run]]:
     return ordered, keys, incomplete
 
 
+def selection_metric(rows: list[Row]) -> str:
+    """What chooses the best setting among `rows`: the mean final error on the held-out
+    validation split when every row has one (data.val_size > 0), else the mean final training
+    loss. The test set never chooses."""
+    if rows and all(r.stats.get("final_val_error", (None, None))[0] is not None for r in rows):
+        return "final_val_error"
+    return "final_train_loss"
+
+
+SELECTION_LABELS = {"final_val_error": "lowest mean final validation error (held-out training "
+                                       "examples)",
+                    "final_train_loss": "lowest mean final training loss"}
+
+
+def best_lr_rows(rows: list[Row]) -> list[Row]:
+    """Per (data, model, optimizer): the row with the best `selection_metric` of its group
+    (ties: the lower final training loss)."""
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[(row.data, row.model, row.optimizer)].append(row)
+    best = []
+    for members in groups.values():
+        metric = selection_metric(members)
+        best.append(min(members, key=lambda r: (r.stats[metric][0],
+                                                r.stats["final_train_loss"][0])))
+    return sorted(best, key=lambda r: (r.data, r.model, OPTIMIZER_ORDER.get(r.optimizer, 9)))
+
+
 def _fmt_stat(stat: tuple[float | None, float | None], digits: int) -> str:
     mean, std = stat
     if mean is None:
@@ -202,6 +230,25 @@ def markdown(rows: list[Row], keys: list[str], incomplete: list[Run]) -> str:
         for run in incomplete:
             text += f"- {run.path}: {run.problem}\n"
     return text
+
+
+def best_markdown(rows: list[Row], keys: list[str]) -> str:
+    """The best row of every (data, model, optimizer), chosen by `selection_metric`: the
+    setting to run at (e.g. the learning rate of Figure 5's protocol)."""
+    chosen = best_lr_rows(rows)
+    metrics = metrics_for(r for row in chosen for r in row.runs)
+    head = ["data", "model", "optimizer", *keys, "chosen by", "seeds",
+            *[label for _, label in metrics]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in chosen:
+        group = [r for r in rows if (r.data, r.model, r.optimizer) ==
+                 (row.data, row.model, row.optimizer)]
+        metric = selection_metric(group)
+        cells = [row.data, row.model, row.optimizer, *[_fmt_value(row.swept[k]) for k in keys],
+                 f"{SELECTION_LABELS[metric]} of {len(group)}", str(len(row.runs)),
+                 *[_fmt_stat(row.stats[name], _digits(name)) for name, _ in metrics]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: list[Row], keys: list[str]) -> str:

@@ -10,7 +10,8 @@ Draws from the completed runs found below the RUN_DIRs (as `gsgd report` finds t
 * `fig4_width_sweep`  when MLP widths are swept for SGD and G-SGD: final training loss and test
                       error against h and the gap SGD - G-SGD (Figure 4 form);
 * `fig5_best_lr`      when the learning rate is swept: each optimizer at the rate with the
-                      lowest mean final training loss (Figure 5 form).
+                      lowest mean final validation error (runs with data.val_size > 0), else
+                      the lowest mean final training loss (Figure 5 form).
 
 `--only` picks some of them. Bad input: one line on stderr, exit code 2.
 """

@@ -7,7 +7,9 @@ One row per (data, model, optimizer, swept config keys): mean ± std over seeds 
 best test error and the final training loss, the number of seeds, and the paper's figure where
 the paper has one. Runs without a summary.json or whose status is not `completed` are listed
 under the table and left out of the means. The CSV goes to `--csv`, by default `report.csv` in
-the first RUN_DIR. Bad input: one line on stderr, exit code 2.
+the first RUN_DIR. `--best` adds the best setting of every (data, model, optimizer), chosen on
+the validation split when the runs have one (else by training loss), never on the test set.
+Bad input: one line on stderr, exit code 2.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 from gsgd_cli.analysis import ReportError, build_rows, load_runs, markdown, to_csv
+from gsgd_cli.analysis.table import best_markdown
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -35,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--csv", metavar="PATH", default=None,
                         help="where to write the CSV (default: RUN_DIR/report.csv of the first "
                              "RUN_DIR); '-' to skip it")
+    parser.add_argument("--best", action="store_true",
+                        help="also print the best setting of every (data, model, optimizer): "
+                             "lowest mean final validation error when the runs held out a "
+                             "validation split (data.val_size > 0), else lowest mean final "
+                             "training loss; never the test error")
     return parser.parse_args(argv)
 
 
@@ -44,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = load_runs(args.run_dirs)
         rows, keys, incomplete = build_rows(runs)
         text = markdown(rows, keys, incomplete)
+        if args.best and rows:
+            text += "\nBest setting per data set, model and optimizer:\n\n" + best_markdown(rows, keys)
         csv_path = None
         if args.csv != "-":
             csv_path = Path(args.csv) if args.csv else Path(args.run_dirs[0]) / "report.csv"

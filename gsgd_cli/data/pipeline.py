@@ -2,7 +2,8 @@
 
 Batches are turned into network inputs on the device: scale to [0, 1], average-pool (MNIST
 family at `data.size` < 28), for CIFAR random crop with 4-pixel zero padding and horizontal flip
-on the whole batch at once, then per-channel normalisation. Random numbers for shuffling and
+on the whole batch at once, then per-channel normalisation (`data.normalize=standard`, the
+default) or none (`unit`: pixels stay in [0, 1], the paper's section 5.3 setting). Random numbers for shuffling and
 augmentation come from one CPU `torch.Generator` owned by the trainer, so runs are reproducible
 and resumable on any device.
 """
@@ -22,11 +23,25 @@ from .synthetic import synthetic_shape
 CROP_PADDING = 4
 
 
+NORMALIZE = ("standard", "unit")
+
+
+def normalisation(data_cfg: Any) -> str:
+    """`data.normalize`: `standard` subtracts the training split's per-channel mean and divides
+    by its std; `unit` keeps the pixels on the [0, 1] scale (the paper's section 5.3 setting)."""
+    value = cfg_get(data_cfg, "normalize", "standard")
+    if value not in NORMALIZE:
+        raise UserError(f"Invalid data.normalize={value!r}. Must be standard (per-channel mean "
+                        "and std) or unit (pixels in [0, 1]).")
+    return value
+
+
 def describe(data_cfg: Any) -> tuple[tuple[int, int, int], int]:
     """`(in_shape, num_classes)` of the network inputs for a data config, without loading data.
 
     E.g. `fashion_mnist` with `size: 7` gives `((1, 7, 7), 10)`.
     """
+    normalisation(data_cfg)
     name = data_name(data_cfg)
     if name == "synthetic":
         return synthetic_shape(data_cfg)
@@ -135,6 +150,8 @@ def load_data(data_cfg: Any, device: torch.device | str = "cpu") -> DeviceData:
         spec = SPECS[name]
         mean, std = spec.mean, spec.std
         augment = bool(cfg_get(data_cfg, "augment", spec.augment))
+    if normalisation(data_cfg) == "unit":
+        mean, std = (0.0,) * in_shape[0], (1.0,) * in_shape[0]
     device = torch.device(device)
     shape = (1, len(mean), 1, 1)
     return DeviceData(
