@@ -12,6 +12,7 @@ import functools
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -137,15 +138,21 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         kwargs = {}
         if cfg.optimizer.get("input_shape", "absent") is None:   # Path-SGD: kappa needs it
             kwargs["input_shape"] = tuple(data.in_shape)
-        optimizer = make_optimizer(model, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimizer = make_optimizer(model, **kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(f"optimizer: {exc}") from None
+    notes = [str(w.message) for w in caught]
+    for note in notes:   # what the optimizer says about the model: one line each, on stdout
+        print(f"gsgd train: note: {note}")
     extra = {
         "git_commit": _git_commit(),
         "config": {k: v for k, v in (choices or {}).items()
                    if v is not None and not k.startswith("hydra/")},
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "run_dir": str(run_dir),
+        "optimizer_notes": notes,
     }
     trainer = Trainer(model, optimizer, data, run_dir, settings, schedule, extra_summary=extra)
     return trainer.fit(resume=bool(cfg.resume))

@@ -69,6 +69,48 @@ def _is_layer(module: nn.Module) -> bool:
 
 
 @dataclass
+class BlockLayout:
+    """A chain block as plain data (names, layer views, batch-norm flags, biases): what G-SGD
+    needs once the block is found. It holds no module, so it pickles and compares by value."""
+
+    names: list[str]
+    views: list[LayerView]
+    bn_after: list[bool]
+    has_bias: list[bool]
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return (self.views[0].n_in, *[v.n_out for v in self.views])
+
+    @property
+    def bn_approx(self) -> bool:
+        return any(self.bn_after)
+
+    @property
+    def num_weights(self) -> int:
+        """m: weights and biases of the block."""
+        return sum(v.n_out * v.n_in * v.kernel + (v.n_out if bias else 0)
+                   for v, bias in zip(self.views, self.has_bias))
+
+    @property
+    def num_hidden(self) -> int:
+        """H: hidden nodes of the block."""
+        return sum(self.widths[1:-1])
+
+    def record(self) -> dict:
+        """Builtin types only (for `state_dict()` and `torch.load(weights_only=True)`)."""
+        return {"names": list(self.names),
+                "views": [[v.n_out, v.n_in, v.kernel, v.centre] for v in self.views],
+                "bn_after": [bool(b) for b in self.bn_after],
+                "has_bias": [bool(b) for b in self.has_bias]}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "BlockLayout":
+        return cls(list(record["names"]), [LayerView(*v) for v in record["views"]],
+                   list(record["bn_after"]), list(record["has_bias"]))
+
+
+@dataclass
 class ChainBlock:
     """Layers of one chain block, in forward order."""
 
@@ -111,6 +153,10 @@ class ChainBlock:
     def num_hidden(self) -> int:
         """H: hidden nodes of the block."""
         return sum(self.widths[1:-1])
+
+    def layout(self) -> BlockLayout:
+        return BlockLayout(list(self.names), self.views, list(self.bn_after),
+                           [m.bias is not None for m in self.modules])
 
 
 @dataclass

@@ -22,8 +22,11 @@ the skeleton weights' initial value 1 is `skeleton_init="one"`; `"keep"` keeps t
 values (any sign) instead. Free skeleton weights never change after construction.
 
 Checkpoints: construct the optimizer *before* loading a saved model state (construction with
-`skeleton_init="one"` overwrites the skeleton weights), then load the model and optimizer
-states, or pass `skeleton_init="keep"` when wrapping an already trained model.
+`skeleton_init="one"` overwrites the skeleton weights, and says so in a `GSGDWarning`), then
+load the model and optimizer states, or pass `skeleton_init="keep"` when wrapping an already
+trained model. `state_dict()` records the structural options and the block layout;
+`load_state_dict` refuses a state saved under other ones. Copies (`copy.deepcopy`, `pickle`,
+`torch.save(opt)`) rebuild the blocks from that record and step exactly like the original.
 """
 from __future__ import annotations
 
@@ -34,43 +37,84 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..gspace.blocks import ChainBlock, find_chain_blocks
+from ..gspace.blocks import BlockLayout, ChainBlock, find_chain_blocks
 from ..gspace.skeleton import ChainSkeleton, UnsupportedWidthProfile, build_skeleton
 from ..gspace.update import (ChainIndex, StepOptions, Workspace, apply_chain_step,
                              plan_chain_step)
+from ._common import SGD_NEUTRAL, check_group_keys, unwrap_model
 
 SKELETON_INITS = ("one", "keep", "rescale")
 BN_OPTIONS = ("approx", "approx_per_tap", "split")
 BLOCK_SPLITS = ("none", "stage")
 
 
+# Options that shape the blocks at construction: recorded in state_dict(), fixed afterwards.
+STRUCTURE_KEYS = ("skeleton_init", "bn", "block_split")
+# Keys of the param group that every step reads.
+STEP_KEYS = frozenset({"lr", "momentum", "weight_decay", "bpr", "min_pivot_ratio", "maximize"})
+STATE_RECORD = "gsgd"           # the structure record's key in state_dict()
+
+
 class GSGDStepError(RuntimeError):
     """A G-SGD step would write a non-finite value or divide by a vanished pivot."""
 
 
+class GSGDWarning(UserWarning):
+    """What GSGD tells the user about the model it was given (filter it like any warning)."""
+
+
+@dataclass
+class _BlockRecord:
+    """A block as found at construction: its layout and its parameters' positions in the
+    param group (`None`: no bias). Plain data, so copies and checkpoints can carry it."""
+
+    layout: BlockLayout
+    weights: list[int]
+    biases: list[int | None]
+
+    def record(self) -> dict:
+        return {**self.layout.record(), "weights": list(self.weights),
+                "biases": [-1 if b is None else b for b in self.biases]}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "_BlockRecord":
+        return cls(BlockLayout.from_record(record), list(record["weights"]),
+                   [None if b < 0 else b for b in record["biases"]])
+
+
 @dataclass
 class _BlockPlan:
-    block: ChainBlock
+    block: BlockLayout
     skeleton: ChainSkeleton
     weights: list[nn.Parameter]
     biases: list[nn.Parameter | None]
     indices: dict[torch.device, ChainIndex]
     per_tap: bool = False      # bn="approx_per_tap": the published code's norm
     workspace: Workspace = field(default_factory=Workspace)
+    number: int = 0            # position among the blocks found at construction
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [*self.weights, *[b for b in self.biases if b is not None]]
 
     def index_on(self, device: torch.device) -> ChainIndex:
         if device not in self.indices:
             self.indices[device] = ChainIndex.build(self.skeleton, device)
         return self.indices[device]
 
-    def tensors(self):
+    def tensors(self, maximize: bool = False):
         """(weights, biases, grads, bias grads), detached, in layer order.
 
         For a layer followed by batch norm (bn="approx") the weight gradient is multiplied,
         per output channel, by the norm of that channel's incoming filter (paper, eq. 39);
-        with `per_tap` by the norm over input channels at each kernel position instead."""
+        with `per_tap` by the norm over input channels at each kernel position instead.
+        `maximize`: the gradients of -loss (new tensors; `.grad` is not changed)."""
         weights = [w.detach() for w in self.weights]
         grads = [w.grad for w in self.weights]
+        bias_grads = [b.grad if b is not None else None for b in self.biases]
+        if maximize:
+            grads = [-g if g is not None else None for g in grads]
+            bias_grads = [-g if g is not None else None for g in bias_grads]
         for i, follows in enumerate(self.block.bn_after):
             if follows and grads[i] is not None:
                 w = weights[i]
@@ -80,7 +124,7 @@ class _BlockPlan:
                     norms = w.reshape(w.shape[0], -1).norm(dim=1).view(-1, *[1] * (w.dim() - 1))
                 grads[i] = grads[i] * norms
         return (weights, [b.detach() if b is not None else None for b in self.biases],
-                grads, [b.grad if b is not None else None for b in self.biases])
+                grads, bias_grads)
 
 
 def _check_positive(name: str, value, strictly: bool = True) -> None:
@@ -134,11 +178,18 @@ class GSGD(Optimizer):
             plain network from stem to classifier. `"stage"`: one block per run of
             equal-width layers (per stage, as the published code does); the layers that change
             the width (stem, stride-2 transitions, classifier) then take plain SGD.
+        maximize: G-SGD on `-loss` (the gradients' sign flipped), as `torch.optim.SGD`'s flag.
+
+    `skeleton_init`, `bn` and `block_split` shape the blocks when the optimizer is built: they
+    are in `param_groups[0]` (and `repr`) for the record, and a step refuses a changed value.
+    A step also refuses keys it would ignore (e.g. SGD's `nesterov=True`). A layer frozen after
+    construction (`requires_grad_(False)`) sends its block to plain SGD, as freezing before.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
                  momentum: float = 0.0, weight_decay: float = 0.0, bpr: float = 0.0,
-                 min_pivot_ratio: float = 1e-6, bn: str = "approx", block_split: str = "none"):
+                 min_pivot_ratio: float = 1e-6, bn: str = "approx", block_split: str = "none",
+                 maximize: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GSGD takes the model (an nn.Module), got {type(model).__name__}; "
                             "write GSGD(model, lr) rather than GSGD(model.parameters(), lr)")
@@ -156,15 +207,18 @@ class GSGD(Optimizer):
             if value not in choices:
                 raise ValueError(f"Invalid {name}={value!r}. Must be one of "
                                  f"{', '.join(repr(c) for c in choices)}.")
+        if not isinstance(maximize, bool):
+            raise ValueError(f"Invalid maximize={maximize!r}. Must be True or False.")
+        model = unwrap_model(model)      # torch.compile, DataParallel, DDP share the parameters
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("GSGD got a model with no trainable parameters")
+        self._structure = dict(skeleton_init=skeleton_init, bn=bn, block_split=block_split)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      bpr=bpr, min_pivot_ratio=min_pivot_ratio))
-        self.skeleton_init = skeleton_init
-        self.discovery = find_chain_blocks(model, bn="split" if bn == "split" else "approx")
-        self._per_tap = bn == "approx_per_tap"
-        blocks = self.discovery.blocks
+                                      bpr=bpr, min_pivot_ratio=min_pivot_ratio,
+                                      maximize=maximize, **self._structure))
+        discovery = find_chain_blocks(model, bn="split" if bn == "split" else "approx")
+        blocks = discovery.blocks
         if block_split == "stage":
             blocks = [part for block in blocks for part in split_by_stage(block)]
         frozen = [b for b in blocks if any(not p.requires_grad for m in b.modules
@@ -172,21 +226,42 @@ class GSGD(Optimizer):
         if frozen:
             warnings.warn("GSGD leaves chain block(s) with frozen layers to plain SGD (a step "
                           "would have to rescale the frozen weights): "
-                          + "; ".join(" -> ".join(b.names) for b in frozen), stacklevel=2)
+                          + "; ".join(" -> ".join(b.names) for b in frozen), GSGDWarning,
+                          stacklevel=2)
             blocks = [b for b in blocks if b not in frozen]
-        self._plans = [self._plan(block) for block in blocks]
+        position = {id(p): k for k, p in enumerate(params)}
+        self._blocks = [_BlockRecord(block.layout(), [position[id(m.weight)] for m in block.modules],
+                                     [position[id(m.bias)] if m.bias is not None else None
+                                      for m in block.modules]) for block in blocks]
+        self._demoted: list[int] = []     # blocks left to plain SGD after construction
+        self._notes = list(discovery.notes)
+        self._activate(check_layout=True)
         if not self._plans and not frozen:
             warnings.warn(f"GSGD found no chain block (Linear/Conv2d layers joined by ReLU) in "
                           f"{type(model).__name__}; every parameter takes a plain SGD step",
-                          stacklevel=2)
-        in_blocks = {id(p) for plan in self._plans for p in (*plan.weights, *plan.biases)
-                     if p is not None}
-        self._outside = [p for p in params if id(p) not in in_blocks]
+                          GSGDWarning, stacklevel=2)
         with torch.no_grad():
-            for plan in self._plans:
-                self._init_skeleton(plan)
+            set_to_one = sum(self._init_skeleton(plan) for plan in self._plans)
+        if set_to_one:
+            warnings.warn(f"GSGD set {set_to_one} skeleton weights to 1 (skeleton_init='one', "
+                          "the paper's initialisation): the network computes a different "
+                          "function now. To keep a loaded or pretrained model's weights pass "
+                          "skeleton_init='keep', or build GSGD before loading the checkpoint",
+                          GSGDWarning, stacklevel=2)
 
-    def _plan(self, block: ChainBlock) -> _BlockPlan:
+    # -- blocks -------------------------------------------------------------------------------
+    def _activate(self, check_layout: bool = False) -> None:
+        """Plans for the blocks that are not demoted; the rest of the parameters take SGD."""
+        params = self.param_groups[0]["params"]
+        self._plans = [self._plan(k, record, params, check_layout)
+                       for k, record in enumerate(self._blocks) if k not in self._demoted]
+        in_blocks = {id(p) for plan in self._plans for p in plan.params}
+        self._outside = [p for p in params if id(p) not in in_blocks]
+        self._block_params = [p for plan in self._plans for p in plan.params]
+
+    def _plan(self, number: int, record: _BlockRecord, params: list[nn.Parameter],
+              check_layout: bool) -> _BlockPlan:
+        block = record.layout
         try:
             views = block.views
             skeleton = build_skeleton(block.widths, tuple(v.kernel for v in views),
@@ -197,25 +272,32 @@ class GSGD(Optimizer):
                 f"G-SGD cannot handle chain block {' -> '.join(block.names)}: the output of "
                 f"'{layer}' is a {exc}. Make the hidden widths rise and then fall (a single "
                 "peak), or leave this part of the model to SGD", exc.hidden_layer) from None
-        weights = [m.weight for m in block.modules]
-        biases = [m.bias for m in block.modules]
-        for name, p in zip(block.names, weights):
-            if not p.is_contiguous():
-                raise ValueError(f"layer '{name}' has a non-contiguous weight; G-SGD indexes "
-                                 "weights in place and needs contiguous tensors")
-        return _BlockPlan(block, skeleton, weights, biases, {}, self._per_tap)
+        weights = [params[k] for k in record.weights]
+        biases = [params[k] if k is not None else None for k in record.biases]
+        if check_layout:
+            for name, p in zip(block.names, weights):
+                if not p.is_contiguous():
+                    raise ValueError(f"layer '{name}' has a non-contiguous weight; G-SGD indexes "
+                                     "weights in place and needs contiguous tensors")
+        return _BlockPlan(block, skeleton, weights, biases, {},
+                          self._structure["bn"] == "approx_per_tap", number=number)
 
-    def _init_skeleton(self, plan: _BlockPlan) -> None:
+    def _init_skeleton(self, plan: _BlockPlan) -> int:
+        """Apply `skeleton_init` to one block; returns how many weights were set to 1 and
+        were not 1 before."""
+        skeleton_init = self._structure["skeleton_init"]
+        changed = 0
         for name, w, layer in zip(plan.block.names, plan.weights, plan.skeleton.layers):
             flat = w.data.view(-1)
             index = layer.flat.to(w.device)
-            if self.skeleton_init == "one":
+            if skeleton_init == "one":
+                changed += int((flat.index_select(0, index) != 1).sum())
                 flat.index_fill_(0, index, 1.0)
             elif bool((flat.index_select(0, index) == 0).any()):
                 raise ValueError(f"layer '{name}' has a skeleton weight equal to 0; G-SGD "
                                  "divides by skeleton weights: use skeleton_init='one' or "
                                  "re-initialise the layer")
-        if self.skeleton_init == "rescale":
+        if skeleton_init == "rescale":
             if plan.block.bn_approx:
                 raise ValueError(f"skeleton_init='rescale' keeps the network function only "
                                  f"without batch norm, and block {plan.block.names[0]} -> ... "
@@ -223,7 +305,37 @@ class GSGD(Optimizer):
             rescale_free_weights_to_unit(plan.skeleton, [w.data for w in plan.weights],
                                          [b.data if b is not None else None
                                           for b in plan.biases])
+        return changed
 
+    @property
+    def blocks(self) -> list[BlockLayout]:
+        """The chain blocks that take G-SGD steps (names, widths, batch-norm flags)."""
+        return [plan.block for plan in self._plans]
+
+    # -- per-step checks (called at the top of step()) ---------------------------------------
+    def _check_group(self, group: dict) -> None:
+        """Refuse param-group keys that the step would ignore (e.g. SGD's nesterov)."""
+        check_group_keys("GSGD", group, STEP_KEYS, SGD_NEUTRAL, self._structure)
+
+    def _leave_frozen_blocks_to_sgd(self) -> None:
+        """A layer frozen after construction (requires_grad=False): its block takes plain SGD
+        from now on, as for a layer frozen before construction (a G-SGD step would rescale
+        the frozen weights). Its G-space momentum buffers are dropped."""
+        if all(p.requires_grad for p in self._block_params):
+            return
+        frozen = [plan for plan in self._plans if not all(p.requires_grad for p in plan.params)]
+        for plan in frozen:
+            for p in plan.params:
+                self.state.pop(p, None)      # v-space buffers mean nothing to SGD
+        self._demoted = sorted({*self._demoted, *(plan.number for plan in frozen)})
+        self._activate()
+        warnings.warn("GSGD leaves chain block(s) with layers frozen after construction to "
+                      "plain SGD from now on (a step would have to rescale the frozen weights; "
+                      "their G-space momentum is dropped): "
+                      + "; ".join(" -> ".join(plan.block.names) for plan in frozen),
+                      GSGDWarning, stacklevel=3)
+
+    # -- torch.optim.Optimizer plumbing -------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         if self.param_groups:
             raise ValueError("GSGD keeps all parameters of its model in one param group (the "
@@ -231,16 +343,78 @@ class GSGD(Optimizer):
                              "supported: construct GSGD from the whole model instead")
         super().add_param_group(param_group)
 
-    def __setstate__(self, state):
+    def _record(self) -> dict:
+        """The structure: options, blocks found at construction, blocks demoted since."""
+        return {"options": dict(self._structure),
+                "blocks": [record.record() for record in self._blocks],
+                "demoted": list(self._demoted)}
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_gsgd_structure"] = {**self._record(), "notes": list(self._notes)}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        structure = state.pop("_gsgd_structure", None)
         super().__setstate__(state)
+        if structure is not None:            # a copy: deepcopy, pickle, torch.save(opt)
+            self._structure = dict(structure["options"])
+            self._blocks = [_BlockRecord.from_record(b) for b in structure["blocks"]]
+            self._demoted = list(structure["demoted"])
+            self._notes = list(structure["notes"])
         for group in self.param_groups:
             for key, default in (("min_pivot_ratio", 1e-6), ("momentum", 0.0),
-                                 ("weight_decay", 0.0), ("bpr", 0.0)):
+                                 ("weight_decay", 0.0), ("bpr", 0.0), ("maximize", False),
+                                 *self._structure.items()):
                 group.setdefault(key, default)
+        if structure is not None:
+            self._activate()
 
-    @property
-    def blocks(self) -> list[ChainBlock]:
-        return [plan.block for plan in self._plans]
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state[STATE_RECORD] = self._record()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by `state_dict()`; refuses one saved under other structural
+        options or another block layout (naming the difference), and one from another
+        optimizer (its buffers would mean something else here)."""
+        record = state_dict.get(STATE_RECORD)
+        if record is None:
+            groups = state_dict.get("param_groups") or [{}]
+            if not {"bpr", "min_pivot_ratio"} <= set(groups[0]):
+                raise ValueError("this state_dict was not saved by GSGD (it has no G-SGD "
+                                 "structure record); GSGD cannot use another optimizer's "
+                                 "state: start GSGD afresh instead of loading it")
+            warnings.warn("this GSGD state_dict has no structure record (saved by an older "
+                          "version): its block layout cannot be checked", GSGDWarning,
+                          stacklevel=2)
+        else:
+            self._check_record(record)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_RECORD})
+        if record is not None and list(record["demoted"]) != self._demoted:
+            self._demoted = list(record["demoted"])
+            self._activate()
+
+    def _check_record(self, record: dict) -> None:
+        for key, mine in self._structure.items():
+            saved = record["options"].get(key)
+            if saved != mine:
+                raise ValueError(f"the state_dict was saved by GSGD with {key}={saved!r}, this "
+                                 f"GSGD has {key}={mine!r}: build it with {key}={saved!r} to "
+                                 "load this state")
+        mine = [b.record() for b in self._blocks]
+        saved = list(record["blocks"])
+        for k in range(max(len(mine), len(saved))):
+            a = saved[k] if k < len(saved) else None
+            b = mine[k] if k < len(mine) else None
+            if a != b:
+                def show(r):
+                    return "none" if r is None else " -> ".join(r["names"])
+                raise ValueError(f"the state_dict's G-SGD blocks differ from this GSGD's: "
+                                 f"block {k + 1} is {show(a)} there and {show(b)} here (or its "
+                                 "widths or parameters differ); load it into a GSGD built on "
+                                 "the same model with the same options")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -249,12 +423,14 @@ class GSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
+        self._check_group(group)
+        self._leave_frozen_blocks_to_sgd()
         lr = group["lr"]
         options = StepOptions(lr, group["momentum"], group["weight_decay"], group["bpr"],
                               group["min_pivot_ratio"])
         planned = []
         for plan in self._plans:
-            tensors = plan.tensors()
+            tensors = plan.tensors(group["maximize"])
             if all(g is None for g in tensors[2] + tensors[3]):
                 continue
             index = plan.index_on(plan.weights[0].device)
@@ -291,6 +467,8 @@ class GSGD(Optimizer):
         if not params:
             return
         grads = [p.grad for p in params]
+        if self.param_groups[0]["maximize"]:
+            grads = torch._foreach_neg(grads)
         if options.weight_decay:
             grads = torch._foreach_add(grads, params, alpha=options.weight_decay)
         if options.momentum:

@@ -94,6 +94,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._common import SGD_NEUTRAL, check_group_keys, unwrap_model
+
 __all__ = ["PathSGD", "PathSGDStepError", "needs_input_shape"]
 
 # Keys in the optimizer's param group / state (kept here: the project has no shared key module yet).
@@ -101,6 +103,9 @@ LR = "lr"
 EPS = "eps"
 RESCALE = "rescale"
 RESCALE_RATIO = "rescale_ratio"
+INPUT_SHAPE = "input_shape"
+MAXIMIZE = "maximize"
+STATE_RECORD = "path_sgd"      # the structure record's key in state_dict()
 _RESCALE_CHOICES = (None, "first", "every")
 
 
@@ -421,10 +426,18 @@ class PathSGD(torch.optim.Optimizer):
             every step (a consistent version of the published code's ratio; not invariant).
         eps: added to kappa before dividing (default 0.0; > 0 breaks the exact invariance).
         input_shape: the input's shape without the batch dimension; required for conv nets.
+            Fixed once built: in ``param_groups[0]`` for the record, recorded in
+            ``state_dict()``, and a state saved with another one is refused.
+        maximize: Path-SGD on ``-loss``, as ``torch.optim.SGD``'s flag.
+
+    A step refuses param-group keys it would ignore (e.g. SGD's ``momentum=0.9`` from an SGD
+    state_dict). Copies (``copy.deepcopy``, ``pickle``, ``torch.save(opt)``) keep their own
+    squared-weight copy and step exactly like the original.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, rescale: Optional[str] = None,
-                 eps: float = 0.0, input_shape: Optional[Sequence[int]] = None):
+                 eps: float = 0.0, input_shape: Optional[Sequence[int]] = None,
+                 maximize: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}. Must be a torch.nn.Module "
                             "(PathSGD takes the model, not its parameters).")
@@ -441,7 +454,10 @@ class PathSGD(torch.optim.Optimizer):
                                  "sequence of positive integers (the input shape without the "
                                  "batch dimension).")
             input_shape = tuple(int(s) for s in input_shape)
+        if not isinstance(maximize, bool):
+            raise ValueError(f"Invalid maximize={maximize!r}. Must be True or False.")
 
+        model = unwrap_model(model)    # torch.compile, DataParallel, DDP share the parameters
         named = list(model.named_parameters())
         if not named:
             raise ValueError("Invalid model: it has no parameters.")
@@ -452,8 +468,7 @@ class PathSGD(torch.optim.Optimizer):
         shadow = copy.deepcopy(model).eval()
         for p in shadow.parameters():
             p.requires_grad_(True)
-        gm = _trace(shadow)
-        _, inferred = _check_and_square_pools(gm)
+        inferred = self._build_shadow(shadow)
         if input_shape is None:
             if inferred is None:
                 raise ValueError(
@@ -463,14 +478,9 @@ class PathSGD(torch.optim.Optimizer):
                     "kappa of a convolution depends on the image size.")
             input_shape = inferred
         self._input_shape = input_shape
-        self._shadow = gm
-        shadow_params = dict(gm.named_parameters())
-        # Shadow parameter for each model parameter (None: not inside a Linear/Conv2d used in
-        # forward; such a parameter may not receive a gradient).
-        self._shadow_params: list[Optional[torch.Tensor]] = [
-            shadow_params.get(n) for n in self._param_names]
 
-        defaults = {LR: lr, EPS: eps, RESCALE: rescale}
+        defaults = {LR: lr, EPS: eps, RESCALE: rescale, INPUT_SHAPE: input_shape,
+                    MAXIMIZE: maximize}
         super().__init__(params, defaults)
 
         # Trial run: the input shape must fit, and the output must be one tensor.
@@ -489,11 +499,71 @@ class PathSGD(torch.optim.Optimizer):
                              "add_param_group is not supported.")
         super().add_param_group(param_group)
 
+    def _build_shadow(self, shadow: nn.Module) -> Optional[tuple]:
+        """Trace the squared-weight copy `shadow` (a deep copy of the model; the traced module
+        shares its parameters) and square its poolings; returns the inferred input shape."""
+        gm = _trace(shadow)
+        _, inferred = _check_and_square_pools(gm)
+        self._shadow_model = shadow        # what copies of the optimizer rebuild from
+        self._shadow = gm
+        shadow_params = dict(gm.named_parameters())
+        # Shadow parameter for each model parameter (None: not inside a Linear/Conv2d used in
+        # forward; such a parameter may not receive a gradient).
+        self._shadow_params: list[Optional[torch.Tensor]] = [
+            shadow_params.get(n) for n in self._param_names]
+        return inferred
+
+    def _record(self) -> dict:
+        return {INPUT_SHAPE: list(self._input_shape), "param_names": list(self._param_names)}
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_pathsgd_structure"] = {**self._record(), "shadow": self._shadow_model}
+        return state
+
     def __setstate__(self, state: dict) -> None:
+        structure = state.pop("_pathsgd_structure", None)
         super().__setstate__(state)
+        if structure is not None:            # a copy: deepcopy, pickle, torch.save(opt)
+            self._param_names = list(structure["param_names"])
+            self._input_shape = tuple(structure[INPUT_SHAPE])
+            self._build_shadow(structure["shadow"])
         for group in self.param_groups:
             group.setdefault(EPS, 0.0)
             group.setdefault(RESCALE, None)
+            group.setdefault(MAXIMIZE, False)
+            group.setdefault(INPUT_SHAPE, self._input_shape)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state[STATE_RECORD] = self._record()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by `state_dict()`; refuses one saved with another input shape or
+        for other parameters, and one from another optimizer."""
+        record = state_dict.get(STATE_RECORD)
+        groups = state_dict.get("param_groups") or [{}]
+        if record is None and not {EPS, RESCALE} <= set(groups[0]):
+            raise ValueError("this state_dict was not saved by PathSGD; PathSGD cannot use "
+                             "another optimizer's state: start PathSGD afresh instead")
+        if record is not None:
+            saved = tuple(record[INPUT_SHAPE])
+            if saved != self._input_shape:
+                raise ValueError(f"the state_dict was saved by PathSGD with input_shape={saved}, "
+                                 f"this PathSGD has input_shape={self._input_shape}: build it "
+                                 f"with input_shape={saved} to load this state")
+            for k, (a, b) in enumerate(zip(record["param_names"], self._param_names)):
+                if a != b:
+                    raise ValueError(f"the state_dict's parameter {k} is '{a}', this PathSGD's "
+                                     f"is '{b}': load it into a PathSGD built on the same model")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_RECORD})
+
+    def _check_group(self, group: dict) -> None:
+        """Refuse param-group keys the step would ignore (SGD's momentum, nesterov, ...)."""
+        check_group_keys("PathSGD", group, {LR, EPS, RESCALE, MAXIMIZE},
+                         {**SGD_NEUTRAL, "momentum": (0, 0.0), "weight_decay": (0, 0.0)},
+                         {INPUT_SHAPE: self._input_shape})
 
     # -- kappa -----------------------------------------------------------------------------------
     def _sync_shadow(self, params: list[torch.Tensor]) -> None:
@@ -542,6 +612,7 @@ class PathSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
+        self._check_group(group)
         params = group["params"]
         lr, eps, rescale = group[LR], group[EPS], group[RESCALE]
         idx = [i for i, p in enumerate(params) if p.grad is not None]
@@ -576,7 +647,7 @@ class PathSGD(torch.optim.Optimizer):
             if rescale is not None:
                 ratio = self._rescale_ratio(rescale, grads, updates, params[0])
                 torch._foreach_mul_(updates, ratio)
-            torch._foreach_add_(ps, updates, alpha=-lr)
+            torch._foreach_add_(ps, updates, alpha=lr if group[MAXIMIZE] else -lr)
         return loss
 
     def _rescale_ratio(self, rescale, grads, updates, first_param) -> torch.Tensor:
