@@ -258,7 +258,8 @@ def test_state_dict_with_the_record_loads_with_weights_only():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
     assert loaded["gsgd"]["options"] == {"skeleton_init": "keep", "bn": "approx",
-                                         "block_split": "none"}
+                                         "block_split": "none", "valleys": "split",
+                                         "input_shape": None}
     clone = copy.deepcopy(model)
     clone_opt = GSGD(clone, lr=1.0, momentum=0.9, skeleton_init="keep")
     clone_opt.load_state_dict(loaded)

@@ -32,24 +32,27 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..gspace.blocks import BlockLayout, ChainBlock, find_chain_blocks
-from ..gspace.skeleton import ChainSkeleton, UnsupportedWidthProfile, build_skeleton
+from ..gspace.blocks import BlockLayout
+from ..gspace.conditioning import step_range
+from ..gspace.coverage import (BLOCK_SPLITS, VALLEY_MODES, Coverage, coverage_summary,
+                               format_coverage, plan_blocks)
+from ..gspace.skeleton import ChainSkeleton, build_skeleton
 from ..gspace.update import (ChainIndex, StepOptions, Workspace, apply_chain_step,
                              plan_chain_step)
 from ._common import SGD_NEUTRAL, check_group_keys, unwrap_model
 
 SKELETON_INITS = ("one", "keep", "rescale")
 BN_OPTIONS = ("approx", "approx_per_tap", "split")
-BLOCK_SPLITS = ("none", "stage")
 
 
 # Options that shape the blocks at construction: recorded in state_dict(), fixed afterwards.
-STRUCTURE_KEYS = ("skeleton_init", "bn", "block_split")
+STRUCTURE_KEYS = ("skeleton_init", "bn", "block_split", "valleys", "input_shape")
 # Keys of the param group that every step reads.
 STEP_KEYS = frozenset({"lr", "momentum", "weight_decay", "bpr", "min_pivot_ratio", "maximize"})
 STATE_RECORD = "gsgd"           # the structure record's key in state_dict()
@@ -109,7 +112,8 @@ class _BlockPlan:
         per output channel, by the norm of that channel's incoming filter (paper, eq. 39);
         with `per_tap` by the norm over input channels at each kernel position instead.
         `maximize`: the gradients of -loss (new tensors; `.grad` is not changed)."""
-        weights = [w.detach() for w in self.weights]
+        weights = [w.detach() if w.is_contiguous() else w.detach().contiguous()
+                   for w in self.weights]      # e.g. channels_last: see write_back
         grads = [w.grad for w in self.weights]
         bias_grads = [b.grad if b is not None else None for b in self.biases]
         if maximize:
@@ -125,6 +129,23 @@ class _BlockPlan:
                 grads[i] = grads[i] * norms
         return (weights, [b.detach() if b is not None else None for b in self.biases],
                 grads, bias_grads)
+
+    def write_back(self, weights: list[Tensor]) -> None:
+        """Copy the stepped contiguous copies (`tensors()`) into non-contiguous weights."""
+        for w, stepped in zip(self.weights, weights):
+            if stepped.data_ptr() != w.data_ptr():
+                w.detach().copy_(stepped)
+
+
+def _check_input_shape(input_shape) -> tuple[int, ...] | None:
+    if input_shape is None:
+        return None
+    if (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence)
+            or not input_shape or not all(isinstance(n, int) and not isinstance(n, bool)
+                                          and n > 0 for n in input_shape)):
+        raise ValueError(f"Invalid input_shape={input_shape!r}. Must be a non-empty sequence of "
+                         "positive integers (one input's shape without the batch dimension).")
+    return tuple(int(n) for n in input_shape)
 
 
 def _check_positive(name: str, value, strictly: bool = True) -> None:
@@ -178,10 +199,25 @@ class GSGD(Optimizer):
             plain network from stem to classifier. `"stage"`: one block per run of
             equal-width layers (per stage, as the published code does); the layers that change
             the width (stem, stride-2 transitions, classifier) then take plain SGD.
+        valleys: a hidden layer narrower than layers on both sides (a width valley) cannot be
+            a hidden layer of one block (see `gsgd_cli.gspace.skeleton`). `"split"` (default):
+            the block is split there into exact blocks whose boundary is the valley (G-SGD is
+            then not invariant to rescaling the valley's nodes; a one-layer part takes plain
+            SGD); `"refuse"`: raise `UnsupportedWidthProfile` naming the layer.
+        input_shape: one input's shape without the batch dimension, e.g. `(3, 32, 32)`. With
+            it the shapes of every value are propagated (fake tensors, nothing is computed) and
+            every flatten or reshape between two layers is checked exactly; without it only
+            the usual `flatten(x, 1)` of a convolution's output joins two layers (a reshape of
+            a Linear layer's output then ends the chain, with a note). `gsgd train` passes it.
         maximize: G-SGD on `-loss` (the gradients' sign flipped), as `torch.optim.SGD`'s flag.
 
-    `skeleton_init`, `bn` and `block_split` shape the blocks when the optimizer is built: they
-    are in `param_groups[0]` (and `repr`) for the record, and a step refuses a changed value.
+    On construction a `GSGDWarning` says what share of the trainable parameters lies in G-space
+    when it is not all, and why the rest is outside (`describe()` gives the full table), and
+    warns when a block's step cannot be represented in the parameters' dtype.
+
+    `skeleton_init`, `bn`, `block_split`, `valleys` and `input_shape` shape the blocks when the
+    optimizer is built: they are in `param_groups[0]` (and `repr`) for the record, and a step
+    refuses a changed value.
     A step also refuses keys it would ignore (e.g. SGD's `nesterov=True`). A layer frozen after
     construction (`requires_grad_(False)`) sends its block to plain SGD, as freezing before.
     """
@@ -189,6 +225,7 @@ class GSGD(Optimizer):
     def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
                  momentum: float = 0.0, weight_decay: float = 0.0, bpr: float = 0.0,
                  min_pivot_ratio: float = 1e-6, bn: str = "approx", block_split: str = "none",
+                 valleys: str = "split", input_shape: Sequence[int] | None = None,
                  maximize: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GSGD takes the model (an nn.Module), got {type(model).__name__}; "
@@ -203,43 +240,47 @@ class GSGD(Optimizer):
         if momentum >= 1:
             raise ValueError(f"Invalid momentum={momentum!r}. Must be a number in [0, 1).")
         for name, value, choices in (("bn", bn, BN_OPTIONS), ("block_split", block_split,
-                                                            BLOCK_SPLITS)):
+                                                            BLOCK_SPLITS),
+                                     ("valleys", valleys, VALLEY_MODES)):
             if value not in choices:
                 raise ValueError(f"Invalid {name}={value!r}. Must be one of "
                                  f"{', '.join(repr(c) for c in choices)}.")
         if not isinstance(maximize, bool):
             raise ValueError(f"Invalid maximize={maximize!r}. Must be True or False.")
+        input_shape = _check_input_shape(input_shape)
         model = unwrap_model(model)      # torch.compile, DataParallel, DDP share the parameters
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("GSGD got a model with no trainable parameters")
-        self._structure = dict(skeleton_init=skeleton_init, bn=bn, block_split=block_split)
+        self._structure = dict(skeleton_init=skeleton_init, bn=bn, block_split=block_split,
+                               valleys=valleys, input_shape=input_shape)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       bpr=bpr, min_pivot_ratio=min_pivot_ratio,
                                       maximize=maximize, **self._structure))
-        discovery = find_chain_blocks(model, bn="split" if bn == "split" else "approx")
-        blocks = discovery.blocks
-        if block_split == "stage":
-            blocks = [part for block in blocks for part in split_by_stage(block)]
-        frozen = [b for b in blocks if any(not p.requires_grad for m in b.modules
-                                           for p in m.parameters(recurse=False))]
-        if frozen:
+        plan = plan_blocks(model, bn=bn, block_split=block_split, valleys=valleys,
+                           input_shape=input_shape)
+        if plan.frozen_blocks:
             warnings.warn("GSGD leaves chain block(s) with frozen layers to plain SGD (a step "
                           "would have to rescale the frozen weights): "
-                          + "; ".join(" -> ".join(b.names) for b in frozen), GSGDWarning,
-                          stacklevel=2)
-            blocks = [b for b in blocks if b not in frozen]
+                          + "; ".join(" -> ".join(b.names) for b in plan.frozen_blocks),
+                          GSGDWarning, stacklevel=2)
         position = {id(p): k for k, p in enumerate(params)}
         self._blocks = [_BlockRecord(block.layout(), [position[id(m.weight)] for m in block.modules],
                                      [position[id(m.bias)] if m.bias is not None else None
-                                      for m in block.modules]) for block in blocks]
+                                      for m in block.modules]) for block in plan.blocks]
         self._demoted: list[int] = []     # blocks left to plain SGD after construction
-        self._notes = list(discovery.notes)
-        self._activate(check_layout=True)
-        if not self._plans and not frozen:
-            warnings.warn(f"GSGD found no chain block (Linear/Conv2d layers joined by ReLU) in "
-                          f"{type(model).__name__}; every parameter takes a plain SGD step",
+        self._coverage: Coverage = plan.coverage
+        self._activate()
+        coverage = plan.coverage
+        if not self._plans and not plan.frozen_blocks:
+            warnings.warn(f"GSGD found no chain block (Linear/Conv2d layers joined by ReLU) to "
+                          f"step in G-space in {type(model).__name__}; every parameter takes a "
+                          f"plain SGD step. {coverage_summary(coverage).split(': ', 1)[-1]}",
                           GSGDWarning, stacklevel=2)
+        elif coverage.in_blocks < coverage.total:
+            warnings.warn(coverage_summary(coverage), GSGDWarning, stacklevel=2)
+        for note in coverage.valleys:
+            warnings.warn(f"GSGD: {note}", GSGDWarning, stacklevel=2)
         with torch.no_grad():
             set_to_one = sum(self._init_skeleton(plan) for plan in self._plans)
         if set_to_one:
@@ -248,37 +289,26 @@ class GSGD(Optimizer):
                           "function now. To keep a loaded or pretrained model's weights pass "
                           "skeleton_init='keep', or build GSGD before loading the checkpoint",
                           GSGDWarning, stacklevel=2)
+        for problem in self._step_range_problems():
+            warnings.warn(problem, GSGDWarning, stacklevel=2)
 
     # -- blocks -------------------------------------------------------------------------------
-    def _activate(self, check_layout: bool = False) -> None:
+    def _activate(self) -> None:
         """Plans for the blocks that are not demoted; the rest of the parameters take SGD."""
         params = self.param_groups[0]["params"]
-        self._plans = [self._plan(k, record, params, check_layout)
+        self._plans = [self._plan(k, record, params)
                        for k, record in enumerate(self._blocks) if k not in self._demoted]
         in_blocks = {id(p) for plan in self._plans for p in plan.params}
         self._outside = [p for p in params if id(p) not in in_blocks]
         self._block_params = [p for plan in self._plans for p in plan.params]
 
-    def _plan(self, number: int, record: _BlockRecord, params: list[nn.Parameter],
-              check_layout: bool) -> _BlockPlan:
+    def _plan(self, number: int, record: _BlockRecord, params: list[nn.Parameter]) -> _BlockPlan:
         block = record.layout
-        try:
-            views = block.views
-            skeleton = build_skeleton(block.widths, tuple(v.kernel for v in views),
-                                      tuple(v.centre for v in views))
-        except UnsupportedWidthProfile as exc:
-            layer = block.names[exc.hidden_layer - 1]
-            raise UnsupportedWidthProfile(
-                f"G-SGD cannot handle chain block {' -> '.join(block.names)}: the output of "
-                f"'{layer}' is a {exc}. Make the hidden widths rise and then fall (a single "
-                "peak), or leave this part of the model to SGD", exc.hidden_layer) from None
+        views = block.views
+        skeleton = build_skeleton(block.widths, tuple(v.kernel for v in views),
+                                  tuple(v.centre for v in views))
         weights = [params[k] for k in record.weights]
         biases = [params[k] if k is not None else None for k in record.biases]
-        if check_layout:
-            for name, p in zip(block.names, weights):
-                if not p.is_contiguous():
-                    raise ValueError(f"layer '{name}' has a non-contiguous weight; G-SGD indexes "
-                                     "weights in place and needs contiguous tensors")
         return _BlockPlan(block, skeleton, weights, biases, {},
                           self._structure["bn"] == "approx_per_tap", number=number)
 
@@ -287,8 +317,9 @@ class GSGD(Optimizer):
         were not 1 before."""
         skeleton_init = self._structure["skeleton_init"]
         changed = 0
-        for name, w, layer in zip(plan.block.names, plan.weights, plan.skeleton.layers):
-            flat = w.data.view(-1)
+        weights = [w.data if w.is_contiguous() else w.data.contiguous() for w in plan.weights]
+        for name, w, layer in zip(plan.block.names, weights, plan.skeleton.layers):
+            flat = w.view(-1)
             index = layer.flat.to(w.device)
             if skeleton_init == "one":
                 changed += int((flat.index_select(0, index) != 1).sum())
@@ -302,10 +333,35 @@ class GSGD(Optimizer):
                 raise ValueError(f"skeleton_init='rescale' keeps the network function only "
                                  f"without batch norm, and block {plan.block.names[0]} -> ... "
                                  "has batch norm: use skeleton_init='one'")
-            rescale_free_weights_to_unit(plan.skeleton, [w.data for w in plan.weights],
+            rescale_free_weights_to_unit(plan.skeleton, weights,
                                          [b.data if b is not None else None
                                           for b in plan.biases])
+        plan.write_back(weights)
         return changed
+
+    def _step_range_problems(self) -> list[str]:
+        """Blocks whose steps the parameters' dtype cannot represent (see conditioning.py)."""
+        problems = []
+        for plan in self._plans:
+            weights = plan.weights
+            found = step_range(plan.skeleton, plan.index_on(weights[0].device),
+                               weights).problem(weights[0].dtype)
+            if found:
+                names = plan.block.names
+                where = (f"{names[0]} -> ... -> {names[-1]} ({len(names)} layers)"
+                         if len(names) > 3 else " -> ".join(names))
+                advice = ("skeleton_init='one' keeps the products near 1" if
+                          self._structure["skeleton_init"] != "one" else
+                          "shorter blocks (block_split='stage') or float64 keep them in range")
+                problems.append(f"GSGD: in chain block {where} the products s of skeleton "
+                                f"weights along the chains make a step impossible: {found}; "
+                                f"{advice} (README, Known limits)")
+        return problems
+
+    def describe(self) -> str:
+        """The full coverage table: every chain block (widths, pivot layer, m, H), every
+        parameter that takes plain SGD with the reason, and notes on where chains end."""
+        return format_coverage(self._coverage, tuple(k + 1 for k in self._demoted))
 
     @property
     def blocks(self) -> list[BlockLayout]:
@@ -351,7 +407,7 @@ class GSGD(Optimizer):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_gsgd_structure"] = {**self._record(), "notes": list(self._notes)}
+        state["_gsgd_structure"] = {**self._record(), "coverage": self._coverage}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -361,7 +417,7 @@ class GSGD(Optimizer):
             self._structure = dict(structure["options"])
             self._blocks = [_BlockRecord.from_record(b) for b in structure["blocks"]]
             self._demoted = list(structure["demoted"])
-            self._notes = list(structure["notes"])
+            self._coverage = structure["coverage"]
         for group in self.param_groups:
             for key, default in (("min_pivot_ratio", 1e-6), ("momentum", 0.0),
                                  ("weight_decay", 0.0), ("bpr", 0.0), ("maximize", False),
@@ -452,6 +508,7 @@ class GSGD(Optimizer):
                         "pivot_momentum_buffer"] = step.pivot_buffer
                 apply_chain_step(plan.skeleton, index, step, *tensors, options, buffers,
                                  bias_buffers, plan.workspace)
+                plan.write_back(tensors[0])
         self._sgd_outside(options)
         return loss
 
@@ -524,20 +581,3 @@ def rescale_free_weights_to_unit(skeleton: ChainSkeleton, weights: list[Tensor],
         if biases[i] is not None:
             biases[i].mul_(scales[i + 1])
 
-
-def split_by_stage(block: ChainBlock) -> list[ChainBlock]:
-    """One block per stage: maximal runs of >= 2 consecutive layers that keep the width.
-
-    Width-changing layers (stem, stride-2 transitions, classifier) fall outside and take
-    plain SGD, as in the published code's per-stage blocks."""
-    parts, run = [], []
-    for k, view in enumerate(block.views + [None]):
-        if view is not None and view.n_in == view.n_out:
-            run.append(k)
-            continue
-        if len(run) >= 2:
-            parts.append(ChainBlock([block.names[i] for i in run],
-                                    [block.modules[i] for i in run],
-                                    [block.bn_after[i] for i in run]))
-        run = []
-    return parts
