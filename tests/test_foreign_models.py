@@ -479,3 +479,30 @@ def test_no_range_warning_when_the_step_fits():
         GSGD(_deep_he_mlp(dtype=torch.float64), lr=0.1, skeleton_init="keep")
         GSGD(mlp([4, 5, 5, 3], bias=False, dtype=torch.float32), lr=0.1,
              skeleton_init="keep")
+
+
+def test_step_range_bounds_the_brute_force_path_products():
+    from gsgd_cli.gspace.conditioning import step_range
+    from gsgd_cli.gspace.skeleton import build_skeleton
+    from gsgd_cli.gspace.update import ChainIndex
+
+    widths = [3, 4, 6, 3, 2]
+    model = randomise(mlp(widths, bias=True), torch.Generator().manual_seed(9), low=0.01,
+                      high=3.0)
+    net = as_reference_net(model)
+    basis = ref.skeleton_basis(net)
+    w = net.flat()
+    products = [float(torch.prod(w[[f for f in path if f != e]]).abs())
+                for path in basis.paths for e in path if e not in basis.pivots
+                and e not in basis.free and len([f for f in path if f not in basis.free
+                                                 and f not in basis.pivots]) == 1]
+    products += [float(v.abs()) for path, v in zip(basis.paths, ref.path_values(net, basis))
+                 if set(path) <= set(basis.free) | set(basis.pivots)]
+    skeleton = build_skeleton(widths)
+    found = step_range(skeleton, ChainIndex.build(skeleton, torch.device("cpu")),
+                       [m.weight for m in linears(model)])
+    import math
+    low, high = math.log10(min(products)), math.log10(max(products))
+    assert found.s_min <= low + 1e-9 and found.s_max >= high - 1e-9
+    assert found.s_min > low - 1.5 and found.s_max < high + 1.5
+    assert found.coefficient_max == pytest.approx(-2 * found.s_min)

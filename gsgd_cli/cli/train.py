@@ -136,7 +136,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
     try:
         make_optimizer = hydra.utils.instantiate(cfg.optimizer)
         kwargs = {}
-        if cfg.optimizer.get("input_shape", "absent") is None:   # Path-SGD: kappa needs it
+        if cfg.optimizer.get("input_shape", "absent") is None:   # Path-SGD: kappa; G-SGD: shapes
             kwargs["input_shape"] = tuple(data.in_shape)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
