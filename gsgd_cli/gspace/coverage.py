@@ -223,8 +223,8 @@ def _share(coverage: Coverage) -> str:
     return f"{100 * coverage.in_blocks / total:.1f}%" if total else "0%"
 
 
-def coverage_summary(coverage: Coverage, max_groups: int = 4) -> str:
-    """One line: the share of trainable parameters in G-space and why the rest is outside."""
+def coverage_reasons(coverage: Coverage, max_groups: int = 4) -> str:
+    """Why parameters take plain SGD, grouped by reason: "'a', 'b' and 3 more (why); ..."."""
     groups: dict[str, list[str]] = collections.defaultdict(list)
     for row in coverage.rows:
         if row.block is None:
@@ -238,10 +238,16 @@ def coverage_summary(coverage: Coverage, max_groups: int = 4) -> str:
         parts.append(f"{shown}{more} ({why})")
     if len(groups) > max_groups:
         parts.append(f"{len(groups) - max_groups} more reasons")
+    return "; ".join(parts)
+
+
+def coverage_summary(coverage: Coverage) -> str:
+    """One line: the share of trainable parameters in G-space and why the rest is outside."""
+    reasons = coverage_reasons(coverage)
     head = (f"GSGD: {_share(coverage)} of the trainable parameters of {coverage.model} "
             f"({coverage.in_blocks} of {coverage.total}) are in {len(coverage.blocks)} G-space "
             f"chain block(s); the rest take plain SGD")
-    return head + (": " + "; ".join(parts) if parts else "") + ". opt.describe() lists them all"
+    return head + (": " + reasons if reasons else "") + ". opt.describe() lists them all"
 
 
 def format_coverage(coverage: Coverage, demoted: tuple[int, ...] = ()) -> str:

@@ -11,11 +11,12 @@ Usage::
         opt.step()
 
 The optimizer takes the model, not a parameter list: it traces the model to find its chain
-blocks (`gsgd_cli.gspace.blocks`), builds the skeleton of each (`gsgd_cli.gspace.skeleton`)
-once, and every `step()` runs the closed-form update of `gsgd_cli.gspace.update`: plain SGD
-on the values of the basis paths (the coordinates of G-space), mapped back to the weights with
-the free skeleton weights held fixed. Parameters outside every chain block take a plain SGD
-step with the same learning rate.
+blocks (`gsgd_cli.gspace.blocks`, `joins`; split and checked by `gsgd_cli.gspace.coverage`),
+builds the skeleton of each (`gsgd_cli.gspace.skeleton`) once, and every `step()` runs the
+closed-form update of `gsgd_cli.gspace.update`: plain SGD on the values of the basis paths
+(the coordinates of G-space), mapped back to the weights with the free skeleton weights held
+fixed. Parameters outside every chain block take a plain SGD step with the same learning
+rate; `describe()` lists them with the reason, and construction says how much is covered.
 
 Symbols of the paper and their arguments: `eta_t` is `lr` (per step, so schedulers work);
 the skeleton weights' initial value 1 is `skeleton_init="one"`; `"keep"` keeps the model's
@@ -40,8 +41,8 @@ from torch.optim import Optimizer
 
 from ..gspace.blocks import BlockLayout
 from ..gspace.conditioning import step_range
-from ..gspace.coverage import (BLOCK_SPLITS, VALLEY_MODES, Coverage, coverage_summary,
-                               format_coverage, plan_blocks)
+from ..gspace.coverage import (BLOCK_SPLITS, VALLEY_MODES, Coverage, coverage_reasons,
+                               coverage_summary, format_coverage, plan_blocks)
 from ..gspace.skeleton import ChainSkeleton, build_skeleton
 from ..gspace.update import (ChainIndex, StepOptions, Workspace, apply_chain_step,
                              plan_chain_step)
@@ -275,7 +276,8 @@ class GSGD(Optimizer):
         if not self._plans and not plan.frozen_blocks:
             warnings.warn(f"GSGD found no chain block (Linear/Conv2d layers joined by ReLU) to "
                           f"step in G-space in {type(model).__name__}; every parameter takes a "
-                          f"plain SGD step. {coverage_summary(coverage).split(': ', 1)[-1]}",
+                          f"plain SGD step: {coverage_reasons(coverage)}. opt.describe() "
+                          "lists them all",
                           GSGDWarning, stacklevel=2)
         elif coverage.in_blocks < coverage.total:
             warnings.warn(coverage_summary(coverage), GSGDWarning, stacklevel=2)
