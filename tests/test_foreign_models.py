@@ -43,27 +43,36 @@ def rescale_blocks(model, blocks, generator, low=0.3, high=3.0):
     return model
 
 
-def assert_invariant(make, x, y, steps=6, lr=0.05, **kwargs):
-    """The oracle on two models from `make()`; returns the optimizer of the first one."""
+def assert_invariant(make, x, y, steps=6, lr=0.05, own_init=False, **kwargs):
+    """The oracle on two models from `make()`; returns the optimizer of the first one.
+    Weights are randomised (both signs, well conditioned) unless `own_init`; every forward
+    pass of the two copies draws the same dropout masks."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     model, twin = make().double(), make().double()
     for m in (model, twin):
-        randomise(m, torch.Generator().manual_seed(0), low=0.3, high=1.0, positive=0.75)
+        if not own_init:
+            randomise(m, torch.Generator().manual_seed(0), low=0.3, high=1.0, positive=0.75)
+
+    def forward(m, inputs, seed):
+        torch.manual_seed(seed)
+        return m(inputs)
+
     opt = quiet_gsgd(model, lr=lr, skeleton_init="keep", **kwargs)
     rescale_blocks(twin, opt.blocks, torch.Generator().manual_seed(1))
     twin_opt = quiet_gsgd(twin, lr=lr, skeleton_init="keep", **kwargs)
     assert [b.names for b in twin_opt.blocks] == [b.names for b in opt.blocks]
     with torch.no_grad():
-        torch.testing.assert_close(twin(x), model(x), rtol=1e-10, atol=1e-10,
+        torch.testing.assert_close(forward(twin, x, 0), forward(model, x, 0), rtol=1e-10,
+                                   atol=1e-10,
                                    msg="the rescaling G-SGD assumes changes the function")
     for k in range(steps):
         for m, o in ((model, opt), (twin, twin_opt)):
             o.zero_grad()
-            F.cross_entropy(m(x[k % 2::2]), y[k % 2::2]).backward()
+            F.cross_entropy(forward(m, x[k % 2::2], k + 1), y[k % 2::2]).backward()
             o.step()
         with torch.no_grad():
-            torch.testing.assert_close(twin(x), model(x), rtol=1e-9, atol=1e-9,
-                                       msg=f"step {k}")
+            torch.testing.assert_close(forward(twin, x, 0), forward(model, x, 0), rtol=1e-9,
+                                       atol=1e-9, msg=f"step {k}")
     return opt
 
 
@@ -506,3 +515,19 @@ def test_step_range_bounds_the_brute_force_path_products():
     assert found.s_min <= low + 1e-9 and found.s_max >= high - 1e-9
     assert found.s_min > low - 1.5 and found.s_max < high + 1.5
     assert found.coefficient_max == pytest.approx(-2 * found.s_min)
+
+
+@pytest.mark.parametrize("arch", ["resnet18_nobn", "squeezenet1_0"])
+def test_torchvision_networks_pass_the_oracle(arch):
+    """Real torchvision code, float64, CIFAR shape: every block G-SGD finds is exact."""
+    models = pytest.importorskip("torchvision.models")
+
+    def make():
+        torch.manual_seed(0)
+        if arch == "resnet18_nobn":
+            return models.resnet18(num_classes=4, norm_layer=lambda c: nn.Identity())
+        return models.squeezenet1_0(num_classes=4)
+    x, y = _xy(3, 32, 32, classes=4, n=4)
+    opt = assert_invariant(make, x, y, steps=3, lr=1e-8, own_init=True,
+                           input_shape=(3, 32, 32))
+    assert len(opt.blocks) == (8 if arch == "resnet18_nobn" else 1)
