@@ -87,7 +87,7 @@ def step_path(request, monkeypatch):
 
         def spy(self, *args, original=original):
             result = original(self, *args)
-            if self._record.device.type == "cpu":
+            if self._step_record.device.type == "cpu":
                 used.append(result)
             return result
 

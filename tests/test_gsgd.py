@@ -356,7 +356,7 @@ def test_steps_after_a_failed_one_write_nothing_until_it_is_raised(monkeypatch):
     good = {p: p.grad.clone() for p in model.parameters()}
     model[0].weight.grad[0, 0] = float("nan")
     opt.step()                                               # step 1 fails
-    monkeypatch.setattr(opt._record, "visible_failure", lambda: False)
+    monkeypatch.setattr(opt._step_record, "visible_failure", lambda: False)
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = good[p].clone()

@@ -96,8 +96,14 @@ def test_valley_profiles_are_refused_naming_the_layer(widths):
     model = mlp(widths, bias=False)
     narrow = widths.index(min(widths[1:-1]), 1)          # node layer of the valley
     layer_name = str(2 * (narrow - 1))                    # Sequential index of its Linear
-    with pytest.raises(UnsupportedWidthProfile, match=rf"output of '{layer_name}' is a hidden"):
-        GSGD(model, lr=0.1)
+    with pytest.raises(UnsupportedWidthProfile,
+                       match=rf"^G-SGD cannot handle chain block 0 -> 2 -> 4 -> 6: the output "
+                             rf"of '{layer_name}' \(hidden layer {narrow}, width "
+                             rf"{widths[narrow]}\) is narrower than hidden layers on both sides "
+                             rf"\(widths \[{':'.join(map(str, widths))}\]\), a width valley\. "
+                             r"With valleys='refuse' .*valleys='split' splits the block there "
+                             r"instead$"):
+        GSGD(model, lr=0.1, valleys="refuse")
     with pytest.raises(UnsupportedWidthProfile, match="valley"):
         build_skeleton(widths)
 

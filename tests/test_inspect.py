@@ -66,8 +66,30 @@ def test_describe_structure_flags_a_width_valley_and_lists_outside_layers():
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 6),
                           nn.ReLU(), nn.Linear(6, 2), nn.LayerNorm(2))
     text = describe_structure(model)
-    assert "NOT SUPPORTED by GSGD: hidden layer 2 (width 3) is narrower" in text
-    assert "outside: 7.weight (2,)" in text
+    assert "chain block 1: 0 -> 2\n  widths [3:5:3]" in text
+    assert "chain block 2: 4 -> 6\n  widths [3:6:2]" in text
+    assert ("note: chain block 0 -> 2 -> 4 -> 6: the output of '2' (hidden layer 2, width 3) is "
+            "narrower than hidden layers on both sides (widths [3:5:3:6:2]), a width valley: "
+            "split there") in text
+    assert "outside: 7.weight (2,): LayerNorm's own parameter" in text
+    with pytest.raises(ValueError, match="valleys='split' splits the block there instead"):
+        describe_structure(model, valleys="refuse")
+
+
+def test_inspect_any_importable_model_with_its_coverage(tmp_path):
+    result = gsgd("inspect", "--model", "torchvision.models.squeezenet1_0", "--input-shape",
+                  "3,64,64", "--num-classes", "10")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("model: torchvision.models.squeezenet1_0 (SqueezeNet), input (3, 64, 64)")
+    assert "in chain blocks (2.1%)" in out
+    assert "outside: features.3.expand1x1.weight (64, 16, 1, 1): chain ends here: it is " \
+           "followed by cat" in out
+    bad = gsgd("inspect", "--model", "torchvision.models.nothing")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == ("gsgd inspect: cannot import --model "
+                                  "'torchvision.models.nothing': give a dotted name such as "
+                                  "torchvision.models.vgg11 or mypackage.models.Net")
 
 
 def test_inspect_paper_conv_models():

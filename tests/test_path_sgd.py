@@ -577,7 +577,7 @@ def test_steps_after_a_failed_one_write_nothing_until_it_is_raised(monkeypatch):
     good = [p.grad.clone() for p in model.parameters()]
     model[0].weight.grad[0, 0] = float("nan")
     opt.step()                                        # fails: recorded, nothing written
-    monkeypatch.setattr(opt._record, "visible_failure", lambda: False)   # e.g. CUDA, later
+    monkeypatch.setattr(opt._step_record, "visible_failure", lambda: False)   # e.g. CUDA, later
     before = [p.detach().clone() for p in model.parameters()]
     for p, g in zip(model.parameters(), good):
         p.grad = g.clone()
@@ -601,7 +601,7 @@ def test_the_step_never_reads_a_device_value():
         p.grad = torch.empty_like(p)
     opt.step()
     opt.step()
-    assert opt._record.device.type == "meta"
+    assert opt._step_record.device.type == "meta"
 
 
 # --------------------------------------------------------------------------------------------

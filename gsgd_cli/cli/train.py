@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -216,11 +217,16 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
     try:
         make_optimizer = hydra.utils.instantiate(cfg.optimizer)
         kwargs = {}
-        if cfg.optimizer.get("input_shape", "absent") is None:   # Path-SGD: kappa needs it
+        if cfg.optimizer.get("input_shape", "absent") is None:   # Path-SGD: kappa; G-SGD: shapes
             kwargs["input_shape"] = tuple(data.in_shape)
-        optimizer = make_optimizer(model, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimizer = make_optimizer(model, **kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(f"optimizer: {exc}") from None
+    notes = [str(w.message) for w in caught]
+    for note in notes:   # what the optimizer says about the model: one line each, on stdout
+        print(f"gsgd train: note: {note}")
     extra = {
         "git_commit": _git_commit(),
         "config": {k: v for k, v in (choices or {}).items()
@@ -228,6 +234,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "run_dir": str(run_dir),
         "cpu_threads": torch.get_num_threads(),
+        "optimizer_notes": notes,
     }
     trainer = Trainer(model, optimizer, data, run_dir, settings, schedule, extra_summary=extra,
                       config=config)

@@ -2,12 +2,20 @@
 
 A chain block is a sequence of layers `f_0, f_1, ...` (`nn.Linear`, or `nn.Conv2d` with
 `groups=1` and zero padding) where the output of `f_i` reaches `f_{i+1}` through ReLU (at
-least one) and operations that commute with a positive per-channel scale (dropout, identity,
-average and max pooling, zero padding, flatten), and through nothing else: every intermediate
-value has exactly one user, so no hidden activation leaks out (a skip connection reading it
-would break the invariance). The block's input and output nodes are not rescaled, so anything
-may come before its first and after its last layer; in a residual block the shortcut pins
-the block's input and output channels and the chain lies inside the block.
+least one) and operations that commute with a positive scale of each hidden node (dropout,
+identity; for convolutions also average and max pooling, zero padding, and the flatten that
+feeds a Linear layer), and through nothing else: every intermediate value has exactly one data
+user, so no hidden activation leaks out (a skip connection reading it would break the
+invariance). `joins.py` has the rules, including where a flatten or reshape may sit (checked
+exactly from the shapes when `input_shape` is known). The block's input and output nodes are
+not rescaled, so anything may come before its first and after its last layer; in a residual
+block the shortcut pins the block's input and output channels and the chain lies inside it.
+
+A layer is left out of every block (with a note saying why) when G-SGD could not rescale it
+exactly: a grouped or non-zero-padded convolution, a subclass with its own forward, a
+parametrized weight (`weight_norm`, ...) or one that is not a plain parameter, forward hooks, a
+layer called more than once, a parameter shared with another module or read outside the
+module in forward (`F.linear(h, self.fc.weight.t())`).
 
 A hidden node is a feature of a Linear layer or a channel of a convolution. Every layer is seen
 as `[n_out, n_in, K]`: K parallel edges per node pair (the kernel elements of a convolution;
@@ -20,27 +28,24 @@ batch norm makes each filter scale-invariant by itself and the chain is no longe
 invariant. With `bn="split"` batch norm ends a chain.
 
 Parameters outside every chain block (a lone Linear, normalisation layers, ...) are listed in
-`Discovery.outside` and take a plain SGD step.
+`Discovery.outside` and take a plain SGD step; `Discovery.notes` says, per layer, why it is not
+a chain layer or why its chain ends there.
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.parameter import UninitializedParameter
+from torch.nn.utils import parametrize
 
-_RELU_MODULES = (nn.ReLU,)
-_RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_}
-_RELU_METHODS = {"relu", "relu_"}
-_PASS_MODULES = (nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten, nn.AvgPool2d,
-                 nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d)
-_PASS_FUNCTIONS = {F.dropout, torch.flatten, F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d,
-                   F.adaptive_max_pool2d}
-_PASS_METHODS = {"flatten"}
-_FLATTENS = (nn.Flatten,)
-_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
+from .joins import data_users, follow
+
 BN_MODES = ("approx", "split")
+_LAYER_TYPES = (nn.Linear, nn.Conv2d)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 class ModelNotTraceable(ValueError):
@@ -61,11 +66,71 @@ def _out_nodes(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def _is_layer(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, nn.Conv2d) and module.groups == 1
-            and module.padding_mode == "zeros")
+def layer_problem(module: nn.Module) -> str | None:
+    """Why an `nn.Linear`/`nn.Conv2d` cannot be a layer of a chain block (None: it can)."""
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    if type(module).forward is not base.forward or (
+            base is nn.Conv2d and type(module)._conv_forward is not nn.Conv2d._conv_forward):
+        return f"{type(module).__name__} overrides forward"
+    if base is nn.Conv2d and module.groups != 1:
+        return f"a grouped convolution (groups={module.groups})"
+    if base is nn.Conv2d and module.padding_mode != "zeros":
+        return f"padding_mode='{module.padding_mode}' (only zero padding commutes with scaling)"
+    if parametrize.is_parametrized(module):
+        return ("its weight is parametrized (e.g. weight_norm): G-SGD would step the computed "
+                "weight, not the parameters")
+    for name in ("weight", "bias"):
+        value = getattr(module, name, None)
+        if name == "bias" and value is None:
+            continue
+        if not isinstance(value, nn.Parameter) or isinstance(value, UninitializedParameter):
+            return (f"its {name} is not a plain parameter (weight_norm, pruning or an "
+                    "uninitialised lazy layer)")
+    if module._forward_pre_hooks or module._forward_hooks:
+        return "it has forward hooks (they may change what it computes)"
+    return None
+
+
+@dataclass
+class BlockLayout:
+    """A chain block as plain data (names, layer views, batch-norm flags, biases): what G-SGD
+    needs once the block is found. It holds no module, so it pickles and compares by value."""
+
+    names: list[str]
+    views: list[LayerView]
+    bn_after: list[bool]
+    has_bias: list[bool]
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return (self.views[0].n_in, *[v.n_out for v in self.views])
+
+    @property
+    def bn_approx(self) -> bool:
+        return any(self.bn_after)
+
+    @property
+    def num_weights(self) -> int:
+        """m: weights and biases of the block."""
+        return sum(v.n_out * v.n_in * v.kernel + (v.n_out if bias else 0)
+                   for v, bias in zip(self.views, self.has_bias))
+
+    @property
+    def num_hidden(self) -> int:
+        """H: hidden nodes of the block."""
+        return sum(self.widths[1:-1])
+
+    def record(self) -> dict:
+        """Builtin types only (for `state_dict()` and `torch.load(weights_only=True)`)."""
+        return {"names": list(self.names),
+                "views": [[v.n_out, v.n_in, v.kernel, v.centre] for v in self.views],
+                "bn_after": [bool(b) for b in self.bn_after],
+                "has_bias": [bool(b) for b in self.has_bias]}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "BlockLayout":
+        return cls(list(record["names"]), [LayerView(*v) for v in record["views"]],
+                   list(record["bn_after"]), list(record["has_bias"]))
 
 
 @dataclass
@@ -112,30 +177,16 @@ class ChainBlock:
         """H: hidden nodes of the block."""
         return sum(self.widths[1:-1])
 
+    def layout(self) -> BlockLayout:
+        return BlockLayout(list(self.names), self.views, list(self.bn_after),
+                           [m.bias is not None for m in self.modules])
+
 
 @dataclass
 class Discovery:
     blocks: list[ChainBlock]
     outside: list[tuple[str, nn.Parameter]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)   # why a layer is not in a block
-
-
-def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _RELU_MODULES)
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
-    return node.op == "call_method" and node.target in _RELU_METHODS
-
-
-def _is_pass_through(node: fx.Node, modules: dict[str, nn.Module], bn: str) -> bool:
-    if node.op == "call_module":
-        module = modules[node.target]
-        return isinstance(module, _PASS_MODULES) or (
-            bn == "approx" and isinstance(module, _BN_MODULES))
-    if node.op == "call_function":
-        return node.target in _PASS_FUNCTIONS
-    return node.op == "call_method" and node.target in _PASS_METHODS
+    notes: list[str] = field(default_factory=list)   # 'layer: why' (see the docstring)
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
@@ -148,102 +199,104 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             "blocks by tracing, so the forward must avoid data-dependent control flow") from exc
 
 
-def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _FLATTENS)
-    return node.target in (torch.flatten, "flatten")
+def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module,
+                     input_shape: tuple[int, ...]):
+    """Shapes of every value for a batch of 2 inputs of `input_shape` (fake tensors: nothing
+    is computed, no buffer changes). Returns `node -> torch.Size or None`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    inputs = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise ValueError(f"input_shape describes one input, and the forward of "
+                         f"{type(model).__name__} takes {len(inputs)}")
+    first = next(iter(model.parameters()), None)
+    like = dict(dtype=first.dtype, device=first.device) if first is not None else {}
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with mode:
+            example = torch.zeros(2, *input_shape, **like)
+        ShapeProp(graph_module, fake_mode=mode).propagate(example)
+    except Exception as exc:  # the model's own error, whatever its type
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{type(model).__name__} does not run on an input of shape "
+                         f"(2, *{tuple(input_shape)}) ({first_line}); check input_shape") from exc
+
+    def shape(node: fx.Node):
+        meta = node.meta.get("tensor_meta")
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return shape
 
 
-def _next_layer(node: fx.Node, modules: dict[str, nn.Module],
-                bn: str) -> tuple[fx.Node | None, bool, str]:
-    """Follow the single-user chain from a layer's output to the next layer, if any.
+def find_chain_blocks(model: nn.Module, bn: str = "approx",
+                      input_shape: tuple[int, ...] | None = None) -> Discovery:
+    """The chain blocks of `model` (see the module docstring and `joins.py`).
 
-    Returns (next layer node or None, batch norm seen on the way, why not)."""
-    seen_relu = seen_bn = seen_flatten = False
-    current = node
-    while True:
-        users = list(current.users)
-        if len(users) != 1:
-            why = "its output is used more than once" if users else "its output is unused"
-            return None, False, why
-        user = users[0]
-        if user.op == "call_module" and _is_layer(modules[user.target]):
-            if user.args[0] is not current or len(user.args) != 1 or user.kwargs:
-                return None, False, "it feeds the next layer in an unexpected way"
-            if not seen_relu:
-                return None, False, "it feeds the next layer without a ReLU in between"
-            this, nxt = modules[node.target], modules[user.target]
-            if isinstance(nxt, nn.Conv2d) and (isinstance(this, nn.Linear) or seen_flatten):
-                return None, False, "a convolution reads a flattened or linear output"
-            if isinstance(this, nn.Conv2d) and isinstance(nxt, nn.Linear) and (
-                    not seen_flatten or nxt.in_features % this.out_channels):
-                return None, False, "a Linear layer reads conv channels without a flatten"
-            return user, seen_bn, ""
-        if _is_relu(user, modules):
-            seen_relu = True
-        elif user.op == "call_module" and isinstance(modules[user.target], _BN_MODULES) \
-                and bn == "approx":
-            seen_bn = True
-        elif not _is_pass_through(user, modules, bn):
-            what = user.target if user.op != "call_module" else type(modules[user.target]).__name__
-            return None, False, f"it is followed by {getattr(what, '__name__', what)}"
-        if _is_flatten(user, modules):
-            seen_flatten = True
-        # the activation must be the first argument, and no other tensor may flow in
-        if user.args[0] is not current or any(isinstance(a, fx.Node) for a in user.args[1:]):
-            return None, False, "an activation is combined with another tensor"
-        current = user
-
-
-def find_chain_blocks(model: nn.Module, bn: str = "approx") -> Discovery:
+    `input_shape` (one input without the batch dimension, e.g. `(3, 32, 32)`): the shapes of
+    every value are propagated and every reshape between two layers is checked exactly;
+    without it only the usual `flatten(x, 1)` of a convolution's output joins two layers."""
     if bn not in BN_MODES:
         raise ValueError(f"Invalid bn={bn!r}. Must be one of {', '.join(map(repr, BN_MODES))}.")
     graph_module = _trace(model)
     modules = dict(graph_module.named_modules())
-    linear_nodes = [n for n in graph_module.graph.nodes
-                    if n.op == "call_module" and _is_layer(modules[n.target])]
-    calls: dict[str, int] = {}
-    for n in linear_nodes:
-        calls[n.target] = calls.get(n.target, 0) + 1
-    notes: list[str] = []
+    shapes = (propagate_shapes(graph_module, model, tuple(input_shape))
+              if input_shape is not None else None)
+    layer_nodes = [n for n in graph_module.graph.nodes
+                   if n.op == "call_module" and isinstance(modules[n.target], _LAYER_TYPES)]
+    calls = collections.Counter(n.target for n in layer_nodes)
+    attribute_reads = [n.target for n in graph_module.graph.nodes if n.op == "get_attr"]
+    owners: collections.Counter = collections.Counter()
+    for _, module in model.named_modules():
+        owners.update(id(p) for p in module.parameters(recurse=False))
+    problems: dict[str, str] = {}
+    for name in calls:
+        module = modules[name]
+        why = layer_problem(module)
+        if why is None and calls[name] > 1:
+            why = f"called {calls[name]} times in forward"
+        if why is None:
+            reads = [t for t in attribute_reads if t == name or t.startswith(name + ".")]
+            if reads:
+                why = f"'{reads[0]}' is also used outside the module, in forward"
+        if why is None and any(owners[id(p)] > 1 for p in module.parameters(recurse=False)):
+            why = "it shares a parameter with another module"
+        if why is not None:
+            problems[name] = why
+    notes = [f"{name}: not a chain layer ({why})" for name, why in problems.items()]
     successor: dict[fx.Node, fx.Node] = {}
     bn_between: dict[fx.Node, bool] = {}
-    for n in linear_nodes:
-        if calls[n.target] > 1:
-            notes.append(f"{n.target}: called {calls[n.target]} times in forward")
+    for n in layer_nodes:
+        if n.target in problems:
             continue
-        nxt, seen_bn, why = _next_layer(n, modules, bn)
-        if nxt is not None and calls[nxt.target] == 1:
+        this = modules[n.target]
+        nxt, seen_bn, why = follow(n, "last" if isinstance(this, nn.Linear) else "channel",
+                                   modules, bn, shapes)
+        if nxt is not None and nxt.target in problems:
+            nxt, why = None, f"it feeds '{nxt.target}', which is not a chain layer"
+        if (nxt is not None and isinstance(this, nn.Conv2d) and isinstance(modules[nxt.target],
+                                                                            nn.Linear)
+                and modules[nxt.target].in_features % this.out_channels):
+            nxt, why = None, (f"'{nxt.target}' reads {modules[nxt.target].in_features} "
+                              f"features, not a multiple of {this.out_channels} channels")
+        if nxt is not None:
             successor[n] = nxt
             bn_between[n] = seen_bn
-        elif why and why != "its output is unused":
+        elif why != "its output is unused":
             notes.append(f"{n.target}: not joined to a next layer ({why})")
     has_predecessor = set(successor.values())
     blocks = []
-    for n in linear_nodes:
+    for n in layer_nodes:
         if n in successor and n not in has_predecessor:
             chain = [n]
             while chain[-1] in successor:
                 chain.append(successor[chain[-1]])
             bn_after = [bn_between.get(c, False) for c in chain]
-            last_users = list(chain[-1].users)      # batch norm right after the last layer
+            last_users = data_users(chain[-1])      # batch norm right after the last layer
             bn_after[-1] = bn == "approx" and len(last_users) == 1 and (
                 last_users[0].op == "call_module"
-                and isinstance(modules[last_users[0].target], _BN_MODULES))
+                and type(modules[last_users[0].target]) in _BN_TYPES)
             blocks.append(ChainBlock([c.target for c in chain], [modules[c.target] for c in chain],
                                      bn_after))
-
-    in_block_names = {name for b in blocks for name in b.names}
-    notes = [note for note in notes if note.split(":")[0] not in in_block_names]
     in_block = {id(p) for b in blocks for m in b.modules for p in m.parameters()}
-    owners: dict[int, int] = {}
-    for _, module in model.named_modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    shared = [name for b in blocks for name, m in zip(b.names, b.modules)
-              if any(owners[id(p)] > 1 for p in m.parameters())]
-    if shared:
-        raise ValueError(f"layer(s) {', '.join(shared)} share parameters with other modules; "
-                         "G-SGD needs each chain-block weight to belong to one layer")
     outside = [(name, p) for name, p in model.named_parameters() if id(p) not in in_block]
     return Discovery(blocks, outside, notes)

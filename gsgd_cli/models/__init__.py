@@ -11,7 +11,7 @@ from .mlp import MLP
 
 __all__ = ["MLP", "PlainNet", "ResNet", "BasicBlock", "build_model", "MODEL_NAMES"]
 
-MODEL_NAMES = ("mlp", "plain", "resnet")
+MODEL_NAMES = ("mlp", "plain", "resnet", "torchvision")
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -23,7 +23,9 @@ def build_model(model_cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> 
     """Build the model that `model_cfg` names for inputs of shape `in_shape` (C, H, W).
 
     `model_cfg.name` is `mlp` (keys `width`, `depth`, `bias`), `plain` or `resnet` (keys
-    `blocks`, `widths`, `bn`). Invalid values raise `ValueError` with the offending key.
+    `blocks`, `widths`, `bn`), or `torchvision` (keys `arch`, `image_size`: any torchvision
+    classification model, see `torchvision_models.py`). Invalid values raise `ValueError` with
+    the offending key.
     """
     name = _get(model_cfg, "name")
     if name == "mlp":
@@ -37,5 +39,14 @@ def build_model(model_cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> 
         kwargs = {k: list(_get(model_cfg, k)) for k in ("blocks", "widths")
                   if _get(model_cfg, k) is not None}
         return cls(in_shape[0], num_classes, bn=bool(_get(model_cfg, "bn", True)), **kwargs)
+    if name == "torchvision":
+        from .torchvision_models import build_torchvision
+
+        image_size = _get(model_cfg, "image_size")
+        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+            raise ValueError(f"Invalid model.image_size={image_size!r}. Must be a positive "
+                             "integer or null.")
+        return build_torchvision(str(_get(model_cfg, "arch")), tuple(in_shape), num_classes,
+                                 image_size)
     raise ValueError(f"Invalid model.name={name!r}. Must be one of: {', '.join(MODEL_NAMES)} "
-                     "(pick a preset with model=mlp, model=plain34, model=resnet34, ...).")
+                     "(pick a preset with model=mlp, model=plain34, model=resnet34, model=torchvision, ...).")

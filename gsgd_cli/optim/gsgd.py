@@ -11,42 +11,58 @@ Usage::
         opt.step()
 
 The optimizer takes the model, not a parameter list: it traces the model to find its chain
-blocks (`gsgd_cli.gspace.blocks`), builds the skeleton of each (`gsgd_cli.gspace.skeleton`)
-once, and every `step()` runs the closed-form update of `gsgd_cli.gspace.update`: plain SGD
-on the values of the basis paths (the coordinates of G-space), mapped back to the weights with
-the free skeleton weights held fixed. Parameters outside every chain block take a plain SGD
-step with the same learning rate. A step plans every block (nothing written), checks them all
-on the device and applies them, the writes gated by the check; on the CPU the same step runs in
-one fused kernel (`fused_cpu`). Nothing in `step()` waits for the device unless `strict=True`;
-a failed check is raised by `check_steps()` or a later `step()` (`step_record`).
+blocks (`gsgd_cli.gspace.blocks`, `joins`; split and checked by `gsgd_cli.gspace.coverage`),
+builds the skeleton of each (`gsgd_cli.gspace.skeleton`) once, and every `step()` runs the
+closed-form update of `gsgd_cli.gspace.update`: plain SGD on the values of the basis paths
+(the coordinates of G-space), mapped back to the weights with the free skeleton weights held
+fixed. Parameters outside every chain block take a plain SGD step with the same learning
+rate; `describe()` lists them with the reason, and construction says how much is covered.
+A step plans every block (nothing written), checks them all on the device and applies them, the
+writes gated by the check; on the CPU the same step runs in one fused kernel (`fused_cpu`).
+Nothing in `step()` waits for the device unless `strict=True`; a failed check is raised by
+`check_steps()` or a later `step()` (`step_record`).
 
 Symbols of the paper and their arguments: `eta_t` is `lr` (per step, so schedulers work);
 the skeleton weights' initial value 1 is `skeleton_init="one"`; `"keep"` keeps the model's
 values (any sign) instead. Free skeleton weights never change after construction.
 
 Checkpoints: construct the optimizer *before* loading a saved model state (construction with
-`skeleton_init="one"` overwrites the skeleton weights), then load the model and optimizer
-states, or pass `skeleton_init="keep"` when wrapping an already trained model.
+`skeleton_init="one"` overwrites the skeleton weights, and says so in a `GSGDWarning`), then
+load the model and optimizer states, or pass `skeleton_init="keep"` when wrapping an already
+trained model. `state_dict()` records the structural options and the block layout;
+`load_state_dict` refuses a state saved under other ones. Copies (`copy.deepcopy`, `pickle`,
+`torch.save(opt)`) rebuild the blocks from that record and step exactly like the original.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..gspace.blocks import ChainBlock, find_chain_blocks
-from ..gspace.skeleton import ChainSkeleton, UnsupportedWidthProfile, build_skeleton
+from ..gspace.blocks import BlockLayout
+from ..gspace.conditioning import step_range
+from ..gspace.coverage import (BLOCK_SPLITS, VALLEY_MODES, Coverage, coverage_reasons,
+                               coverage_summary, format_coverage, plan_blocks)
+from ..gspace.skeleton import ChainSkeleton, build_skeleton
 from ..gspace.update import (ChainIndex, StepOptions, Workspace, apply_chain_step,
                              plan_chain_step)
 from . import fused_cpu
+from ._common import SGD_NEUTRAL, check_group_keys, unwrap_model
 from .step_record import StepRecord
 
 SKELETON_INITS = ("one", "keep", "rescale")
 BN_OPTIONS = ("approx", "approx_per_tap", "split")
-BLOCK_SPLITS = ("none", "stage")
+
+
+# Options that shape the blocks at construction: recorded in state_dict(), fixed afterwards.
+STRUCTURE_KEYS = ("skeleton_init", "bn", "block_split", "valleys", "input_shape")
+# Keys of the param group that every step reads.
+STEP_KEYS = frozenset({"lr", "momentum", "weight_decay", "bpr", "min_pivot_ratio", "maximize"})
+STATE_RECORD = "gsgd"           # the structure record's key in state_dict()
 
 
 class GSGDStepError(RuntimeError):
@@ -61,29 +77,63 @@ class GSGDStepError(RuntimeError):
         self.steps_after = steps_after
 
 
+class GSGDWarning(UserWarning):
+    """What GSGD tells the user about the model it was given (filter it like any warning)."""
+
+
+@dataclass
+class _BlockRecord:
+    """A block as found at construction: its layout and its parameters' positions in the
+    param group (`None`: no bias). Plain data, so copies and checkpoints can carry it."""
+
+    layout: BlockLayout
+    weights: list[int]
+    biases: list[int | None]
+
+    def record(self) -> dict:
+        return {**self.layout.record(), "weights": list(self.weights),
+                "biases": [-1 if b is None else b for b in self.biases]}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "_BlockRecord":
+        return cls(BlockLayout.from_record(record), list(record["weights"]),
+                   [None if b < 0 else b for b in record["biases"]])
+
+
 @dataclass
 class _BlockPlan:
-    block: ChainBlock
+    block: BlockLayout
     skeleton: ChainSkeleton
     weights: list[nn.Parameter]
     biases: list[nn.Parameter | None]
     indices: dict[torch.device, ChainIndex]
     per_tap: bool = False      # bn="approx_per_tap": the published code's norm
     workspace: Workspace = field(default_factory=Workspace)
+    number: int = 0            # position among the blocks found at construction
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [*self.weights, *[b for b in self.biases if b is not None]]
 
     def index_on(self, device: torch.device) -> ChainIndex:
         if device not in self.indices:
             self.indices[device] = ChainIndex.build(self.skeleton, device)
         return self.indices[device]
 
-    def tensors(self):
+    def tensors(self, maximize: bool = False):
         """(weights, biases, grads, bias grads), detached, in layer order.
 
         For a layer followed by batch norm (bn="approx") the weight gradient is multiplied,
         per output channel, by the norm of that channel's incoming filter (paper, eq. 39);
-        with `per_tap` by the norm over input channels at each kernel position instead."""
-        weights = [w.detach() for w in self.weights]
+        with `per_tap` by the norm over input channels at each kernel position instead.
+        `maximize`: the gradients of -loss (new tensors; `.grad` is not changed)."""
+        weights = [w.detach() if w.is_contiguous() else w.detach().contiguous()
+                   for w in self.weights]      # e.g. channels_last: see write_back
         grads = [w.grad for w in self.weights]
+        bias_grads = [b.grad if b is not None else None for b in self.biases]
+        if maximize:
+            grads = [-g if g is not None else None for g in grads]
+            bias_grads = [-g if g is not None else None for g in bias_grads]
         for i, follows in enumerate(self.block.bn_after):
             if follows and grads[i] is not None:
                 w = weights[i]
@@ -93,7 +143,24 @@ class _BlockPlan:
                     norms = w.reshape(w.shape[0], -1).norm(dim=1).view(-1, *[1] * (w.dim() - 1))
                 grads[i] = grads[i] * norms
         return (weights, [b.detach() if b is not None else None for b in self.biases],
-                grads, [b.grad if b is not None else None for b in self.biases])
+                grads, bias_grads)
+
+    def write_back(self, weights: list[Tensor]) -> None:
+        """Copy the stepped contiguous copies (`tensors()`) into non-contiguous weights."""
+        for w, stepped in zip(self.weights, weights):
+            if stepped.data_ptr() != w.data_ptr():
+                w.detach().copy_(stepped)
+
+
+def _check_input_shape(input_shape) -> tuple[int, ...] | None:
+    if input_shape is None:
+        return None
+    if (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence)
+            or not input_shape or not all(isinstance(n, int) and not isinstance(n, bool)
+                                          and n > 0 for n in input_shape)):
+        raise ValueError(f"Invalid input_shape={input_shape!r}. Must be a non-empty sequence of "
+                         "positive integers (one input's shape without the batch dimension).")
+    return tuple(int(n) for n in input_shape)
 
 
 def _check_positive(name: str, value, strictly: bool = True) -> None:
@@ -156,12 +223,34 @@ class GSGD(Optimizer):
             nothing and is raised as `GSGDStepError` by `check_steps()` or by a later `step()`
             (see `gsgd_cli.optim.step_record`). `True`: every `step()` waits for its checks and
             raises at once.
+        valleys: a hidden layer narrower than layers on both sides (a width valley) cannot be
+            a hidden layer of one block (see `gsgd_cli.gspace.skeleton`). `"split"` (default):
+            the block is split there into exact blocks whose boundary is the valley (G-SGD is
+            then not invariant to rescaling the valley's nodes; a one-layer part takes plain
+            SGD); `"refuse"`: raise `UnsupportedWidthProfile` naming the layer.
+        input_shape: one input's shape without the batch dimension, e.g. `(3, 32, 32)`. With
+            it the shapes of every value are propagated (fake tensors, nothing is computed) and
+            every flatten or reshape between two layers is checked exactly; without it only
+            the usual `flatten(x, 1)` of a convolution's output joins two layers (a reshape of
+            a Linear layer's output then ends the chain, with a note). `gsgd train` passes it.
+        maximize: G-SGD on `-loss` (the gradients' sign flipped), as `torch.optim.SGD`'s flag.
+
+    On construction a `GSGDWarning` says what share of the trainable parameters lies in G-space
+    when it is not all, and why the rest is outside (`describe()` gives the full table), and
+    warns when a block's step cannot be represented in the parameters' dtype.
+
+    `skeleton_init`, `bn`, `block_split`, `valleys` and `input_shape` shape the blocks when the
+    optimizer is built: they are in `param_groups[0]` (and `repr`) for the record, and a step
+    refuses a changed value.
+    A step also refuses keys it would ignore (e.g. SGD's `nesterov=True`). A layer frozen after
+    construction (`requires_grad_(False)`) sends its block to plain SGD, as freezing before.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
                  momentum: float = 0.0, weight_decay: float = 0.0, bpr: float = 0.0,
                  min_pivot_ratio: float = 1e-6, bn: str = "approx", block_split: str = "none",
-                 fused: bool | None = None, strict: bool = False):
+                 valleys: str = "split", input_shape: Sequence[int] | None = None,
+                 maximize: bool = False, fused: bool | None = None, strict: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GSGD takes the model (an nn.Module), got {type(model).__name__}; "
                             "write GSGD(model, lr) rather than GSGD(model.parameters(), lr)")
@@ -175,86 +264,176 @@ class GSGD(Optimizer):
         if momentum >= 1:
             raise ValueError(f"Invalid momentum={momentum!r}. Must be a number in [0, 1).")
         for name, value, choices in (("bn", bn, BN_OPTIONS), ("block_split", block_split,
-                                                            BLOCK_SPLITS)):
+                                                            BLOCK_SPLITS),
+                                     ("valleys", valleys, VALLEY_MODES)):
             if value not in choices:
                 raise ValueError(f"Invalid {name}={value!r}. Must be one of "
                                  f"{', '.join(repr(c) for c in choices)}.")
+        if not isinstance(maximize, bool):
+            raise ValueError(f"Invalid maximize={maximize!r}. Must be True or False.")
         if fused not in (None, True, False):
             raise ValueError(f"Invalid fused={fused!r}. Must be None, True or False.")
         if strict not in (True, False):
             raise ValueError(f"Invalid strict={strict!r}. Must be True or False.")
+        input_shape = _check_input_shape(input_shape)
+        model = unwrap_model(model)      # torch.compile, DataParallel, DDP share the parameters
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("GSGD got a model with no trainable parameters")
+        self._structure = dict(skeleton_init=skeleton_init, bn=bn, block_split=block_split,
+                               valleys=valleys, input_shape=input_shape)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      bpr=bpr, min_pivot_ratio=min_pivot_ratio))
-        self.skeleton_init = skeleton_init
-        self.fused = fused
-        self.strict = strict
-        self._names = {id(p): name for name, p in model.named_parameters()}
-        self._record: StepRecord | None = None
-        self._native: fused_cpu.FusedCPUStep | None = None
-        self.discovery = find_chain_blocks(model, bn="split" if bn == "split" else "approx")
-        self._per_tap = bn == "approx_per_tap"
-        blocks = self.discovery.blocks
-        if block_split == "stage":
-            blocks = [part for block in blocks for part in split_by_stage(block)]
-        frozen = [b for b in blocks if any(not p.requires_grad for m in b.modules
-                                           for p in m.parameters(recurse=False))]
-        if frozen:
+                                      bpr=bpr, min_pivot_ratio=min_pivot_ratio,
+                                      maximize=maximize, **self._structure))
+        plan = plan_blocks(model, bn=bn, block_split=block_split, valleys=valleys,
+                           input_shape=input_shape)
+        if plan.frozen_blocks:
             warnings.warn("GSGD leaves chain block(s) with frozen layers to plain SGD (a step "
                           "would have to rescale the frozen weights): "
-                          + "; ".join(" -> ".join(b.names) for b in frozen), stacklevel=2)
-            blocks = [b for b in blocks if b not in frozen]
-        self._plans = [self._plan(block) for block in blocks]
-        if not self._plans and not frozen:
-            warnings.warn(f"GSGD found no chain block (Linear/Conv2d layers joined by ReLU) in "
-                          f"{type(model).__name__}; every parameter takes a plain SGD step",
-                          stacklevel=2)
-        in_blocks = {id(p) for plan in self._plans for p in (*plan.weights, *plan.biases)
-                     if p is not None}
-        self._outside = [p for p in params if id(p) not in in_blocks]
+                          + "; ".join(" -> ".join(b.names) for b in plan.frozen_blocks),
+                          GSGDWarning, stacklevel=2)
+        position = {id(p): k for k, p in enumerate(params)}
+        names = {id(p): name for name, p in model.named_parameters()}
+        self._param_names = [names.get(id(p), "?") for p in params]
+        self.fused = fused
+        self.strict = strict
+        self._blocks = [_BlockRecord(block.layout(), [position[id(m.weight)] for m in block.modules],
+                                     [position[id(m.bias)] if m.bias is not None else None
+                                      for m in block.modules]) for block in plan.blocks]
+        self._demoted: list[int] = []     # blocks left to plain SGD after construction
+        self._coverage: Coverage = plan.coverage
+        self._activate()
+        coverage = plan.coverage
+        if not self._plans and not plan.frozen_blocks:
+            warnings.warn(f"GSGD found no chain block (Linear/Conv2d layers joined by ReLU) to "
+                          f"step in G-space in {type(model).__name__}; every parameter takes a "
+                          f"plain SGD step: {coverage_reasons(coverage)}. opt.describe() "
+                          "lists them all",
+                          GSGDWarning, stacklevel=2)
+        elif coverage.in_blocks < coverage.total:
+            warnings.warn(coverage_summary(coverage), GSGDWarning, stacklevel=2)
+        for note in coverage.valleys:
+            warnings.warn(f"GSGD: {note}", GSGDWarning, stacklevel=2)
         with torch.no_grad():
-            for plan in self._plans:
-                self._init_skeleton(plan)
+            set_to_one = sum(self._init_skeleton(plan) for plan in self._plans)
+        if set_to_one:
+            warnings.warn(f"GSGD set {set_to_one} skeleton weights to 1 (skeleton_init='one', "
+                          "the paper's initialisation): the network computes a different "
+                          "function now. To keep a loaded or pretrained model's weights pass "
+                          "skeleton_init='keep', or build GSGD before loading the checkpoint",
+                          GSGDWarning, stacklevel=2)
+        for problem in self._step_range_problems():
+            warnings.warn(problem, GSGDWarning, stacklevel=2)
 
-    def _plan(self, block: ChainBlock) -> _BlockPlan:
-        try:
-            views = block.views
-            skeleton = build_skeleton(block.widths, tuple(v.kernel for v in views),
-                                      tuple(v.centre for v in views))
-        except UnsupportedWidthProfile as exc:
-            layer = block.names[exc.hidden_layer - 1]
-            raise UnsupportedWidthProfile(
-                f"G-SGD cannot handle chain block {' -> '.join(block.names)}: the output of "
-                f"'{layer}' is a {exc}. Make the hidden widths rise and then fall (a single "
-                "peak), or leave this part of the model to SGD", exc.hidden_layer) from None
-        weights = [m.weight for m in block.modules]
-        biases = [m.bias for m in block.modules]
-        for name, p in zip(block.names, weights):
-            if not p.is_contiguous():
-                raise ValueError(f"layer '{name}' has a non-contiguous weight; G-SGD indexes "
-                                 "weights in place and needs contiguous tensors")
-        return _BlockPlan(block, skeleton, weights, biases, {}, self._per_tap)
+    # -- blocks -------------------------------------------------------------------------------
+    def _activate(self) -> None:
+        """Plans for the blocks that are not demoted; the rest of the parameters take SGD."""
+        params = self.param_groups[0]["params"]
+        self._plans = [self._plan(k, record, params)
+                       for k, record in enumerate(self._blocks) if k not in self._demoted]
+        in_blocks = {id(p) for plan in self._plans for p in plan.params}
+        self._outside = [p for p in params if id(p) not in in_blocks]
+        self._block_params = [p for plan in self._plans for p in plan.params]
+        self._step_record: StepRecord | None = None    # laid out for these plans
+        self._native: fused_cpu.FusedCPUStep | None = None
 
-    def _init_skeleton(self, plan: _BlockPlan) -> None:
-        for name, w, layer in zip(plan.block.names, plan.weights, plan.skeleton.layers):
-            flat = w.data.view(-1)
+    def _plan(self, number: int, record: _BlockRecord, params: list[nn.Parameter]) -> _BlockPlan:
+        block = record.layout
+        views = block.views
+        skeleton = build_skeleton(block.widths, tuple(v.kernel for v in views),
+                                  tuple(v.centre for v in views))
+        weights = [params[k] for k in record.weights]
+        biases = [params[k] if k is not None else None for k in record.biases]
+        return _BlockPlan(block, skeleton, weights, biases, {},
+                          self._structure["bn"] == "approx_per_tap", number=number)
+
+    def _init_skeleton(self, plan: _BlockPlan) -> int:
+        """Apply `skeleton_init` to one block; returns how many weights were set to 1 and
+        were not 1 before."""
+        skeleton_init = self._structure["skeleton_init"]
+        changed = 0
+        weights = [w.data if w.is_contiguous() else w.data.contiguous() for w in plan.weights]
+        for name, w, layer in zip(plan.block.names, weights, plan.skeleton.layers):
+            flat = w.view(-1)
             index = layer.flat.to(w.device)
-            if self.skeleton_init == "one":
+            if skeleton_init == "one":
+                if flat.device.type != "meta":      # meta tensors have no values to count
+                    changed += int((flat.index_select(0, index) != 1).sum())
                 flat.index_fill_(0, index, 1.0)
             elif bool((flat.index_select(0, index) == 0).any()):
                 raise ValueError(f"layer '{name}' has a skeleton weight equal to 0; G-SGD "
                                  "divides by skeleton weights: use skeleton_init='one' or "
                                  "re-initialise the layer")
-        if self.skeleton_init == "rescale":
+        if skeleton_init == "rescale":
             if plan.block.bn_approx:
                 raise ValueError(f"skeleton_init='rescale' keeps the network function only "
                                  f"without batch norm, and block {plan.block.names[0]} -> ... "
                                  "has batch norm: use skeleton_init='one'")
-            rescale_free_weights_to_unit(plan.skeleton, [w.data for w in plan.weights],
+            rescale_free_weights_to_unit(plan.skeleton, weights,
                                          [b.data if b is not None else None
                                           for b in plan.biases])
+        plan.write_back(weights)
+        return changed
+
+    def _step_range_problems(self) -> list[str]:
+        """Blocks whose steps the parameters' dtype cannot represent (see conditioning.py)."""
+        problems = []
+        for plan in self._plans:
+            weights = plan.weights
+            if weights[0].device.type == "meta":      # no values to check
+                continue
+            found = step_range(plan.skeleton, plan.index_on(weights[0].device),
+                               weights).problem(weights[0].dtype)
+            if found:
+                names = plan.block.names
+                where = (f"{names[0]} -> ... -> {names[-1]} ({len(names)} layers)"
+                         if len(names) > 3 else " -> ".join(names))
+                advice = ("skeleton_init='one' keeps the products near 1" if
+                          self._structure["skeleton_init"] != "one" else
+                          "shorter blocks (block_split='stage') or float64 keep them in range")
+                problems.append(f"GSGD: in chain block {where} the products s of skeleton "
+                                f"weights along the chains make a step impossible: {found}; "
+                                f"{advice} (README, Known limits)")
+        return problems
+
+    def describe(self) -> str:
+        """The full coverage table: every chain block (widths, pivot layer, m, H), every
+        parameter that takes plain SGD with the reason, and notes on where chains end."""
+        return format_coverage(self._coverage, tuple(k + 1 for k in self._demoted))
+
+    @property
+    def blocks(self) -> list[BlockLayout]:
+        """The chain blocks that take G-SGD steps (names, widths, batch-norm flags)."""
+        return [plan.block for plan in self._plans]
+
+    # -- per-step checks (called at the top of step()) ---------------------------------------
+    def _check_group(self, group: dict) -> None:
+        """Refuse param-group keys that the step would ignore (e.g. SGD's nesterov)."""
+        check_group_keys("GSGD", group, STEP_KEYS, SGD_NEUTRAL, self._structure)
+
+    def _leave_frozen_blocks_to_sgd(self) -> None:
+        """A layer frozen after construction (requires_grad=False): its block takes plain SGD
+        from now on, as for a layer frozen before construction (a G-SGD step would rescale
+        the frozen weights). Its G-space momentum buffers are dropped."""
+        if all(p.requires_grad for p in self._block_params):
+            return
+        frozen = [plan for plan in self._plans if not all(p.requires_grad for p in plan.params)]
+        for plan in frozen:
+            for p in plan.params:
+                self.state.pop(p, None)      # v-space buffers mean nothing to SGD
+        self.check_steps()                   # a pending failure refers to the current plans
+        self._demoted = sorted({*self._demoted, *(plan.number for plan in frozen)})
+        self._activate()
+        warnings.warn("GSGD leaves chain block(s) with layers frozen after construction to "
+                      "plain SGD from now on (a step would have to rescale the frozen weights; "
+                      "their G-space momentum is dropped): "
+                      + "; ".join(" -> ".join(plan.block.names) for plan in frozen),
+                      GSGDWarning, stacklevel=3)
+
+    # -- torch.optim.Optimizer plumbing -------------------------------------------------------
+    def __repr__(self) -> str:
+        text = super().__repr__()       # the param group's options, then ")"
+        return text[:-1] + f"    fused: {self.fused}\n    strict: {self.strict}\n)"
 
     def add_param_group(self, param_group: dict) -> None:
         if self.param_groups:
@@ -263,16 +442,83 @@ class GSGD(Optimizer):
                              "supported: construct GSGD from the whole model instead")
         super().add_param_group(param_group)
 
-    def __setstate__(self, state):
+    def _record(self) -> dict:
+        """The structure: options, blocks found at construction, blocks demoted since."""
+        return {"options": dict(self._structure),
+                "blocks": [record.record() for record in self._blocks],
+                "demoted": list(self._demoted)}
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_gsgd_structure"] = {**self._record(), "coverage": self._coverage,
+                                    "fused": self.fused, "strict": self.strict,
+                                    "param_names": list(self._param_names)}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        structure = state.pop("_gsgd_structure", None)
         super().__setstate__(state)
+        if structure is not None:            # a copy: deepcopy, pickle, torch.save(opt)
+            self._structure = dict(structure["options"])
+            self._blocks = [_BlockRecord.from_record(b) for b in structure["blocks"]]
+            self._demoted = list(structure["demoted"])
+            self._coverage = structure["coverage"]
+            self.fused = structure["fused"]
+            self.strict = structure["strict"]
+            self._param_names = list(structure["param_names"])
         for group in self.param_groups:
             for key, default in (("min_pivot_ratio", 1e-6), ("momentum", 0.0),
-                                 ("weight_decay", 0.0), ("bpr", 0.0)):
+                                 ("weight_decay", 0.0), ("bpr", 0.0), ("maximize", False),
+                                 *self._structure.items()):
                 group.setdefault(key, default)
+        if structure is not None:
+            self._activate()
 
-    @property
-    def blocks(self) -> list[ChainBlock]:
-        return [plan.block for plan in self._plans]
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state[STATE_RECORD] = self._record()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by `state_dict()`; refuses one saved under other structural
+        options or another block layout (naming the difference), and one from another
+        optimizer (its buffers would mean something else here)."""
+        record = state_dict.get(STATE_RECORD)
+        if record is None:
+            groups = state_dict.get("param_groups") or [{}]
+            if not {"bpr", "min_pivot_ratio"} <= set(groups[0]):
+                raise ValueError("this state_dict was not saved by GSGD (it has no G-SGD "
+                                 "structure record); GSGD cannot use another optimizer's "
+                                 "state: start GSGD afresh instead of loading it")
+            warnings.warn("this GSGD state_dict has no structure record (saved by an older "
+                          "version): its block layout cannot be checked", GSGDWarning,
+                          stacklevel=2)
+        else:
+            self._check_record(record)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_RECORD})
+        if record is not None and list(record["demoted"]) != self._demoted:
+            self._demoted = list(record["demoted"])
+            self._activate()
+
+    def _check_record(self, record: dict) -> None:
+        for key, mine in self._structure.items():
+            saved = record["options"].get(key)
+            if saved != mine:
+                raise ValueError(f"the state_dict was saved by GSGD with {key}={saved!r}, this "
+                                 f"GSGD has {key}={mine!r}: build it with {key}={saved!r} to "
+                                 "load this state")
+        mine = [b.record() for b in self._blocks]
+        saved = list(record["blocks"])
+        for k in range(max(len(mine), len(saved))):
+            a = saved[k] if k < len(saved) else None
+            b = mine[k] if k < len(mine) else None
+            if a != b:
+                def show(r):
+                    return "none" if r is None else " -> ".join(r["names"])
+                raise ValueError(f"the state_dict's G-SGD blocks differ from this GSGD's: "
+                                 f"block {k + 1} is {show(a)} there and {show(b)} here (or its "
+                                 "widths or parameters differ); load it into a GSGD built on "
+                                 "the same model with the same options")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -282,14 +528,18 @@ class GSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        record = self._record_on(self.param_groups[0]["params"][0].device)
+        group = self.param_groups[0]
+        self._check_group(group)
+        record = self._record_on(group["params"][0].device)
         if record.visible_failure():
             raise self._step_error()
-        group = self.param_groups[0]
+        self._leave_frozen_blocks_to_sgd()
+        record = self._record_on(group["params"][0].device)   # anew if the blocks changed
         options = StepOptions(group["lr"], group["momentum"], group["weight_decay"],
                               group["bpr"], group["min_pivot_ratio"])
-        if not self._fused_step(options, record):
-            self._eager_step(options, record)
+        maximize = group["maximize"]
+        if not self._fused_step(options, record, maximize):
+            self._eager_step(options, record, maximize)
         if self.strict:
             self.check_steps()
         else:
@@ -301,21 +551,21 @@ class GSGD(Optimizer):
 
         The failed step and every step after it wrote nothing; once raised, the record is
         cleared and later steps write again."""
-        if self._record is not None and self._record.failed():
+        if self._step_record is not None and self._step_record.failed():
             raise self._step_error()
 
     def _record_on(self, device: torch.device) -> StepRecord:
-        if self._record is None or self._record.device != device:
+        if self._step_record is None or self._step_record.device != device:
             size = fused_cpu.diag_size([len(plan.weights) for plan in self._plans],
                                        len(self._outside))
-            self._record = StepRecord(device, size)
-        return self._record
+            self._step_record = StepRecord(device, size)
+        return self._step_record
 
     # -- the eager step: the readable reference (gsgd_cli.gspace.update) ----------------------
-    def _eager_step(self, options: StepOptions, record: StepRecord) -> None:
+    def _eager_step(self, options: StepOptions, record: StepRecord, maximize: bool) -> None:
         planned = []
         for plan in self._plans:          # plan: compute every block's step, write nothing
-            tensors = plan.tensors()
+            tensors = plan.tensors(maximize)
             if all(g is None for g in tensors[2] + tensors[3]):
                 planned.append(None)
                 continue
@@ -348,11 +598,12 @@ class GSGD(Optimizer):
                           else torch.where(gate, step.pivot_buffer, old))
             apply_chain_step(plan.skeleton, index, step, *tensors, options, buffers,
                              bias_buffers, plan.workspace, gate)
+            plan.write_back(tensors[0])
         self._sgd_outside(options, gate)
 
     def _checks(self, planned, options: StepOptions) -> tuple[Tensor, Tensor]:
         """(all checks passed, diag) on the device, diag laid out as in `fused_cpu`."""
-        device = self._record.device
+        device = self._step_record.device
         oks, pieces = [], []
         for plan, item in zip(self._plans, planned):
             num_layers = len(plan.weights)
@@ -383,8 +634,10 @@ class GSGD(Optimizer):
         return ok[None], torch.cat(pieces)
 
     # -- the fused CPU step ----------------------------------------------------------------------
-    def _fused_step(self, options: StepOptions, record: StepRecord) -> bool:
-        """Run the whole step in the fused CPU kernel; False when it does not apply."""
+    def _fused_step(self, options: StepOptions, record: StepRecord, maximize: bool) -> bool:
+        """Run the whole step in the fused CPU kernel; False when it does not apply.
+        `maximize`: the gradients are negated in place around the kernel call (exact), so the
+        step is the one on -loss."""
         if self.fused is False:
             return False
         if record.device.type != "cpu":
@@ -404,19 +657,25 @@ class GSGD(Optimizer):
                 self.fused = False
                 return False
             self._native = fused_cpu.FusedCPUStep(lib, self._plans, self._outside,
-                                                  self._per_tap)
+                                                  self._structure["bn"] == "approx_per_tap")
             self._native_dtype = tensors[0].dtype
         elif self._plans and self._plans[0].weights[0].dtype != self._native_dtype:
             return False                  # the model was cast after the first step
         dtype = self._native_dtype
         mu = options.momentum
         keep, ptrs = [], []               # keep: temporaries alive until the kernel returns
+        direct = []                       # the .grad tensors the kernel reads as they are
         for plan in self._plans:
+            if not all(w.is_contiguous() for w in plan.weights):
+                return False                  # e.g. channels_last: the eager step copies
             grads = [w.grad for w in plan.weights]
             bias_grads = [None if b is None else b.grad for b in plan.biases]
             active = mu and any(g is not None for g in grads + bias_grads)
-            if self._per_tap:
-                grads = plan.tensors()[2]
+            if plan.per_tap:              # scaled copies (of -grad with maximize)
+                grads = plan.tensors(maximize)[2]
+            else:
+                direct += [g for g in grads if g is not None]
+            direct += [g for g in bias_grads if g is not None]
             for w, b, g, gb in zip(plan.weights, plan.biases, grads, bias_grads):
                 for t in (g, gb):
                     if t is not None and not (t.dtype == dtype and t.is_contiguous()
@@ -442,7 +701,16 @@ class GSGD(Optimizer):
                 return False
             ptrs += [p.data_ptr(), 0 if g is None else g.data_ptr(),
                      self._buffer(p).data_ptr() if mu and g is not None else 0]
-        self._native(ptrs, options, record.status, record.diag, dtype)
+            if g is not None:
+                direct.append(g)
+        if not maximize:
+            self._native(ptrs, options, record.status, record.diag, dtype)
+            return True
+        torch._foreach_neg_(direct)       # the gradients of -loss, exactly
+        try:
+            self._native(ptrs, options, record.status, record.diag, dtype)
+        finally:
+            torch._foreach_neg_(direct)
         return True
 
     def _buffer(self, param: Tensor) -> Tensor:
@@ -457,6 +725,8 @@ class GSGD(Optimizer):
         if not params:
             return
         grads = [p.grad for p in params]
+        if self.param_groups[0]["maximize"]:
+            grads = torch._foreach_neg(grads)
         if options.weight_decay:
             grads = torch._foreach_add(grads, params, alpha=options.weight_decay)
         if gate is not None:
@@ -474,7 +744,8 @@ class GSGD(Optimizer):
 
     def _step_error(self) -> GSGDStepError:
         """The recorded failure as an exception (and the record cleared)."""
-        step, after, diag = self._record.take()
+        step, after, diag = self._step_record.take()
+        names = dict(zip(map(id, self.param_groups[0]["params"]), self._param_names))
         lr = self.param_groups[0]["lr"]
         advice = f"lower the learning rate (lr={lr:g}) or check the inputs and loss"
         nothing = ("Nothing was updated." if after == 0 else
@@ -500,7 +771,7 @@ class GSGD(Optimizer):
                                  f"{nothing}")
         for p, flag in zip(self._outside, outside):
             if flag:
-                return error(f"{where} parameter '{self._names.get(id(p), '?')}' (plain SGD "
+                return error(f"{where} parameter '{names.get(id(p), '?')}' (plain SGD "
                              f"step outside the chain blocks): its gradient is not finite; "
                              f"{advice}. {nothing}")
         for plan, d in sections:
@@ -542,20 +813,3 @@ def rescale_free_weights_to_unit(skeleton: ChainSkeleton, weights: list[Tensor],
         if biases[i] is not None:
             biases[i].mul_(scales[i + 1])
 
-
-def split_by_stage(block: ChainBlock) -> list[ChainBlock]:
-    """One block per stage: maximal runs of >= 2 consecutive layers that keep the width.
-
-    Width-changing layers (stem, stride-2 transitions, classifier) fall outside and take
-    plain SGD, as in the published code's per-stage blocks."""
-    parts, run = [], []
-    for k, view in enumerate(block.views + [None]):
-        if view is not None and view.n_in == view.n_out:
-            run.append(k)
-            continue
-        if len(run) >= 2:
-            parts.append(ChainBlock([block.names[i] for i in run],
-                                    [block.modules[i] for i in run],
-                                    [block.bn_after[i] for i in run]))
-        run = []
-    return parts

@@ -100,6 +100,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import fused_cpu
+from ._common import SGD_NEUTRAL, check_group_keys, unwrap_model
 from .step_record import StepRecord
 
 __all__ = ["PathSGD", "PathSGDStepError", "needs_input_shape"]
@@ -110,6 +111,11 @@ EPS = "eps"
 RESCALE = "rescale"
 RESCALE_RATIO = "rescale_ratio"
 _RESCALE_CHOICES = (None, "first", "every")
+
+
+INPUT_SHAPE = "input_shape"
+MAXIMIZE = "maximize"
+STATE_RECORD = "path_sgd"      # the structure record's key in state_dict()
 
 
 class PathSGDStepError(RuntimeError):
@@ -441,11 +447,19 @@ class PathSGD(torch.optim.Optimizer):
         fused: ``None`` (default) / ``True``: on the CPU (float32/float64), the division, the
             guard and the update run in one kernel (``fused_cpu``: one read and one write pass
             per parameter); ``False``: always the tensor operations of ``step``. Same result.
+        maximize: Path-SGD on ``-loss``, as ``torch.optim.SGD``'s flag.
+
+    ``input_shape`` is fixed once built: in ``param_groups[0]`` for the record, recorded in
+    ``state_dict()``, and a state saved with another one is refused. A step refuses param-group
+    keys it would ignore (e.g. SGD's ``momentum=0.9`` from an SGD state_dict). Copies
+    (``copy.deepcopy``, ``pickle``, ``torch.save(opt)``) keep their own squared-weight copy and
+    step exactly like the original.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, rescale: Optional[str] = None,
                  eps: float = 0.0, input_shape: Optional[Sequence[int]] = None,
-                 strict: bool = False, fused: Optional[bool] = None):
+                 strict: bool = False, fused: Optional[bool] = None,
+                 maximize: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}. Must be a torch.nn.Module "
                             "(PathSGD takes the model, not its parameters).")
@@ -453,6 +467,8 @@ class PathSGD(torch.optim.Optimizer):
         eps = _check_number("eps", eps)
         if not (rescale is None or (isinstance(rescale, str) and rescale in _RESCALE_CHOICES)):
             raise ValueError(f"Invalid rescale={rescale!r}. Must be None, 'first' or 'every'.")
+        if not isinstance(maximize, bool):
+            raise ValueError(f"Invalid maximize={maximize!r}. Must be True or False.")
         if strict not in (True, False):
             raise ValueError(f"Invalid strict={strict!r}. Must be True or False.")
         if fused not in (None, True, False):
@@ -460,7 +476,7 @@ class PathSGD(torch.optim.Optimizer):
         self.strict = strict
         self.fused = fused
         self._native: Optional[fused_cpu.FusedPathStep] = None
-        self._record: Optional[StepRecord] = None
+        self._step_record: Optional[StepRecord] = None
         if input_shape is not None:
             if (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence)
                     or len(input_shape) == 0
@@ -471,6 +487,7 @@ class PathSGD(torch.optim.Optimizer):
                                  "batch dimension).")
             input_shape = tuple(int(s) for s in input_shape)
 
+        model = unwrap_model(model)    # torch.compile, DataParallel, DDP share the parameters
         named = list(model.named_parameters())
         if not named:
             raise ValueError("Invalid model: it has no parameters.")
@@ -481,8 +498,7 @@ class PathSGD(torch.optim.Optimizer):
         shadow = copy.deepcopy(model).eval()
         for p in shadow.parameters():
             p.requires_grad_(True)
-        gm = _trace(shadow)
-        _, inferred = _check_and_square_pools(gm)
+        inferred = self._build_shadow(shadow)
         if input_shape is None:
             if inferred is None:
                 raise ValueError(
@@ -492,14 +508,9 @@ class PathSGD(torch.optim.Optimizer):
                     "kappa of a convolution depends on the image size.")
             input_shape = inferred
         self._input_shape = input_shape
-        self._shadow = gm
-        shadow_params = dict(gm.named_parameters())
-        # Shadow parameter for each model parameter (None: not inside a Linear/Conv2d used in
-        # forward; such a parameter may not receive a gradient).
-        self._shadow_params: list[Optional[torch.Tensor]] = [
-            shadow_params.get(n) for n in self._param_names]
 
-        defaults = {LR: lr, EPS: eps, RESCALE: rescale}
+        defaults = {LR: lr, EPS: eps, RESCALE: rescale, INPUT_SHAPE: input_shape,
+                    MAXIMIZE: maximize}
         super().__init__(params, defaults)
 
         # Trial run: the input shape must fit, and the output must be one tensor.
@@ -512,6 +523,29 @@ class PathSGD(torch.optim.Optimizer):
         del kappas
 
     # -- torch.optim.Optimizer plumbing ---------------------------------------------------------
+    def _build_shadow(self, shadow: nn.Module) -> Optional[tuple]:
+        """Trace the squared-weight copy `shadow` (a deep copy of the model; the traced module
+        shares its parameters) and square its poolings; returns the inferred input shape."""
+        gm = _trace(shadow)
+        _, inferred = _check_and_square_pools(gm)
+        self._shadow_model = shadow        # what copies of the optimizer rebuild from
+        self._shadow = gm
+        shadow_params = dict(gm.named_parameters())
+        # Shadow parameter for each model parameter (None: not inside a Linear/Conv2d used in
+        # forward; such a parameter may not receive a gradient).
+        self._shadow_params: list[Optional[torch.Tensor]] = [
+            shadow_params.get(n) for n in self._param_names]
+        return inferred
+
+    def _record(self) -> dict:
+        return {INPUT_SHAPE: list(self._input_shape), "param_names": list(self._param_names)}
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_pathsgd_structure"] = {**self._record(), "shadow": self._shadow_model,
+                                       "fused": self.fused, "strict": self.strict}
+        return state
+
     def add_param_group(self, param_group: dict) -> None:
         if self.param_groups:
             raise ValueError("PathSGD keeps all parameters of its model in one param group; "
@@ -519,10 +553,53 @@ class PathSGD(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict) -> None:
+        structure = state.pop("_pathsgd_structure", None)
         super().__setstate__(state)
+        if structure is not None:            # a copy: deepcopy, pickle, torch.save(opt)
+            self._param_names = list(structure["param_names"])
+            self._input_shape = tuple(structure[INPUT_SHAPE])
+            self._build_shadow(structure["shadow"])
+            self.fused = structure["fused"]
+            self.strict = structure["strict"]
+            self._native = None
+            self._step_record = None
         for group in self.param_groups:
             group.setdefault(EPS, 0.0)
             group.setdefault(RESCALE, None)
+            group.setdefault(MAXIMIZE, False)
+            group.setdefault(INPUT_SHAPE, self._input_shape)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state[STATE_RECORD] = self._record()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by `state_dict()`; refuses one saved with another input shape or
+        for other parameters, and one from another optimizer."""
+        record = state_dict.get(STATE_RECORD)
+        groups = state_dict.get("param_groups") or [{}]
+        if record is None and not {EPS, RESCALE} <= set(groups[0]):
+            raise ValueError("this state_dict was not saved by PathSGD; PathSGD cannot use "
+                             "another optimizer's state: start PathSGD afresh instead")
+        if record is not None:
+            saved = tuple(record[INPUT_SHAPE])
+            if saved != self._input_shape:
+                raise ValueError(f"the state_dict was saved by PathSGD with input_shape={saved}, "
+                                 f"this PathSGD has input_shape={self._input_shape}: build it "
+                                 f"with input_shape={saved} to load this state")
+            for k, (a, b) in enumerate(zip(record["param_names"], self._param_names)):
+                if a != b:
+                    raise ValueError(f"the state_dict's parameter {k} is '{a}', this PathSGD's "
+                                     f"is '{b}': load it into a PathSGD built on the same model")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_RECORD})
+
+    def _check_group(self, group: dict) -> None:
+        """Refuse param-group keys the step would ignore (SGD's momentum, nesterov, ...)."""
+        check_group_keys("PathSGD", group, {LR, EPS, RESCALE, MAXIMIZE},
+                         {**SGD_NEUTRAL, "momentum": (0, 0.0), "weight_decay": (0, 0.0)},
+                         {INPUT_SHAPE: self._input_shape})
+
 
     # -- kappa -----------------------------------------------------------------------------------
     def _sync_shadow(self, params: list[torch.Tensor]) -> None:
@@ -571,11 +648,14 @@ class PathSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
+        self._check_group(group)
         params = group["params"]
-        record = self._record_on(params[0].device)
+        record = self._step_record_on(params[0].device)
         if record.visible_failure():
             raise self._step_error()
         lr, eps, rescale = group[LR], group[EPS], group[RESCALE]
+        if group[MAXIMIZE]:
+            lr = -lr                       # Path-SGD on -loss: the step's sign flips
         idx = [i for i, p in enumerate(params) if p.grad is not None]
         if not idx:
             return loss
@@ -671,13 +751,13 @@ class PathSGD(torch.optim.Optimizer):
         """Raise ``PathSGDStepError`` if a step since the last check failed (waits for the
         device). The failed step and the steps after it wrote nothing; once raised, the record
         is cleared and later steps write again."""
-        if self._record is not None and self._record.failed():
+        if self._step_record is not None and self._step_record.failed():
             raise self._step_error()
 
-    def _record_on(self, device: torch.device) -> StepRecord:
-        if self._record is None or self._record.device != device:
-            self._record = StepRecord(device, 3 * len(self.param_groups[0]["params"]))
-        return self._record
+    def _step_record_on(self, device: torch.device) -> StepRecord:
+        if self._step_record is None or self._step_record.device != device:
+            self._step_record = StepRecord(device, 3 * len(self.param_groups[0]["params"]))
+        return self._step_record
 
     def _rescale_ratio(self, rescale, grads, updates, first_param, gate) -> torch.Tensor:
         state = self.state[first_param]
@@ -700,7 +780,7 @@ class PathSGD(torch.optim.Optimizer):
         return ratio
 
     def _step_error(self) -> PathSGDStepError:
-        step, after, diag = self._record.take()
+        step, after, diag = self._step_record.take()
         params = self.param_groups[0]["params"]
         tail = ("" if after == 0 else
                 f" (This was step {step}; the {after} step(s) after it wrote nothing either.)")
