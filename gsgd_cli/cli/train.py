@@ -10,11 +10,19 @@ A run directory belongs to one run (`gsgd_cli.train.rundir`): a new run refuses 
 holding another run unless `overwrite=true`, `resume=true` refuses settings that differ from the
 checkpoint's, and nothing is written into the directory (`.hydra/` included, which is why
 Hydra's own `.hydra/` writing is off) until every check has passed.
+
+Data-parallel runs (`gsgd_cli.train.distributed`): under `torchrun` or `srun`, `main()` starts
+the process group; rank 0 runs the Hydra application (one run or a sweep, its directories and
+all its output) and sends every job's composed config and run directory to the other ranks,
+which train it with rank 0 and write nothing (`follow()`). In a submitit job with several tasks
+every task runs the Hydra job; the ranks other than 0 again take the job from rank 0.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import traceback
@@ -32,8 +40,9 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 
 from gsgd_cli.data import describe, load_data
 from gsgd_cli.models import build_model
-from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError
+from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError, distributed
 from gsgd_cli.train.checkpoint import load as load_checkpoint
+from gsgd_cli.train.distributed import SINGLE, Ranks
 from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_resume_config, new_run_id,
                                    restrict_umask)
 
@@ -46,18 +55,37 @@ JOB_RECORD = ".gsgd_job.{}.json"   # in a sweep dir: one per job of the latest `
 OmegaConf.register_new_resolver("gsgd.run_id", new_run_id, use_cache=True, replace=True)
 
 
-def resolve_device(name: Any) -> torch.device:
-    """`auto` -> cuda when available, else cpu; `cuda[:N]` must be available."""
+def resolve_device(name: Any, *, ranks: Ranks = SINGLE, job_num: int | None = None,
+                   gpus: int | None = None) -> torch.device:
+    """`auto` -> cuda when available, else cpu; `cuda[:N]` must be available.
+
+    Which GPU `auto` and `cuda` take when there are `gpus` of them (default: as many as torch
+    sees): in a data-parallel run the one of the process's local rank (`local_rank mod gpus`),
+    in job `job_num` of a sweep GPU `job_num mod gpus` (a joblib sweep on a node with several
+    GPUs spreads its jobs over them), else the current one. `cuda:N` is that GPU, refused in a
+    data-parallel run with several processes per node (they would share it)."""
     name = str(name)
+    if gpus is None:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if gpus > 0 else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        if not torch.cuda.is_available():
+        if gpus == 0:
             raise UserError(f"device={name} but CUDA is not available on this machine; "
                             "use device=cpu or device=auto.")
-        return torch.device(name)
+        if name != "cuda":
+            if ranks.distributed and ranks.local_world_size > 1:
+                raise UserError(f"device={name} would put all {ranks.local_world_size} processes "
+                                "of this node on one GPU; use device=cuda or device=auto (each "
+                                "process takes the GPU of its local rank).")
+            return torch.device(name)
+        if ranks.distributed:
+            return torch.device("cuda", ranks.local_rank % gpus)
+        if job_num is not None:
+            return torch.device("cuda", job_num % gpus)
+        return torch.device("cuda")
     raise UserError(f"Invalid device={name!r}. Must be auto, cpu, cuda or cuda:N.")
 
 
@@ -82,22 +110,59 @@ def _git_commit() -> str | None:
 SMALL_MODEL = 1_000_000  # parameters; below this, intra-op threads only cost time on the CPU
 
 
-def set_cpu_threads(value: Any, device: torch.device, num_parameters: int) -> None:
-    """`cpu_threads`: a positive integer, or `auto` = 1 thread for small models on the CPU.
+def auto_threads(device: torch.device, num_parameters: int, *, parallel: int = 1,
+                 cores: int | None = None, environ: Any = None) -> int | None:
+    """The number of threads `cpu_threads=auto` sets (None: leave torch's default).
+
+    1 for small models on the CPU; with `parallel` processes training at once on this node
+    (the ranks of a data-parallel run on it, the jobs of a joblib sweep) each gets
+    `cores // parallel` (at least 1), unless `OMP_NUM_THREADS` says otherwise (the launcher's
+    or the user's choice: joblib sets it to cores // n_jobs in its workers, torchrun to 1)."""
+    env = os.environ if environ is None else environ
+    if device.type == "cpu" and num_parameters < SMALL_MODEL:
+        return 1
+    if parallel > 1 and not env.get("OMP_NUM_THREADS"):
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+                os.cpu_count() or 1)
+        return max(1, cores // parallel)
+    return None
+
+
+def set_cpu_threads(value: Any, device: torch.device, num_parameters: int,
+                    parallel: int = 1) -> None:
+    """`cpu_threads`: a positive integer, or `auto` (`auto_threads`).
 
     The MLPs' matrices are tiny: splitting them over threads gains nothing and is 100x slower
     when the cores are busy with other work (measured: 0.6 ms vs 80 ms per step on 2 shared
-    cores), so `auto` uses one thread for them and torch's default otherwise, which is
-    `OMP_NUM_THREADS` when set: in the jobs of `hydra/launcher=joblib`, joblib sets it to
-    cores // n_jobs, so parallel jobs divide the cores between them.
+    cores), so `auto` uses one thread for them; processes that train at once on one node
+    divide the cores between them.
     """
     if value == "auto":
-        if device.type == "cpu" and num_parameters < SMALL_MODEL:
-            torch.set_num_threads(1)
+        threads = auto_threads(device, num_parameters, parallel=parallel)
+        if threads is not None:
+            torch.set_num_threads(threads)
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"Invalid cpu_threads={value!r}. Must be auto or a positive integer.")
     torch.set_num_threads(value)
+
+
+def parallel_jobs(launcher: Any) -> int:
+    """How many jobs of a sweep run at once on this node: `n_jobs` of the joblib launcher
+    (-1: one per core, -2: all but one, ...), else 1."""
+    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        return 1
+    n = launcher.get("n_jobs", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n == 0:
+        return 1
+    return n if n > 0 else max(1, (os.cpu_count() or 1) + 1 + n)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """The seed of torch's own generator on one rank of a data-parallel run (dropout masks
+    differ between ranks; data order and augmentation use the shared data generator)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{rank}".encode()).digest()[:8], "little")
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -136,7 +201,8 @@ def _progress(cfg: DictConfig, multirun: bool) -> bool | None:
 def _plan(directory: RunDirectory, cfg: DictConfig, config: dict[str, Any],
           settings: TrainSettings, multirun: bool) -> tuple[str, dict[str, Any] | None]:
     """What to do with the run directory, decided before anything is written:
-    ("new", None) | ("resume", checkpoint state) | ("skip", None)."""
+    ("new", None) | ("resume", checkpoint state) | ("skip", None). In a data-parallel run
+    rank 0 decides and the others take its answer."""
     resume, overwrite = cfg.resume, cfg.get("overwrite", False)
     for key, value in (("resume", resume), ("overwrite", overwrite)):
         if not isinstance(value, bool):
@@ -178,55 +244,102 @@ def _save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
         (folder / name).write_text(OmegaConf.to_yaml(node))
 
 
+def _check_complete(cfg: DictConfig) -> None:
+    """`???` values, e.g. the lambdas that experiment=fig8 asks for, are one line."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as exc:
+        key = str(exc).splitlines()[0].rsplit("Missing mandatory value: ", 1)[-1]
+        raise UserError(f"No value for {key} (it is ???): set it on the command line, e.g. "
+                        f"{key}=VALUE (the experiment preset's header says what to use).") from None
+
+
+def _sync_bn(cfg: DictConfig, device: torch.device, ranks: Ranks) -> bool:
+    value = (cfg.get("distributed") or {}).get("sync_bn", False)
+    if not _flag("distributed.sync_bn", value):
+        return False
+    if device.type != "cuda":
+        raise UserError("distributed.sync_bn=true needs CUDA (torch's SyncBatchNorm runs on GPUs "
+                        f"only; this run is on {device}); drop it to keep per-process batch "
+                        "statistics.")
+    return ranks.distributed
+
+
 def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         choices: dict[str, str] | None = None, directory: RunDirectory | None = None,
-        on_claim=None) -> dict[str, Any]:
+        on_claim=None, ranks: Ranks = SINGLE, job_num: int | None = None,
+        parallel: int = 1) -> dict[str, Any]:
     """Train as `cfg` says, writing into `run_dir`; returns the summary dict.
 
     `on_claim()` runs once the directory is this run's (every check passed, old files
     removed when asked), before training; the CLI writes `.hydra/` there. A run that was
     already finished (`resume=true` on a completed run with the same budget, or on a
     diverged one) is not touched: its summary comes back with `"skipped": True`.
+
+    `ranks`: this process's place in a data-parallel run (every rank calls `run` with the same
+    `cfg`; rank 0 alone reads and writes `run_dir`). `job_num`: the job's number in a sweep
+    (picks its GPU); `parallel`: jobs running at once on this node (divides the CPU threads).
     """
-    try:  # `???` values, e.g. the lambdas that experiment=fig8 asks for
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except (MissingMandatoryValue, InterpolationToMissingValueError) as exc:
-        key = str(exc).splitlines()[0].rsplit("Missing mandatory value: ", 1)[-1]
-        raise UserError(f"No value for {key} (it is ???): set it on the command line, e.g. "
-                        f"{key}=VALUE (the experiment preset's header says what to use).") from None
+    _check_complete(cfg)
     if not isinstance(cfg.seed, int):
         raise UserError(f"Invalid seed={cfg.seed!r}. Must be an integer.")
-    device = resolve_device(cfg.device)
     settings = settings_from_cfg(cfg, _progress(cfg, multirun))
     schedule = schedule_from_cfg(cfg)
     settings.validate()
     describe(cfg.data)  # checks data config values before any loading
-    directory = directory or RunDirectory(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
-    action, state = _plan(directory, cfg, config, settings, multirun)
+    device = ranks.agree(lambda: resolve_device(cfg.device, ranks=ranks, job_num=job_num))
+    sync_bn = ranks.agree(lambda: _sync_bn(cfg, device, ranks))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    if ranks.writer:
+        directory = directory or RunDirectory(run_dir)
+
+    def plan():
+        action, state = _plan(directory, cfg, config, settings, multirun)
+        return action, state, directory.summary if action == "skip" else None
+
+    action, state, old_summary = ranks.from_writer(plan)
     if action == "skip":
-        return {**directory.summary, "skipped": True}
+        return {**old_summary, "skipped": True}
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg.data, device)
-    try:
-        model = build_model(cfg.model, data.in_shape, data.num_classes)
-    except ValueError as exc:
-        raise UserError(f"model: {exc}") from None
-    model = model.to(device=device, dtype=settings.dtype)
-    set_cpu_threads(cfg.cpu_threads, device, sum(p.numel() for p in model.parameters()))
-    try:
-        make_optimizer = hydra.utils.instantiate(cfg.optimizer)
-        kwargs = {}
-        if cfg.optimizer.get("input_shape", "absent") is None:   # Path-SGD: kappa; G-SGD: shapes
-            kwargs["input_shape"] = tuple(data.in_shape)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            optimizer = make_optimizer(model, **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"optimizer: {exc}") from None
-    notes = [str(w.message) for w in caught]
-    for note in notes:   # what the optimizer says about the model: one line each, on stdout
-        print(f"gsgd train: note: {note}")
+    if ranks.distributed:   # read on one rank per node, sent to the others
+        data = distributed.share_within_node(ranks, lambda: load_data(cfg.data, "cpu"))
+        data = data.to(device)
+    else:
+        data = load_data(cfg.data, device)
+
+    def build():
+        try:
+            return build_model(cfg.model, data.in_shape, data.num_classes)
+        except ValueError as exc:
+            raise UserError(f"model: {exc}") from None
+
+    model = ranks.agree(build).to(device=device, dtype=settings.dtype)
+    set_cpu_threads(cfg.cpu_threads, device, sum(p.numel() for p in model.parameters()),
+                    parallel=ranks.local_world_size if ranks.distributed else parallel)
+
+    def make_optimizer():
+        try:
+            make = hydra.utils.instantiate(cfg.optimizer)
+            kwargs = {}
+            if cfg.optimizer.get("input_shape", "absent") is None:   # Path-SGD: kappa; G-SGD: shapes
+                kwargs["input_shape"] = tuple(data.in_shape)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                built = make(model, **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"optimizer: {exc}") from None
+        return built, [str(w.message) for w in caught]
+
+    optimizer, notes = ranks.agree(make_optimizer)
+    if ranks.writer:
+        for note in notes:   # what the optimizer says about the model: one line each, on stdout
+            print(f"gsgd train: note: {note}")
+    if sync_bn:   # after the optimizer, which traces the plain batch-norm layers; same parameters
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if ranks.world_size > 1:
+        torch.manual_seed(_rank_seed(cfg.seed, ranks.rank))
     extra = {
         "git_commit": _git_commit(),
         "config": {k: v for k, v in (choices or {}).items()
@@ -235,14 +348,16 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         "run_dir": str(run_dir),
         "cpu_threads": torch.get_num_threads(),
         "optimizer_notes": notes,
+        "world_size": ranks.world_size,
     }
-    trainer = Trainer(model, optimizer, data, run_dir, settings, schedule, extra_summary=extra,
-                      config=config)
-    if action == "resume":
-        trainer.restore(state)   # every check of the checkpoint, before anything is written
-    directory.claim(remove_old=action == "new")
-    if on_claim is not None:
-        on_claim()
+    trainer = ranks.agree(lambda: Trainer(model, optimizer, data, run_dir, settings, schedule,
+                                          extra_summary=extra, config=config, ranks=ranks))
+    if action == "resume":   # every check of the checkpoint, before anything is written
+        ranks.agree(lambda: trainer.restore(state))
+    if ranks.writer:
+        directory.claim(remove_old=action == "new")
+        if on_claim is not None:
+            on_claim()
     return trainer.fit(resume=action == "resume", state=state)
 
 
@@ -279,11 +394,113 @@ def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) 
     (folder / JOB_RECORD.format(hc.job.num)).write_text(json.dumps(record) + "\n")
 
 
+class _Session:
+    """The data-parallel process group of this process, when `main()` started one (torchrun,
+    srun), and whether a job is under way (its ranks are then inside collectives: a rank that
+    fails there leaves without a goodbye, and the launcher stops the others)."""
+
+    ranks: Ranks | None = None
+    in_job: bool = False
+
+
 def main() -> Any:
     """`gsgd train`: the Hydra application below, with `o-w` added to the umask first (before
-    Hydra creates any directory), so nothing it writes is world-writable."""
+    Hydra creates any directory), so nothing it writes is world-writable. Under torchrun or
+    srun: rank 0 runs the application, the other ranks `follow()` it."""
     restrict_umask()
-    return train_app()
+    try:
+        launch = distributed.from_environment()
+    except UserError as exc:
+        print(f"gsgd train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if launch is None or launch.launcher == "submitit":   # submitit: see `_job_ranks`
+        return train_app()
+    ranks = distributed.start(launch)
+    _Session.ranks = ranks
+    code: Any = 1
+    try:
+        if not ranks.writer:
+            code = follow(ranks)
+            return code
+        try:
+            train_app()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if exc.code is not None else 0
+            raise
+        finally:
+            if not _Session.in_job:
+                ranks.broadcast(("end", code if isinstance(code, int) else 1))
+    finally:
+        _Session.ranks = None
+        if not _Session.in_job:
+            distributed.stop(ranks)
+
+
+def follow(ranks: Ranks) -> int:
+    """A rank other than 0 under torchrun or srun: train each job rank 0 sends (its composed
+    config and run directory) with it, until rank 0 says the command is over; its exit code."""
+    while True:
+        kind, value = ranks.broadcast(None)
+        if kind == "end":
+            return value
+        _follow_job(ranks, OmegaConf.create(value["cfg"]), Path(value["run_dir"]),
+                    **value["options"])
+
+
+def _follow_job(ranks: Ranks, cfg: DictConfig, run_dir: Path, **options: Any) -> None:
+    """One job on a rank other than 0: rank 0 reports errors and results and writes; this rank
+    trains and stays silent."""
+    _Session.in_job = True
+    try:
+        run(cfg, run_dir, ranks=ranks, **options)
+    except UserError:   # every rank raises it at the same point (`Ranks.agree`)
+        pass
+    _Session.in_job = False
+
+
+def _job_ranks() -> tuple[Ranks, bool]:
+    """This job's ranks, and whether they were started for this job alone (a submitit job
+    with several tasks: every task runs the Hydra job, and the process group lives as long
+    as the job)."""
+    if _Session.ranks is not None:
+        return _Session.ranks, False
+    launch = distributed.from_environment()
+    if launch is None:
+        return SINGLE, False
+    if launch.launcher == "submitit":
+        return distributed.start(launch), True
+    raise UserError(f"this job runs in a process that {launch.launcher} did not start (a "
+                    "joblib worker?): a data-parallel run trains one job at a time in all its "
+                    "processes; drop hydra/launcher=joblib.")
+
+
+def _job_options(hc: Any, multirun: bool) -> dict[str, Any]:
+    return {"multirun": multirun, "choices": dict(hc.runtime.choices),
+            "job_num": hc.job.num if multirun else None,
+            "parallel": parallel_jobs(hc.launcher) if multirun else 1}
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, ranks: Ranks, per_job: bool,
+             **options: Any) -> dict[str, Any]:
+    """`run()` on rank 0 (or the only process); under torchrun/srun the job goes to the other
+    ranks first."""
+    if not ranks.distributed:
+        return run(cfg, run_dir, **options)
+    _check_complete(cfg)   # before the others join: a `???` is rank 0's error alone
+    if not per_job:
+        job_options = {k: v for k, v in options.items() if k in ("multirun", "choices",
+                                                                  "job_num", "parallel")}
+        ranks.broadcast(("job", {"cfg": OmegaConf.to_container(cfg, resolve=True),
+                                 "run_dir": str(run_dir), "options": job_options}))
+    _Session.in_job = True
+    try:
+        summary = run(cfg, run_dir, ranks=ranks, **options)
+    except UserError:   # every rank raises it at the same point (`Ranks.agree`)
+        _Session.in_job = False
+        raise
+    _Session.in_job = False
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -292,6 +509,26 @@ def train_app(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
+    try:
+        ranks, per_job = _job_ranks()
+    except UserError as exc:
+        print(f"gsgd train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if per_job:   # a submitit job with several tasks: the group lives as long as the job
+        try:
+            if not ranks.writer:
+                _follow_job(ranks, cfg, run_dir, **_job_options(hc, multirun))
+                return None
+            return _train_job(cfg, hc, multirun, run_dir, ranks, per_job)
+        finally:
+            if not _Session.in_job:
+                distributed.stop(ranks)
+    return _train_job(cfg, hc, multirun, run_dir, ranks, per_job)
+
+
+def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: Ranks,
+               per_job: bool) -> float | None:
+    """One job on rank 0 (or the only process): run it, report it, record it in the sweep."""
     directory = RunDirectory(run_dir)
     status, message, skipped = "failed", None, False
 
@@ -300,8 +537,9 @@ def train_app(cfg: DictConfig) -> float | None:
         return directory.claimed or not directory.holds_run()
 
     try:
-        summary = run(cfg, run_dir, multirun=multirun, choices=dict(hc.runtime.choices),
-                      directory=directory, on_claim=lambda: _save_hydra_files(run_dir, cfg))
+        summary = _run_job(cfg, run_dir, ranks, per_job, directory=directory,
+                           on_claim=lambda: _save_hydra_files(run_dir, cfg),
+                           **_job_options(hc, multirun))
         status, message = summary["status"], summary.get("message")
         skipped = bool(summary.get("skipped"))
     except UserError as exc:
@@ -329,6 +567,8 @@ def train_app(cfg: DictConfig) -> float | None:
         if ours():
             _write_failed_summary(run_dir, message)
         if not multirun:
+            raise
+        if _Session.in_job:   # the other ranks are inside the job: stop here (and them)
             raise
         # A crash in one job must not hide the end-of-sweep line: report it and go on.
         traceback.print_exc()

@@ -77,9 +77,21 @@ class DeviceData:
     def device(self) -> torch.device:
         return self.train_x.device
 
+    def to(self, device: torch.device | str) -> "DeviceData":
+        """The same splits on `device`."""
+        moved = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = _to_device(value, torch.device(device))
+        return DeviceData(**moved)
+
     def inputs(self, x: torch.Tensor, *, train: bool, generator: torch.Generator | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Network inputs for a uint8 batch; augmentation only when `train` and enabled."""
+               dtype: torch.dtype = torch.float32, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """Network inputs for a uint8 batch; augmentation only when `train` and enabled.
+
+        `share=(k, n)`: `x` is the k-th of n equal parts of a batch (a rank's share in
+        data-parallel training); the augmentation draws the random numbers of the whole batch
+        and uses the k-th part, so the n parts together get what one process would."""
         x = x.to(dtype) / 255.0
         size = self.in_shape[-1]
         if x.shape[-1] != size:
@@ -87,7 +99,7 @@ class DeviceData:
         if train and self.augment:
             if generator is None:
                 raise ValueError("augmentation needs a torch.Generator")
-            x = random_crop_flip(x, generator)
+            x = random_crop_flip(x, generator, share=share)
         return (x - self.mean.to(dtype)) / self.std.to(dtype)
 
 
@@ -98,15 +110,21 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator,
-                     padding: int = CROP_PADDING) -> torch.Tensor:
+                     padding: int = CROP_PADDING, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Random crop after zero padding, then random horizontal flip, per sample, batched.
 
     Offsets and flips are drawn on the CPU from `generator` (a few bytes per sample) and then
     moved to the batch's device (on CUDA from pinned memory, asynchronously: no sync).
+    `share=(k, parts)`: `x` is the k-th of `parts` equal parts of a batch: the draws are those
+    of the whole batch, and the k-th part of them is used.
     """
     n, c, h, w = x.shape
-    offsets = _to_device(torch.randint(0, 2 * padding + 1, (2, n), generator=generator), x.device)
-    flips = _to_device(torch.rand(n, generator=generator) < 0.5, x.device)
+    k, parts = share
+    part = slice(k * n, (k + 1) * n)
+    offsets = torch.randint(0, 2 * padding + 1, (2, n * parts), generator=generator)[:, part]
+    flips = torch.rand(n * parts, generator=generator)[part] < 0.5
+    offsets = offsets.contiguous()
+    offsets, flips = _to_device(offsets, x.device), _to_device(flips, x.device)
     padded = F.pad(x, (padding, padding, padding, padding))
     rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]

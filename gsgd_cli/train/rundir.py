@@ -44,6 +44,11 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
+# Settings added after checkpoints already recorded configs: a recorded config without the key
+# was trained with this value (so resuming an older run with it is no change).
+ADDED_LATER = {"train.cuda_graphs": False, "distributed.sync_bn": False}
+
+
 def restrict_umask() -> None:
     """Add `o-w` to the process umask: nothing the runner writes is world-writable (anyone
     could otherwise replace a checkpoint or config in someone's run directory). Read
@@ -82,6 +87,8 @@ def config_differences(old: dict[str, Any], new: dict[str, Any],
         if key in may_change:
             continue
         x, y = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if x is _ABSENT and key in ADDED_LATER:
+            x = ADDED_LATER[key]
         if not _same(x, y):
             out.append(f"{key}: {_show(x)} -> {_show(y)}")
     return out

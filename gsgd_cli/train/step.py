@@ -110,11 +110,19 @@ class RunningSums:
         self.hits[self.count].copy_(hits)
         self.count += 1
 
-    def take(self) -> tuple[list[float], list[int]]:
-        """The pending values (one device sync), and the buffer emptied."""
+    def take(self, ranks=None) -> tuple[list[float], list[int]]:
+        """The pending values (one device sync), and the buffer emptied.
+
+        With `ranks` (a `distributed.Ranks` of a data-parallel run, every rank calling this
+        with its own share's values) the losses are averaged and the correct counts summed
+        over the ranks (one all-reduce): every rank gets the global batch's values."""
         n = self.count
         self.count = 0
         if n == 0:
             return [], []
-        values = torch.cat([self.losses[:n], self.hits[:n].double()]).tolist()
+        values = torch.cat([self.losses[:n], self.hits[:n].double()])
+        if ranks is not None and ranks.world_size > 1:
+            ranks.sum_(values)
+            values[:n] /= ranks.world_size
+        values = values.tolist()
         return values[:n], [int(h) for h in values[n:]]

@@ -21,6 +21,13 @@ Reproducibility: all data-order and augmentation randomness comes from one CPU g
 seeded with `seed`, and every random state is in the checkpoint, so a resumed run ends with
 the same weights as an uninterrupted one (bitwise on the CPU).
 
+Data-parallel training (`ranks`, see `distributed`): every rank runs this loop with the same
+generator, takes its share of each global batch of `batch_size` examples and trains the
+`DistributedDataParallel` wrapper of the model; losses and accuracies are summed over the ranks
+at the sync points, evaluation is split over the ranks (whole evaluation batches, summed), and
+every stop (divergence, failed step) is decided by all ranks together. Only rank 0 writes; a
+checkpoint first checks that every rank holds the same weights.
+
 Waiting for the device: a training step (`step.TrainStep`) never reads a device value. The
 per-iteration loss and accuracy stay on the device (`step.RunningSums`), and the loop
 synchronises only at its sync points: evaluation, checkpoints and every `sync_every`
@@ -44,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load, save_atomic, write_text_atomic
+from .distributed import SINGLE, Ranks
 from .errors import UserError
 from .rundir import check_resume_config, remove_orphaned_tmp
 from .schedule import Schedule
@@ -119,11 +127,14 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: "DeviceData",
                  run_dir: str | Path, settings: TrainSettings | None = None,
                  schedule: Schedule | None = None, extra_summary: dict[str, Any] | None = None,
-                 log: Callable[[str], None] | None = None, config: dict[str, Any] | None = None):
+                 log: Callable[[str], None] | None = None, config: dict[str, Any] | None = None,
+                 ranks: Ranks = SINGLE):
         """`config`: the run's composed config as plain containers, recorded in the
         checkpoint; `fit(resume=True)` then refuses a checkpoint whose recorded config differs
-        outside `rundir.RESUME_MAY_CHANGE`."""
+        outside `rundir.RESUME_MAY_CHANGE`. `ranks`: this process's place in a data-parallel
+        run (default: a single process)."""
         self.model = model
+        self.ranks = ranks
         self.optimizer = optimizer
         self.data = data
         self.run_dir = Path(run_dir)
@@ -134,6 +145,10 @@ class Trainer:
         self.config = config
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         n = len(data.train_y)
+        if self.settings.batch_size % ranks.world_size:
+            raise UserError(f"Invalid train.batch_size={self.settings.batch_size} for "
+                            f"{ranks.world_size} processes: the global batch is split evenly "
+                            f"between them, so it must be a multiple of {ranks.world_size}.")
         self.iterations_per_epoch = n // self.settings.batch_size
         if self.iterations_per_epoch < 1:
             raise UserError(f"Invalid train.batch_size={self.settings.batch_size}: larger than "
@@ -164,7 +179,14 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / CHECKPOINT
 
+    def _rng_states(self) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        return (torch.get_rng_state(),
+                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
     def _state(self) -> dict[str, Any]:
+        """The checkpoint's contents (a collective in a data-parallel run: every rank's RNG
+        states are gathered; rank 0 writes)."""
+        rng_ranks = self.ranks.gather(self._rng_states()) if self.ranks.distributed else None
         return {
             "iteration": self.iteration,
             "model": self.model.state_dict(),
@@ -182,10 +204,23 @@ class Trainer:
             "batch_size": self.settings.batch_size,
             "iterations_per_epoch": self.iterations_per_epoch,
             "config": self.config,
+            "world_size": self.ranks.world_size,
+            "rng_ranks": rng_ranks,      # [(torch, cuda) per rank] of a data-parallel run
         }
 
     def save_checkpoint(self) -> None:
-        save_atomic(self._state(), self.checkpoint_path)
+        """Write the checkpoint (rank 0), after checking that every rank holds the same model."""
+        self.ranks.broadcast_buffers(self.model)
+        differ = self.ranks.differing_tensors(self.model)
+        if differ:
+            raise RuntimeError(f"the {self.ranks.world_size} processes of this data-parallel run "
+                               f"hold different weights ({', '.join(differ[:5])}"
+                               f"{', ...' if len(differ) > 5 else ''}) at iteration "
+                               f"{self.iteration}: their steps were not the same. No checkpoint "
+                               "was written; please report this with the command.")
+        state = self._state()
+        if self.ranks.writer:
+            save_atomic(state, self.checkpoint_path)
         self.checkpoint_iteration = self.iteration
 
     def restore(self, state: dict[str, Any] | None = None) -> None:
@@ -207,6 +242,14 @@ class Trainer:
         if state["batch_size"] != self.settings.batch_size:
             raise UserError(f"The checkpoint at {path} was trained with train.batch_size="
                             f"{state['batch_size']}; resume with the same batch size.")
+        world = state.get("world_size", 1)
+        if world != self.ranks.world_size:
+            raise UserError(f"The checkpoint at {path} was written by a run on {world} "
+                            f"process{'es' if world > 1 else ''}; resume it on {world} (e.g. "
+                            f"torchrun --nproc_per_node={world}"
+                            f"{' or plain gsgd train' if world == 1 else ''}): with another "
+                            "number the gradients are summed in another order, so the weights "
+                            "would not continue bit for bit.")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -219,16 +262,19 @@ class Trainer:
         self.iteration = state["iteration"]
         self.perm = state["perm"]
         self.generator.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        torch_rng, cuda_rng = state["torch_rng"], state["cuda_rng"]
+        if state.get("rng_ranks") is not None:
+            torch_rng, cuda_rng = state["rng_ranks"][self.ranks.rank]
+        torch.set_rng_state(torch_rng)
+        if cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_rng)
         self.loss_sum, self.correct, self.seen = state["running"]
         self.best_test_acc = state["best_test_acc"]
         self.best_val_acc = state.get("best_val_acc")
         self.last_metrics = state["last_metrics"]
         self.elapsed_before = state["elapsed_s"]
         self.checkpoint_iteration = self.iteration
-        self._metrics_to_keep = self._metrics_up_to_checkpoint()
+        self._metrics_to_keep = self._metrics_up_to_checkpoint() if self.ranks.writer else None
         self.restored = True
 
     def _metrics_up_to_checkpoint(self) -> list[str] | None:
@@ -258,9 +304,11 @@ class Trainer:
         return self.elapsed_before + (time.perf_counter() - self._t0)
 
     def _weights_finite(self) -> bool:
-        """Checked before each checkpoint, so that a checkpoint never holds NaN/Inf weights."""
+        """Checked before each checkpoint, so that a checkpoint never holds NaN/Inf weights
+        (all ranks agree)."""
         state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        return bool(torch.stack([torch.isfinite(t).all() for t in state]).all()) if state else True
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in state]).all()) if state else True
+        return not self.ranks.any(not finite)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -268,15 +316,22 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split: str = "test") -> tuple[float, float]:
-        """Mean cross-entropy and accuracy on the test (or the held-out validation) split."""
+        """Mean cross-entropy and accuracy on the test (or the held-out validation) split.
+
+        In a data-parallel run rank k evaluates the batches k, k + n, ... (with rank 0's
+        batch-norm statistics) and the sums are added over the ranks: the batches are those of
+        a single process, only the order of the final sum differs."""
         xs, ys = ((self.data.test_x, self.data.test_y) if split == "test"
                   else (self.data.val_x, self.data.val_y))
+        ranks = self.ranks
+        ranks.broadcast_buffers(self.model)
         was_training = self.model.training
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.data.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.data.device)
         n = len(ys)
-        for start in range(0, n, self.settings.eval_batch_size):
+        starts = range(0, n, self.settings.eval_batch_size)
+        for start in starts[ranks.rank::ranks.world_size]:
             x = self.data.inputs(xs[start:start + self.settings.eval_batch_size],
                                  train=False, dtype=self.settings.dtype)
             y = ys[start:start + self.settings.eval_batch_size]
@@ -284,6 +339,8 @@ class Trainer:
             loss_sum += F.cross_entropy(out, y, reduction="sum").double()
             correct += (out.argmax(1) == y).sum()
         self.model.train(was_training)
+        ranks.sum_(loss_sum)
+        ranks.sum_(correct)
         return loss_sum.item() / n, correct.item() / n
 
     def _record(self, writer) -> None:
@@ -302,8 +359,9 @@ class Trainer:
             metrics["val_loss"], metrics["val_acc"] = self.evaluate("val")
             if self.best_val_acc is None or metrics["val_acc"] > self.best_val_acc:
                 self.best_val_acc = metrics["val_acc"]
-        with open(self.run_dir / METRICS, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        if self.ranks.writer:
+            with open(self.run_dir / METRICS, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
         if writer is not None:
             for key in METRIC_KEYS[1:] + (VAL_KEYS if self.data.has_val else ()):
                 writer.add_scalar(key, metrics[key], self.iteration)
@@ -316,7 +374,11 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def _make_step(self) -> TrainStep:
         if not self.settings.cuda_graphs:
-            return TrainStep(self.model, self.optimizer)
+            return TrainStep(self.train_model, self.optimizer)
+        if self.ranks.distributed:
+            raise UserError("train.cuda_graphs=true is for one process; a data-parallel run "
+                            "(torchrun, srun) all-reduces the gradients between the processes "
+                            "in every step. Drop train.cuda_graphs=true.")
         if self.data.device.type != "cuda":
             raise UserError(f"train.cuda_graphs=true needs a CUDA device (the data and model "
                             f"are on {self.data.device}); set device=cuda or drop it.")
@@ -333,12 +395,13 @@ class Trainer:
         optimizer's steps (or take `step_error`, raised by a step of the current iteration).
         Returns why the run diverged, or None."""
         start = self.iteration - running.count       # iterations before the pending ones
-        losses, hits = running.take()
+        losses, hits = running.take(self.ranks)      # summed over the ranks: the same everywhere
         bad_loss = next((k for k, v in enumerate(losses) if not math.isfinite(v)), None)
         cause, at = None, None
         if bad_loss is not None:
             cause, at = f"loss={losses[bad_loss]}", start + bad_loss + 1
         check = getattr(self.optimizer, "check_steps", None)
+        step_at, step_cause = None, None
         try:
             if step_error is not None:
                 raise step_error
@@ -346,9 +409,12 @@ class Trainer:
                 check()
         except _divergence_errors() as exc:
             step_at = self._failed_iteration(exc, self.iteration + (step_error is not None))
-            if at is None or step_at < at:
-                cause = f"optimizer step failed ({str(exc).splitlines()[0]})"
-                at = step_at
+            step_cause = f"optimizer step failed ({str(exc).splitlines()[0]})"
+        first_failure = self.ranks.min_or_none(step_at)    # the first failed step on any rank
+        if first_failure is not None and (at is None or first_failure < at):
+            at = first_failure
+            cause = (step_cause if step_at == first_failure else
+                     "optimizer step failed (on another process of this data-parallel run)")
         if cause is not None:
             return self._diverged(cause, at)
         batch = self.settings.batch_size
@@ -388,8 +454,10 @@ class Trainer:
         """Train to the budget; `resume=True` continues from `state` (default: the
         checkpoint in the run directory)."""
         s = self.settings
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        remove_orphaned_tmp(self.run_dir)
+        writes = self.ranks.writer
+        if writes:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_orphaned_tmp(self.run_dir)
         self._t0 = time.perf_counter()
         if resume:
             if not self.restored:
@@ -397,22 +465,27 @@ class Trainer:
             if self._metrics_to_keep is not None:
                 write_text_atomic("".join(line + "\n" for line in self._metrics_to_keep),
                                   self.run_dir / METRICS)
-        elif (self.run_dir / METRICS).exists():
+        elif writes and (self.run_dir / METRICS).exists():
             (self.run_dir / METRICS).unlink()
+        # DistributedDataParallel in a data-parallel run (after restore: its constructor
+        # copies rank 0's weights to every rank, which hold the same ones by then anyway)
+        self.train_model = self.ranks.wrap(self.model, self.data.device)
         writer = None
-        if s.tensorboard:
+        if s.tensorboard and writes:
             from torch.utils.tensorboard import SummaryWriter
 
             # Readers drop the events with step >= purge_step of earlier files: those after the
             # checkpoint, which will be logged again. The checkpoint's own step stays.
             writer = SummaryWriter(str(self.run_dir / TB_DIR),
                                    purge_step=self.iteration + 1 if resume else None)
-        show = sys.stderr.isatty() if s.progress is None else s.progress
+        show = (sys.stderr.isatty() if s.progress is None else s.progress) and writes
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total, initial=self.iteration, disable=not show, leave=False,
                    dynamic_ncols=True, unit="it")
         data, ipe = self.data, self.iterations_per_epoch
+        share = (self.ranks.rank, self.ranks.world_size)
+        rows = self.ranks.share(s.batch_size)      # this rank's part of each global batch
         self.model.train()
         perm_device = None
         self._fit_start = self.iteration
@@ -426,9 +499,9 @@ class Trainer:
                     perm_device = None
                 if perm_device is None:
                     perm_device = self._to_device(self.perm)
-                idx = perm_device[position * s.batch_size:(position + 1) * s.batch_size]
+                idx = perm_device[position * s.batch_size:(position + 1) * s.batch_size][rows]
                 x = data.inputs(data.train_x[idx], train=True, generator=self.generator,
-                                dtype=s.dtype)
+                                dtype=s.dtype, share=share)
                 y = data.train_y[idx]
                 factor = self.schedule.factor(self.iteration, ipe)
                 for group, base in zip(self.optimizer.param_groups, self.base_lrs):
@@ -497,5 +570,6 @@ class Trainer:
             summary.update(final_val_acc=last.get("val_acc"), best_val_acc=self.best_val_acc,
                            final_val_loss=last.get("val_loss"), val_size=len(self.data.val_y))
         summary.update(self.extra_summary)
-        write_text_atomic(json.dumps(summary, indent=2) + "\n", self.run_dir / SUMMARY)
+        if self.ranks.writer:
+            write_text_atomic(json.dumps(summary, indent=2) + "\n", self.run_dir / SUMMARY)
         return summary
