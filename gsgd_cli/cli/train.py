@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import subprocess
 import sys
 import traceback
@@ -35,6 +36,7 @@ from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError
 from gsgd_cli.train.checkpoint import load as load_checkpoint
 from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_resume_config, new_run_id,
                                    restrict_umask)
+from gsgd_cli.train.signals import exit_code, raise_on_sigterm, signal_name
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -247,8 +249,11 @@ def _write_failed_summary(run_dir: Path, message: str) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         summary = {}
     summary.update(status="failed", message=message, run_dir=str(run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError:   # e.g. the disk is full: the error line on stderr says what happened
+        pass
 
 
 def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) -> None:
@@ -263,14 +268,21 @@ def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) 
 
 def main() -> Any:
     """`gsgd train`: the Hydra application below, with `o-w` added to the umask first (before
-    Hydra creates any directory), so nothing it writes is world-writable."""
+    Hydra creates any directory), so nothing it writes is world-writable, and SIGTERM handled
+    like Ctrl-C."""
     restrict_umask()
-    return train_app()
+    previous = raise_on_sigterm()
+    try:
+        return train_app()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
     restrict_umask()   # again: a job may run in another process (joblib, submitit)
+    raise_on_sigterm()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
@@ -299,13 +311,19 @@ def train_app(cfg: DictConfig) -> float | None:
             _record_job(status, run_dir, message, skipped)
             return None
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (signals.Interrupted)
         status = "interrupted"
         if multirun:
             _record_job(status, run_dir, message, skipped)
-        print(f"gsgd train: interrupted; continue with: gsgd train resume=true "
-              f"hydra.run.dir={run_dir} (plus the same overrides)", file=sys.stderr)
-        sys.exit(130)
+        if directory.checkpoint.is_file():
+            print(f"gsgd train: interrupted ({signal_name(exc)}); continue with: gsgd train "
+                  f"resume=true hydra.run.dir={run_dir} (plus the same overrides)",
+                  file=sys.stderr)
+        else:
+            print(f"gsgd train: interrupted ({signal_name(exc)}) before a checkpoint was "
+                  f"written in {run_dir}; there is nothing to resume: run the command again",
+                  file=sys.stderr)
+        sys.exit(exit_code(exc))
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
         if ours():

@@ -38,6 +38,7 @@ from ..gspace.blocks import ChainBlock, find_chain_blocks
 from ..gspace.skeleton import ChainSkeleton, UnsupportedWidthProfile, build_skeleton
 from ..gspace.update import (ChainIndex, StepOptions, Workspace, apply_chain_step,
                              plan_chain_step)
+from .validation import check_lr
 
 SKELETON_INITS = ("one", "keep", "rescale")
 BN_OPTIONS = ("approx", "approx_per_tap", "split")
@@ -96,7 +97,7 @@ class GSGD(Optimizer):
 
     Args:
         model: the network; its chain blocks are found by tracing it with torch.fx.
-        lr: learning rate `eta` (> 0).
+        lr: learning rate `eta` (a finite number > 0).
         skeleton_init: `"one"` (default) sets every skeleton weight to 1 at construction, as
             the paper does; `"keep"` keeps the current values (none may be 0); `"rescale"`
             rescales hidden units (a positive scaling: the network function is unchanged)
@@ -142,7 +143,7 @@ class GSGD(Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GSGD takes the model (an nn.Module), got {type(model).__name__}; "
                             "write GSGD(model, lr) rather than GSGD(model.parameters(), lr)")
-        _check_positive("lr", lr)
+        check_lr(lr)
         if skeleton_init not in SKELETON_INITS:
             raise ValueError(f"Invalid skeleton_init={skeleton_init!r}. Must be one of "
                              f"{', '.join(repr(s) for s in SKELETON_INITS)}.")

@@ -94,6 +94,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .validation import check_lr
+
 __all__ = ["PathSGD", "PathSGDStepError", "needs_input_shape"]
 
 # Keys in the optimizer's param group / state (kept here: the project has no shared key module yet).
@@ -415,7 +417,7 @@ class PathSGD(torch.optim.Optimizer):
     Args:
         model: the ``nn.Module`` to train (not its parameters). All its parameters form one param
             group, in ``model.parameters()`` order.
-        lr: learning rate eta (>= 0).
+        lr: learning rate eta (a finite number > 0).
         rescale: ``None`` (default, exact Path-SGD), ``'first'`` or ``'every'``: multiply the
             update by ``rho = ||g|| / ||g / kappa||``, frozen after the first step or recomputed
             every step (a consistent version of the published code's ratio; not invariant).
@@ -428,7 +430,7 @@ class PathSGD(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}. Must be a torch.nn.Module "
                             "(PathSGD takes the model, not its parameters).")
-        lr = _check_number("lr", lr)
+        lr = check_lr(lr)
         eps = _check_number("eps", eps)
         if not (rescale is None or (isinstance(rescale, str) and rescale in _RESCALE_CHOICES)):
             raise ValueError(f"Invalid rescale={rescale!r}. Must be None, 'first' or 'every'.")
