@@ -120,3 +120,40 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous(
     assert gsgd_train_inproc(*overrides, "resume=true")[0] == 0
     assert gsgd_train_inproc(*overrides, f"hydra.run.dir={tmp_path / 'ref'}")[0] == 0
     assert_same_weights(load(tmp_path / "ref" / "checkpoint.pt")["model"], load(ckpt)["model"])
+
+
+@pytest.mark.slow   # about 20 s: loky workers
+def test_a_parallel_sweep_stopped_by_sigterm_checkpoints_every_running_job(tmp_path):
+    """joblib: SIGTERM to the process group (SLURM, `kill -- -PGID`): the sweep waits for its
+    workers, each running job stops with a checkpoint, and `resume=true` finishes the sweep."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if k not in ("COMP_LINE", "HYDRA_FULL_ERROR")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    args = [sys.executable, "-m", "gsgd_cli", "train", "-m", "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2", *BASE, "train.checkpoint_every=100000000", "seed=0,1,2",
+            f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen([*args, "train.iterations=100000000"], cwd=tmp_path, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not all((sweep / job / "metrics.jsonl").is_file() for job in "01"):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    stopped = {}
+    for job in "01":
+        s = summary(sweep / job)
+        assert s["status"] == "interrupted"
+        assert load(sweep / job / "checkpoint.pt")["iteration"] == s["iterations"] > 0
+        stopped[job] = s["iterations"]
+        assert (f"interrupted (SIGTERM) in job {sweep / job}; continue the sweep with the same "
+                f"command plus resume=true hydra.sweep.dir={sweep}") in err
+    budget = max(stopped.values()) + 10
+    done = subprocess.run([*args, f"train.iterations={budget}", "resume=true"], cwd=tmp_path,
+                          env=env, text=True, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"3 of 3 jobs completed in {sweep}" in done.stdout

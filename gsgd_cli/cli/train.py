@@ -36,7 +36,8 @@ from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError
 from gsgd_cli.train.checkpoint import load as load_checkpoint
 from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_resume_config, new_run_id,
                                    restrict_umask)
-from gsgd_cli.train.signals import exit_code, raise_on_sigterm, signal_name
+from gsgd_cli.train.signals import (exit_code, raise_on_sigterm, signal_name,
+                                    wait_for_workers_on_signal)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -256,6 +257,12 @@ def _write_failed_summary(run_dir: Path, message: str) -> None:
         pass
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write (the jobs of a parallel sweep share stderr)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) -> None:
     """One file per sweep job, `<sweep dir>/.gsgd_job.<num>.json`, read by `MultirunReport`."""
     hc = HydraConfig.get()
@@ -274,6 +281,11 @@ def main() -> Any:
     previous = raise_on_sigterm()
     try:
         return train_app()
+    except KeyboardInterrupt as exc:   # outside a job, e.g. a sweep waiting for its workers
+        hint = (f"; continue the sweep with the same command plus resume=true "
+                f"hydra.sweep.dir={MultirunReport.sweep_dir}" if MultirunReport.sweep_dir else "")
+        _say(f"gsgd train: interrupted ({signal_name(exc)}){hint}")
+        sys.exit(exit_code(exc))
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -300,7 +312,7 @@ def train_app(cfg: DictConfig) -> float | None:
         skipped = bool(summary.get("skipped"))
     except UserError as exc:
         message = str(exc)
-        print(f"gsgd train: error: {exc}", file=sys.stderr)
+        _say(f"gsgd train: error: {exc}")
         if ours():
             _write_failed_summary(run_dir, message)
             if not directory.claimed:
@@ -315,14 +327,15 @@ def train_app(cfg: DictConfig) -> float | None:
         status = "interrupted"
         if multirun:
             _record_job(status, run_dir, message, skipped)
-        if directory.checkpoint.is_file():
-            print(f"gsgd train: interrupted ({signal_name(exc)}); continue with: gsgd train "
-                  f"resume=true hydra.run.dir={run_dir} (plus the same overrides)",
-                  file=sys.stderr)
+            _say(f"gsgd train: interrupted ({signal_name(exc)}) in job {run_dir}; continue the "
+                  f"sweep with the same command plus resume=true hydra.sweep.dir="
+                  f"{hc.sweep.dir}")
+        elif directory.checkpoint.is_file():
+            _say(f"gsgd train: interrupted ({signal_name(exc)}); continue with: gsgd train "
+                  f"resume=true hydra.run.dir={run_dir} (plus the same overrides)")
         else:
-            print(f"gsgd train: interrupted ({signal_name(exc)}) before a checkpoint was "
-                  f"written in {run_dir}; there is nothing to resume: run the command again",
-                  file=sys.stderr)
+            _say(f"gsgd train: interrupted ({signal_name(exc)}) before a checkpoint was "
+                  f"written in {run_dir}; there is nothing to resume: run the command again")
         sys.exit(exit_code(exc))
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
@@ -332,14 +345,14 @@ def train_app(cfg: DictConfig) -> float | None:
             raise
         # A crash in one job must not hide the end-of-sweep line: report it and go on.
         traceback.print_exc()
-        print(f"gsgd train: job {run_dir} crashed: {message.splitlines()[0]}", file=sys.stderr)
+        _say(f"gsgd train: job {run_dir} crashed: {message.splitlines()[0]}")
         _record_job(status, run_dir, message, skipped)
         return None
     if multirun:
         _record_job(status, run_dir, message, skipped)
     if status == "diverged":
-        print(f"gsgd train: {message}" + (" (already diverged before; nothing to do)"
-                                           if skipped else ""), file=sys.stderr)
+        _say(f"gsgd train: {message}" + (" (already diverged before; nothing to do)"
+                                          if skipped else ""))
         if not multirun:
             sys.exit(1)
     else:
@@ -358,7 +371,12 @@ class MultirunReport(Callback):
     error.
     """
 
+    sweep_dir: str | None = None   # of the sweep running in this process, for `main`'s hint
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        MultirunReport.sweep_dir = str(config.hydra.sweep.dir)
+        if not str(config.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher"):
+            wait_for_workers_on_signal(_say)
         for old in Path(config.hydra.sweep.dir).glob(JOB_RECORD.format("*")):
             old.unlink(missing_ok=True)
 

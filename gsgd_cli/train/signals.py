@@ -71,3 +71,24 @@ def raise_on_sigterm() -> Any:
         raise Interrupted(signum)
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+def wait_for_workers_on_signal(say) -> None:
+    """For a sweep whose jobs run in other processes (joblib, submitit): the first SIGINT or
+    SIGTERM only says (`say`) that the jobs are stopping (they get the signal too: terminals,
+    SLURM and `kill -- -PGID` signal the whole group) and lets them finish their checkpoints;
+    aborting the pool at once could kill a worker mid-checkpoint. A second signal raises
+    `Interrupted` at once."""
+    if not _in_main_thread():
+        return
+    asked: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if asked:
+            raise Interrupted(signum)
+        asked.append(signum)
+        say(f"gsgd train: {signal.Signals(signum).name}: the running jobs stop at the end of "
+            "their current iteration with a checkpoint; signal again to stop at once")
+
+    for sig in SIGNALS:
+        signal.signal(sig, handler)
