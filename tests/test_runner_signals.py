@@ -124,8 +124,9 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous(
 
 @pytest.mark.slow   # about 20 s: loky workers
 def test_a_parallel_sweep_stopped_by_sigterm_checkpoints_every_running_job(tmp_path):
-    """joblib: SIGTERM to the process group (SLURM, `kill -- -PGID`): the sweep waits for its
-    workers, each running job stops with a checkpoint, and `resume=true` finishes the sweep."""
+    """joblib: SIGTERM to the process group (SLURM, `kill -- -PGID`): each running job stops
+    with a checkpoint (no worker is killed mid-checkpoint), queued jobs do not start, the sweep
+    ends with its end line and exit 143, and `resume=true` finishes it."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
     env = {k: v for k, v in os.environ.items() if k not in ("COMP_LINE", "HYDRA_FULL_ERROR")}
@@ -152,6 +153,11 @@ def test_a_parallel_sweep_stopped_by_sigterm_checkpoints_every_running_job(tmp_p
         stopped[job] = s["iterations"]
         assert (f"interrupted (SIGTERM) in job {sweep / job}; continue the sweep with the same "
                 f"command plus resume=true hydra.sweep.dir={sweep}") in err
+    assert json.loads((sweep / ".gsgd_job.2.json").read_text())["message"] == (
+        "not started: the sweep was stopped (SIGTERM)")            # queued: never started
+    assert f"gsgd train: 0 of 3 jobs completed in {sweep}" in out
+    assert (f"gsgd train: stopped (SIGTERM); continue the sweep with the same command plus "
+            f"resume=true hydra.sweep.dir={sweep}") in err
     budget = max(stopped.values()) + 10
     done = subprocess.run([*args, f"train.iterations={budget}", "resume=true"], cwd=tmp_path,
                           env=env, text=True, capture_output=True, timeout=300)

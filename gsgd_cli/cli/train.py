@@ -36,7 +36,8 @@ from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError
 from gsgd_cli.train.checkpoint import load as load_checkpoint
 from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_resume_config, new_run_id,
                                    restrict_umask)
-from gsgd_cli.train.signals import (exit_code, raise_on_sigterm, signal_name,
+from gsgd_cli.train import signals
+from gsgd_cli.train.signals import (Interrupted, exit_code, raise_on_sigterm, signal_name,
                                     wait_for_workers_on_signal)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -266,7 +267,7 @@ def _say(line: str) -> None:
 def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) -> None:
     """One file per sweep job, `<sweep dir>/.gsgd_job.<num>.json`, read by `MultirunReport`."""
     hc = HydraConfig.get()
-    folder = Path(hc.sweep.dir)
+    folder = Path(hc.runtime.cwd) / hc.sweep.dir   # the cwd may be the job dir (job.chdir)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"num": hc.job.num, "run_dir": str(run_dir), "status": status,
               "message": message, "skipped": skipped}
@@ -300,6 +301,14 @@ def train_app(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     directory = RunDirectory(run_dir)
     status, message, skipped = "failed", None, False
+    in_worker = multirun and not str(hc.launcher.get("_target_", "")).endswith(".BasicLauncher")
+    # `signals.received`, not a name imported from it: joblib ships this function by value
+    # (Hydra hands over the undecorated one), which would copy a module-level object per job.
+    if in_worker and signals.received.signum is not None:   # this worker was told to stop
+        stopped_by = signal_name(Interrupted(signals.received.signum))
+        message = f"not started: the sweep was stopped ({stopped_by})"
+        _record_job("interrupted", run_dir, message, skipped)
+        return None
 
     def ours() -> bool:
         """May this command write a failed summary here (never into another run's files)?"""
@@ -328,14 +337,18 @@ def train_app(cfg: DictConfig) -> float | None:
         if multirun:
             _record_job(status, run_dir, message, skipped)
             _say(f"gsgd train: interrupted ({signal_name(exc)}) in job {run_dir}; continue the "
-                  f"sweep with the same command plus resume=true hydra.sweep.dir="
-                  f"{hc.sweep.dir}")
+                 f"sweep with the same command plus resume=true hydra.sweep.dir="
+                 f"{hc.sweep.dir}")
+            if in_worker:   # exiting would make the launcher kill the other workers at once
+                signals.received.signum = (signals.received.signum
+                                           or getattr(exc, "signum", signal.SIGINT))
+                return None
         elif directory.checkpoint.is_file():
             _say(f"gsgd train: interrupted ({signal_name(exc)}); continue with: gsgd train "
-                  f"resume=true hydra.run.dir={run_dir} (plus the same overrides)")
+                 f"resume=true hydra.run.dir={run_dir} (plus the same overrides)")
         else:
             _say(f"gsgd train: interrupted ({signal_name(exc)}) before a checkpoint was "
-                  f"written in {run_dir}; there is nothing to resume: run the command again")
+                 f"written in {run_dir}; there is nothing to resume: run the command again")
         sys.exit(exit_code(exc))
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
@@ -397,7 +410,12 @@ class MultirunReport(Callback):
         print(f"gsgd train: {len(done)} of {len(records)} jobs completed in {sweep_dir}"
               + (f" ({before} already before this command)" if before else "")
               + (f"; diverged: {', '.join(diverged)}" if diverged else "")
-              + (f"; not completed: {', '.join(bad)}" if bad else ""))
+              + (f"; not completed: {', '.join(bad)}" if bad else ""), flush=True)
+        if signals.received.signum is not None:   # stopped by a signal while the workers ran
+            signum = signals.received.signum
+            _say(f"gsgd train: stopped ({signal_name(Interrupted(signum))}); continue the "
+                 f"sweep with the same command plus resume=true hydra.sweep.dir={sweep_dir}")
+            sys.exit(128 + signum)
         if bad:
             sys.exit(1)
 

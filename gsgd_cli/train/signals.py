@@ -15,6 +15,16 @@ from typing import Any
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class _Received:
+    """The first stop signal this process got (a worker of a sweep remembers it, so that the
+    jobs queued on it do not start; the sweep's main process exits with its code)."""
+
+    signum: int | None = None
+
+
+received = _Received()
+
+
 class Interrupted(KeyboardInterrupt):
     """The run was stopped by a signal; a `KeyboardInterrupt`, so Ctrl-C paths handle it."""
 
@@ -87,8 +97,10 @@ def wait_for_workers_on_signal(say) -> None:
         if asked:
             raise Interrupted(signum)
         asked.append(signum)
-        say(f"gsgd train: {signal.Signals(signum).name}: the running jobs stop at the end of "
-            "their current iteration with a checkpoint; signal again to stop at once")
+        received.signum = received.signum or signum
+        say(f"gsgd train: {signal.Signals(signum).name}: waiting for the running jobs, which "
+            "stop at the end of their current iteration with a checkpoint when they get the "
+            "signal too; signal again to stop at once")
 
     for sig in SIGNALS:
         signal.signal(sig, handler)
