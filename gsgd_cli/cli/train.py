@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import subprocess
 import sys
 import traceback
@@ -36,6 +37,9 @@ from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError
 from gsgd_cli.train.checkpoint import load as load_checkpoint
 from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_resume_config, new_run_id,
                                    restrict_umask)
+from gsgd_cli.train import signals
+from gsgd_cli.train.signals import (Interrupted, exit_code, raise_on_sigterm, signal_name,
+                                    wait_for_workers_on_signal)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -265,14 +269,23 @@ def _write_failed_summary(run_dir: Path, message: str) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         summary = {}
     summary.update(status="failed", message=message, run_dir=str(run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError:   # e.g. the disk is full: the error line on stderr says what happened
+        pass
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write (the jobs of a parallel sweep share stderr)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) -> None:
     """One file per sweep job, `<sweep dir>/.gsgd_job.<num>.json`, read by `MultirunReport`."""
     hc = HydraConfig.get()
-    folder = Path(hc.sweep.dir)
+    folder = Path(hc.runtime.cwd) / hc.sweep.dir   # the cwd may be the job dir (job.chdir)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"num": hc.job.num, "run_dir": str(run_dir), "status": status,
               "message": message, "skipped": skipped}
@@ -281,19 +294,39 @@ def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) 
 
 def main() -> Any:
     """`gsgd train`: the Hydra application below, with `o-w` added to the umask first (before
-    Hydra creates any directory), so nothing it writes is world-writable."""
+    Hydra creates any directory), so nothing it writes is world-writable, and SIGTERM handled
+    like Ctrl-C."""
     restrict_umask()
-    return train_app()
+    previous = raise_on_sigterm()
+    try:
+        return train_app()
+    except KeyboardInterrupt as exc:   # outside a job, e.g. a sweep waiting for its workers
+        hint = (f"; continue the sweep with the same command plus resume=true "
+                f"hydra.sweep.dir={MultirunReport.sweep_dir}" if MultirunReport.sweep_dir else "")
+        _say(f"gsgd train: interrupted ({signal_name(exc)}){hint}")
+        sys.exit(exit_code(exc))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
     restrict_umask()   # again: a job may run in another process (joblib, submitit)
+    raise_on_sigterm()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
     directory = RunDirectory(run_dir)
     status, message, skipped = "failed", None, False
+    in_worker = multirun and not str(hc.launcher.get("_target_", "")).endswith(".BasicLauncher")
+    # `signals.received`, not a name imported from it: joblib ships this function by value
+    # (Hydra hands over the undecorated one), which would copy a module-level object per job.
+    if in_worker and signals.received.signum is not None:   # this worker was told to stop
+        stopped_by = signal_name(Interrupted(signals.received.signum))
+        message = f"not started: the sweep was stopped ({stopped_by})"
+        _record_job("interrupted", run_dir, message, skipped)
+        return None
 
     def ours() -> bool:
         """May this command write a failed summary here (never into another run's files)?"""
@@ -306,7 +339,7 @@ def train_app(cfg: DictConfig) -> float | None:
         skipped = bool(summary.get("skipped"))
     except UserError as exc:
         message = str(exc)
-        print(f"gsgd train: error: {exc}", file=sys.stderr)
+        _say(f"gsgd train: error: {exc}")
         if ours():
             _write_failed_summary(run_dir, message)
             if not directory.claimed:
@@ -317,13 +350,24 @@ def train_app(cfg: DictConfig) -> float | None:
             _record_job(status, run_dir, message, skipped)
             return None
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (signals.Interrupted)
         status = "interrupted"
         if multirun:
             _record_job(status, run_dir, message, skipped)
-        print(f"gsgd train: interrupted; continue with: gsgd train resume=true "
-              f"hydra.run.dir={run_dir} (plus the same overrides)", file=sys.stderr)
-        sys.exit(130)
+            _say(f"gsgd train: interrupted ({signal_name(exc)}) in job {run_dir}; continue the "
+                 f"sweep with the same command plus resume=true hydra.sweep.dir="
+                 f"{hc.sweep.dir}")
+            if in_worker:   # exiting would make the launcher kill the other workers at once
+                signals.received.signum = (signals.received.signum
+                                           or getattr(exc, "signum", signal.SIGINT))
+                return None
+        elif directory.checkpoint.is_file():
+            _say(f"gsgd train: interrupted ({signal_name(exc)}); continue with: gsgd train "
+                 f"resume=true hydra.run.dir={run_dir} (plus the same overrides)")
+        else:
+            _say(f"gsgd train: interrupted ({signal_name(exc)}) before a checkpoint was "
+                 f"written in {run_dir}; there is nothing to resume: run the command again")
+        sys.exit(exit_code(exc))
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
         if ours():
@@ -332,14 +376,14 @@ def train_app(cfg: DictConfig) -> float | None:
             raise
         # A crash in one job must not hide the end-of-sweep line: report it and go on.
         traceback.print_exc()
-        print(f"gsgd train: job {run_dir} crashed: {message.splitlines()[0]}", file=sys.stderr)
+        _say(f"gsgd train: job {run_dir} crashed: {message.splitlines()[0]}")
         _record_job(status, run_dir, message, skipped)
         return None
     if multirun:
         _record_job(status, run_dir, message, skipped)
     if status == "diverged":
-        print(f"gsgd train: {message}" + (" (already diverged before; nothing to do)"
-                                           if skipped else ""), file=sys.stderr)
+        _say(f"gsgd train: {message}" + (" (already diverged before; nothing to do)"
+                                          if skipped else ""))
         if not multirun:
             sys.exit(1)
     else:
@@ -358,7 +402,12 @@ class MultirunReport(Callback):
     error.
     """
 
+    sweep_dir: str | None = None   # of the sweep running in this process, for `main`'s hint
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        MultirunReport.sweep_dir = str(config.hydra.sweep.dir)
+        if not str(config.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher"):
+            wait_for_workers_on_signal(_say)
         for old in Path(config.hydra.sweep.dir).glob(JOB_RECORD.format("*")):
             old.unlink(missing_ok=True)
 
@@ -379,7 +428,12 @@ class MultirunReport(Callback):
         print(f"gsgd train: {len(done)} of {len(records)} jobs completed in {sweep_dir}"
               + (f" ({before} already before this command)" if before else "")
               + (f"; diverged: {', '.join(diverged)}" if diverged else "")
-              + (f"; not completed: {', '.join(bad)}" if bad else ""))
+              + (f"; not completed: {', '.join(bad)}" if bad else ""), flush=True)
+        if signals.received.signum is not None:   # stopped by a signal while the workers ran
+            signum = signals.received.signum
+            _say(f"gsgd train: stopped ({signal_name(Interrupted(signum))}); continue the "
+                 f"sweep with the same command plus resume=true hydra.sweep.dir={sweep_dir}")
+            sys.exit(128 + signum)
         if bad:
             sys.exit(1)
 

@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load, save_atomic, write_text_atomic
+from .checkpoint import DiskFullError, load, save_atomic, write_text_atomic
 from .errors import UserError
 from .rundir import check_resume_config, remove_orphaned_tmp
+from .signals import Interrupted, StopRequests, signal_name
 from .schedule import Schedule
 from .step import GraphStep, RunningSums, TrainStep
 
@@ -185,8 +186,21 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        save_atomic(self._state(), self.checkpoint_path)
+        try:
+            save_atomic(self._state(), self.checkpoint_path)
+        except DiskFullError as exc:
+            kept = (f"the previous checkpoint (iteration {self.checkpoint_iteration}) is intact; "
+                    "free some space, then continue with resume=true"
+                    if self.checkpoint_iteration is not None else
+                    "no checkpoint had been written yet; free some space and start again")
+            raise DiskFullError(f"{exc}; {kept}.") from None
         self.checkpoint_iteration = self.iteration
+
+    def _stop_for_signal(self, signum: int) -> None:
+        """A stop was asked for (SIGINT/SIGTERM) at the end of an iteration: checkpoint, stop."""
+        if self.checkpoint_iteration != self.iteration and self._weights_finite():
+            self.save_checkpoint()
+        raise Interrupted(signum)
 
     def restore(self, state: dict[str, Any] | None = None) -> None:
         """Load `state` (default: the run directory's checkpoint) into the model, optimizer and
@@ -417,9 +431,14 @@ class Trainer:
         perm_device = None
         self._fit_start = self.iteration
         running = RunningSums(min(s.sync_every, self.total), data.device)
+        stop = StopRequests.install()   # SIGINT/SIGTERM: stop after this iteration, checkpointed
         try:
             train_step = self._make_step()
             while self.iteration < self.total:
+                if stop.signum is not None:
+                    if self._sync(running, bar):      # pending losses into the checkpoint
+                        break
+                    self._stop_for_signal(stop.signum)
                 position = self.iteration % ipe
                 if position == 0 or self.perm is None:
                     self.perm = torch.randperm(len(data.train_y), generator=self.generator)
@@ -458,20 +477,25 @@ class Trainer:
                 self.status = "completed"
                 if self.last_metrics is None or self.last_metrics["iteration"] != self.iteration:
                     self._record(writer)  # e.g. resumed a finished run without its metrics
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             self.status = "interrupted"
-            self.message = (f"interrupted at iteration {self.iteration}; the checkpoint has "
-                            f"iteration {self.checkpoint_iteration}")
+            self.message = (f"interrupted ({signal_name(exc)}) at iteration {self.iteration}; "
+                            f"the checkpoint has iteration {self.checkpoint_iteration}")
             raise
         except Exception as exc:
             self.status = "failed"
             self.message = f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            stop.uninstall()
             bar.close()
             if writer is not None:
                 writer.close()
-            self.summary = self.write_summary()
+            try:
+                self.summary = self.write_summary()
+            except OSError as exc:   # e.g. the disk is full: keep the exception that stopped us
+                self.log(f"gsgd train: could not write {self.run_dir / SUMMARY} ({exc.strerror})")
+                self.summary = {"status": self.status, "message": self.message}
         return self.summary
 
     def write_summary(self) -> dict[str, Any]:
