@@ -207,9 +207,11 @@ def test_closure_is_called_and_its_loss_returned():
 
 
 BAD_ARGUMENTS = [
-    (dict(lr=-0.1), ValueError, r"Invalid lr=-0.1. Must be a number > 0."),
-    (dict(lr=0), ValueError, r"Invalid lr=0. Must be a number > 0."),
-    (dict(lr="fast"), ValueError, r"Invalid lr='fast'. Must be a number > 0."),
+    (dict(lr=-0.1), ValueError, r"Invalid lr=-0.1. Must be a finite number > 0."),
+    (dict(lr=0), ValueError, r"Invalid lr=0. Must be a finite number > 0."),
+    (dict(lr="fast"), ValueError, r"Invalid lr='fast'. Must be a finite number > 0."),
+    (dict(lr=float("inf")), ValueError, r"Invalid lr=inf. Must be a finite number > 0."),
+    (dict(lr=float("nan")), ValueError, r"Invalid lr=nan. Must be a finite number > 0."),
     (dict(lr=0.1, skeleton_init="random"), ValueError,
      r"Invalid skeleton_init='random'. Must be one of 'one', 'keep', 'rescale'."),
     (dict(lr=0.1, momentum=1.0), ValueError, r"Invalid momentum=1.0. Must be a number in [0, 1)."),

@@ -608,10 +608,12 @@ def test_the_step_never_reads_a_device_value():
 # Arguments and unsupported models
 # --------------------------------------------------------------------------------------------
 BAD_ARGUMENTS = [
-    (dict(lr=-1), "Invalid lr=-1. Must be a finite number >= 0."),
-    (dict(lr=float("nan")), "Invalid lr=nan. Must be a finite number >= 0."),
-    (dict(lr="0.1"), "Invalid lr='0.1'. Must be a finite number >= 0."),
-    (dict(lr=True), "Invalid lr=True. Must be a finite number >= 0."),
+    (dict(lr=-1), "Invalid lr=-1. Must be a finite number > 0."),
+    (dict(lr=float("nan")), "Invalid lr=nan. Must be a finite number > 0."),
+    (dict(lr="0.1"), "Invalid lr='0.1'. Must be a finite number > 0."),
+    (dict(lr=True), "Invalid lr=True. Must be a finite number > 0."),
+    (dict(lr=0), "Invalid lr=0. Must be a finite number > 0."),
+    (dict(lr=float("inf")), "Invalid lr=inf. Must be a finite number > 0."),
     (dict(eps=-1e-3), "Invalid eps=-0.001. Must be a finite number >= 0."),
     (dict(eps=float("inf")), "Invalid eps=inf. Must be a finite number >= 0."),
     (dict(rescale="norm"), "Invalid rescale='norm'. Must be None, 'first' or 'every'."),

@@ -16,8 +16,9 @@ from gsgd_cli.data.fake import write_fake_cifar, write_fake_idx
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "conf" / "experiment"
-PRESETS = ["fig4", "fig4_cpu", "fig5", "fig7", "fig8", "smoke", "table1"]
-README = {"fig4": "fig4", "fig4_cpu": "fig4", "fig5": "fig5", "fig7": "fig7_fig8",
+PRESETS = ["fig4", "fig4_cpu", "fig5", "fig5_fmnist", "fig7", "fig8", "smoke", "table1"]
+README = {"fig4": "fig4", "fig4_cpu": "fig4", "fig5": "fig5", "fig5_fmnist": "fig5",
+          "fig7": "fig7_fig8",
           "fig8": "fig7_fig8", "table1": "table1"}  # smoke is no paper result
 LAMBDA_GRID = sorted(m * 10.0 ** -a for m in (0.1, 0.2, 0.5) for a in (3, 4, 5, 6))
 
@@ -86,6 +87,17 @@ def test_fig5_is_the_papers_setting():
     assert (cfg.model.width, cfg.model.depth, cfg.train.batch_size) == (64, 5, 64)
 
 
+def test_fig5_fmnist_is_the_fig5_protocol_on_fashion_mnist_28():
+    cfg, paper = compose("experiment=fig5_fmnist"), compose("experiment=fig5")
+    params = sweep_params(cfg)
+    assert params == {"seed": ["0"], "optimizer": ["sgd", "path_sgd", "gsgd"],
+                      "optimizer.lr": sweep_params(paper)["optimizer.lr"]}
+    assert (cfg.data.name, cfg.data.size, cfg.data.normalize) == ("fashion_mnist", 28, "unit")
+    assert cfg.data.val_size == 10000            # the rate is chosen on held-out images
+    for key in ("model", "train.batch_size", "train.epochs", "data.augment"):
+        assert OmegaConf.select(cfg, key) == OmegaConf.select(paper, key), key
+
+
 def test_fig7_fig8_arms_and_lambda_grid():
     params = sweep_params(compose("experiment=fig7"))
     assert params["+experiment/reg"] == ["sgd_wd", "gsgd_bpr"]
@@ -130,6 +142,10 @@ SMOKE = {
     "fig4": (["model.width=8,16", "seed=0", "train.epochs=1"], 4),
     "fig4_cpu": (["model.width=8", "train.epochs=1"], 6),
     "fig5": (["optimizer.lr=0.01", "seed=0", "train.iterations=2"], 6),
+    # stage 2 of the protocol: one optimizer at its chosen rate, three seeds (the command line
+    # wins over the preset's sweep of optimizers and rates)
+    "fig5_fmnist": (["optimizer=gsgd", "optimizer.lr=0.05", "seed=0,1,2", "train.iterations=2",
+                     "data.val_size=8"], 3),
     "fig7": (["model=resnet_tiny", "reg_lambda=1e-4", "train.iterations=2", "data.val_size=8"],
              2),
     "fig8": (["model=resnet_tiny", "lambda_wd=1e-4", "lambda_bpr=1e-5", "seed=0",
@@ -142,7 +158,8 @@ SMOKE = {
 def test_preset_runs_in_smoke_mode(name, fake_data, tmp_path):
     overrides, jobs = SMOKE[name]
     data = [] if name == "smoke" else [f"data.root={fake_data}"]  # smoke: synthetic data
-    if name.startswith("fig4"):  # Fashion-MNIST: the gzip files as the Debian package has them
+    if name.startswith("fig4") or name == "fig5_fmnist":  # Fashion-MNIST: the gzip files as
+        # the Debian package has them
         data.append(f"data.system_dir={fake_data / 'fmnist_gz'}")
     env = {k: v for k, v in os.environ.items() if k not in ("COMP_LINE", "HYDRA_FULL_ERROR")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -163,6 +180,9 @@ def test_preset_runs_in_smoke_mode(name, fake_data, tmp_path):
         if name == "fig7":
             assert summary["val_size"] == 8 and summary["final_val_acc"] is not None
         assert summary["config"]["experiment"] == name
+        if name == "fig5_fmnist":
+            assert summary["config"]["optimizer"] == "gsgd" and summary["optimizer"]["lr"] == 0.05
+            assert summary["val_size"] == 8
     if jobs:
         cfg = OmegaConf.load(run_dirs[0] / ".hydra" / "config.yaml")
         assert name.split("_")[0] in cfg.tags

@@ -228,3 +228,24 @@ def test_usage_mistakes_are_one_line_exit_2(capsys, command, args, needle):
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"gsgd {command}: error: ") and needle in err
     assert f"see `gsgd {command} --help`" in err
+
+
+def test_gap_table_is_sgd_minus_gsgd_with_its_standard_error(tmp_path, capsys):
+    losses = {("sgd", 0): 0.50, ("sgd", 1): 0.54, ("gsgd", 0): 0.40, ("gsgd", 1): 0.42}
+    for (opt, seed), loss in losses.items():
+        make_run(tmp_path / f"{opt}-{seed}", data="fashion_mnist", model="mlp", optimizer=opt,
+                 seed=seed, train_losses=(1.0, loss), test_accs=(0.5, 0.8 if opt == "sgd" else 0.9),
+                 config_extra={"model.width": 16})
+    make_run(tmp_path / "lone", data="fashion_mnist", model="mlp", optimizer="sgd",
+             config_extra={"model.width": 32})      # no G-SGD partner: no row
+    code, out, err = report(str(tmp_path), "--csv", "-", "--gap", capsys=capsys)
+    assert code == 0, err
+    table = out.split("SGD against G-SGD per width (Figure 4):")[1].strip().splitlines()
+    rows = [line.split(" | ") for line in table if line.startswith("| fashion_mnist")]
+    assert len(rows) == 1
+    _, h, seeds, loss_gap, loss_z, err_gap, err_z, lower_loss, lower_err = rows[0]
+    se = (statistics.stdev([0.50, 0.54]) ** 2 / 2 + statistics.stdev([0.40, 0.42]) ** 2 / 2) ** 0.5
+    assert (h, seeds) == ("16", "2/2")
+    assert loss_gap == f"{0.52 - 0.41:+.4f} ± {se:.4f}" and loss_z == f"{0.11 / se:+.1f}"
+    assert err_gap.startswith("+10.00 ± 0.00") and lower_loss == "yes" and lower_err.startswith("yes")
+    assert report(str(tmp_path / "lone"), "--csv", "-", "--gap", capsys=capsys)[0] == 2

@@ -251,6 +251,41 @@ def best_markdown(rows: list[Row], keys: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def width_gap_markdown(rows: list[Row]) -> str:
+    """Figure 4's comparison as a table: for every data set and MLP width h run with both SGD
+    and G-SGD, the gap SGD - G-SGD of the mean final training loss and test error (positive:
+    G-SGD lower) with its standard error `sqrt(s_sgd^2/n_sgd + s_gsgd^2/n_gsgd)` over seeds, and
+    the gap in units of that error. Empty when no width was run with both."""
+    by_key: dict[tuple, dict[str, Row]] = defaultdict(dict)
+    for row in rows:
+        width = row.swept.get("model.width")
+        if row.model == "mlp" and width is not None:
+            by_key[(row.data, width)][row.optimizer] = row
+    pairs = sorted((k, v) for k, v in by_key.items() if {"sgd", "gsgd"} <= set(v))
+    if not pairs:
+        return ""
+    head = ["data", "h", "seeds (SGD/G-SGD)", "Δ final train loss", "Δ/se", "Δ final test error %",
+            "Δ/se", "G-SGD lower loss?", "G-SGD lower error?"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (data, width), pair in pairs:
+        sgd, gsgd = pair["sgd"], pair["gsgd"]
+        cells = [data, _fmt_value(width), f"{len(sgd.runs)}/{len(gsgd.runs)}"]
+        lower = []
+        for name in ("final_train_loss", "final_test_error"):
+            (m1, s1), (m2, s2) = sgd.stats[name], gsgd.stats[name]
+            gap = m1 - m2
+            se = (math.sqrt((s1 or 0.0) ** 2 / len(sgd.runs) + (s2 or 0.0) ** 2 / len(gsgd.runs))
+                  if s1 is not None and s2 is not None else None)
+            digits = _digits(name)
+            cells += [f"{gap:+.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}"),
+                      "" if not se else f"{gap / se:+.1f}"]
+            lower.append("yes" if gap > 0 else "no")
+        lines.append("| " + " | ".join(cells + lower) + " |")
+    return ("\n".join(lines) + "\n\nΔ = SGD − G-SGD of the means over seeds (positive: G-SGD "
+            "lower) ± its standard error; Δ/se beyond about ±2 is a gap larger than the seeds' "
+            "spread.\n")
+
+
 def to_csv(rows: list[Row], keys: list[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")

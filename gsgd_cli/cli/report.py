@@ -7,7 +7,8 @@ One row per (data, model, optimizer, swept config keys): mean ± std over seeds 
 best test error and the final training loss, the number of seeds, and the paper's figure where
 the paper has one. Runs without a summary.json or whose status is not `completed` are listed
 under the table and left out of the means. The CSV goes to `--csv`, by default `report.csv` in
-the first RUN_DIR. `--best` adds the best setting of every (data, model, optimizer), chosen on
+the first RUN_DIR. `--gap` adds Figure 4's comparison (the gap SGD - G-SGD per MLP width, with
+its standard error over seeds). `--best` adds the best setting of every (data, model, optimizer), chosen on
 the validation split when the runs have one (else by training loss), never on the test set.
 Bad input: one line on stderr, exit code 2.
 """
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from gsgd_cli.analysis import ReportError, build_rows, load_runs, markdown, to_csv
-from gsgd_cli.analysis.table import best_markdown
+from gsgd_cli.analysis.table import best_markdown, width_gap_markdown
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -43,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "lowest mean final validation error when the runs held out a "
                              "validation split (data.val_size > 0), else lowest mean final "
                              "training loss; never the test error")
+    parser.add_argument("--gap", action="store_true",
+                        help="also print Figure 4's comparison: per MLP width run with SGD and "
+                             "G-SGD, the gap SGD - G-SGD of the final training loss and test "
+                             "error with its standard error over seeds")
     return parser.parse_args(argv)
 
 
@@ -52,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = load_runs(args.run_dirs)
         rows, keys, incomplete = build_rows(runs)
         text = markdown(rows, keys, incomplete)
+        if args.gap and rows:
+            gap = width_gap_markdown(rows)
+            if not gap:
+                raise ReportError("--gap needs MLP runs of the same model.width with both sgd "
+                                  "and gsgd (e.g. experiment=fig4).")
+            text += "\nSGD against G-SGD per width (Figure 4):\n\n" + gap
         if args.best and rows:
             text += "\nBest setting per data set, model and optimizer:\n\n" + best_markdown(rows, keys)
         csv_path = None

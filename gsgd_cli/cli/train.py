@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -45,6 +46,9 @@ from gsgd_cli.train.checkpoint import load as load_checkpoint
 from gsgd_cli.train.distributed import SINGLE, Ranks
 from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_resume_config, new_run_id,
                                    restrict_umask)
+from gsgd_cli.train import preemption, signals
+from gsgd_cli.train.signals import (Interrupted, exit_code, raise_on_sigterm, signal_name,
+                                    wait_for_workers_on_signal)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -211,6 +215,12 @@ def _plan(directory: RunDirectory, cfg: DictConfig, config: dict[str, Any],
     if resume and overwrite:
         raise UserError("resume=true and overwrite=true contradict each other: resume=true "
                         "continues the run, overwrite=true deletes it. Pass one of them.")
+    if not resume and not overwrite and _requeued(directory):
+        # this scheduler job, requeued after a preemption or its time limit: continue it (or
+        # start again if it never reached a checkpoint)
+        if not directory.checkpoint.is_file():
+            return "new", None
+        resume = True
     if not resume:
         if directory.holds_run() and not overwrite:
             raise UserError(f"{where} already holds a run ({', '.join(directory.existing())}). "
@@ -232,6 +242,20 @@ def _plan(directory: RunDirectory, cfg: DictConfig, config: dict[str, Any],
         if state["iteration"] == total:
             return "skip", None
     return "resume", state
+
+
+def _requeued(directory: RunDirectory) -> bool:
+    """Does `directory` hold a run of this very scheduler job (`preemption.scheduler_job_id`):
+    this job was requeued? Its summary says so, or its checkpoint when it was killed before
+    writing one."""
+    job = preemption.scheduler_job_id()
+    if job is None or not directory.holds_run():
+        return False
+    if directory.summary is not None and "scheduler_job" in directory.summary:
+        return directory.summary["scheduler_job"] == job
+    if directory.checkpoint.is_file():
+        return load_checkpoint(directory.checkpoint).get("scheduler_job") == job
+    return False
 
 
 def _save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
@@ -349,6 +373,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         "cpu_threads": torch.get_num_threads(),
         "optimizer_notes": notes,
         "world_size": ranks.world_size,
+        "scheduler_job": preemption.scheduler_job_id(),
     }
     trainer = ranks.agree(lambda: Trainer(model, optimizer, data, run_dir, settings, schedule,
                                           extra_summary=extra, config=config, ranks=ranks))
@@ -380,14 +405,23 @@ def _write_failed_summary(run_dir: Path, message: str) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         summary = {}
     summary.update(status="failed", message=message, run_dir=str(run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError:   # e.g. the disk is full: the error line on stderr says what happened
+        pass
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write (the jobs of a parallel sweep share stderr)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) -> None:
     """One file per sweep job, `<sweep dir>/.gsgd_job.<num>.json`, read by `MultirunReport`."""
     hc = HydraConfig.get()
-    folder = Path(hc.sweep.dir)
+    folder = Path(hc.runtime.cwd) / hc.sweep.dir   # the cwd may be the job dir (job.chdir)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"num": hc.job.num, "run_dir": str(run_dir), "status": status,
               "message": message, "skipped": skipped}
@@ -405,16 +439,31 @@ class _Session:
 
 def main() -> Any:
     """`gsgd train`: the Hydra application below, with `o-w` added to the umask first (before
-    Hydra creates any directory), so nothing it writes is world-writable. Under torchrun or
-    srun: rank 0 runs the application, the other ranks `follow()` it."""
+    Hydra creates any directory), so nothing it writes is world-writable, and SIGTERM handled
+    like Ctrl-C. Under torchrun or srun: rank 0 runs the application, the other ranks
+    `follow()` it."""
     restrict_umask()
+    previous = raise_on_sigterm()
     try:
-        launch = distributed.from_environment()
-    except UserError as exc:
-        print(f"gsgd train: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    if launch is None or launch.launcher == "submitit":   # submitit: see `_job_ranks`
-        return train_app()
+        try:
+            launch = distributed.from_environment()
+        except UserError as exc:
+            _say(f"gsgd train: error: {exc}")
+            sys.exit(2)
+        if launch is None or launch.launcher == "submitit":   # submitit: see `_job_ranks`
+            return train_app()
+        return _main_distributed(launch)
+    except KeyboardInterrupt as exc:   # outside a job, e.g. a sweep waiting for its workers
+        hint = (f"; continue the sweep with the same command plus resume=true "
+                f"hydra.sweep.dir={MultirunReport.sweep_dir}" if MultirunReport.sweep_dir else "")
+        _say(f"gsgd train: interrupted ({signal_name(exc)}){hint}")
+        sys.exit(exit_code(exc))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_distributed(launch: distributed.Launch) -> Any:
     ranks = distributed.start(launch)
     _Session.ranks = ranks
     code: Any = 1
@@ -456,6 +505,11 @@ def _follow_job(ranks: Ranks, cfg: DictConfig, run_dir: Path, **options: Any) ->
         run(cfg, run_dir, ranks=ranks, **options)
     except UserError:   # every rank raises it at the same point (`Ranks.agree`)
         pass
+    except KeyboardInterrupt as exc:
+        if not getattr(exc, "agreed", False):   # not a stop all ranks agreed on
+            raise
+        _Session.in_job = False
+        preemption.hand_over(exc)   # a submitit job: rank 0 requeues it, nothing to do here
     _Session.in_job = False
 
 
@@ -499,6 +553,9 @@ def _run_job(cfg: DictConfig, run_dir: Path, ranks: Ranks, per_job: bool,
     except UserError:   # every rank raises it at the same point (`Ranks.agree`)
         _Session.in_job = False
         raise
+    except KeyboardInterrupt as exc:   # a stop all ranks agreed on ends the job cleanly
+        _Session.in_job = not getattr(exc, "agreed", False)
+        raise
     _Session.in_job = False
     return summary
 
@@ -506,6 +563,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, ranks: Ranks, per_job: bool,
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
     restrict_umask()   # again: a job may run in another process (joblib, submitit)
+    raise_on_sigterm()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
@@ -531,6 +589,14 @@ def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: R
     """One job on rank 0 (or the only process): run it, report it, record it in the sweep."""
     directory = RunDirectory(run_dir)
     status, message, skipped = "failed", None, False
+    in_worker = multirun and not str(hc.launcher.get("_target_", "")).endswith(".BasicLauncher")
+    # `signals.received`, not a name imported from it: joblib ships this function by value
+    # (Hydra hands over the undecorated one), which would copy a module-level object per job.
+    if in_worker and signals.received.signum is not None:   # this worker was told to stop
+        stopped_by = signal_name(Interrupted(signals.received.signum))
+        message = f"not started: the sweep was stopped ({stopped_by})"
+        _record_job("interrupted", run_dir, message, skipped)
+        return None
 
     def ours() -> bool:
         """May this command write a failed summary here (never into another run's files)?"""
@@ -544,7 +610,7 @@ def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: R
         skipped = bool(summary.get("skipped"))
     except UserError as exc:
         message = str(exc)
-        print(f"gsgd train: error: {exc}", file=sys.stderr)
+        _say(f"gsgd train: error: {exc}")
         if ours():
             _write_failed_summary(run_dir, message)
             if not directory.claimed:
@@ -555,13 +621,29 @@ def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: R
             _record_job(status, run_dir, message, skipped)
             return None
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (signals.Interrupted)
         status = "interrupted"
+        if preemption.is_preemption(exc):
+            _record_job(status, run_dir, message, skipped)
+            _say(f"gsgd train: {signal_name(exc)} from the scheduler in job {run_dir}: "
+                 "checkpointed; submitit requeues the job, which then continues the run")
+            preemption.hand_over(exc)   # submitit's handler: resubmits, requeues, exits
         if multirun:
             _record_job(status, run_dir, message, skipped)
-        print(f"gsgd train: interrupted; continue with: gsgd train resume=true "
-              f"hydra.run.dir={run_dir} (plus the same overrides)", file=sys.stderr)
-        sys.exit(130)
+            _say(f"gsgd train: interrupted ({signal_name(exc)}) in job {run_dir}; continue the "
+                 f"sweep with the same command plus resume=true hydra.sweep.dir="
+                 f"{hc.sweep.dir}")
+            if in_worker:   # exiting would make the launcher kill the other workers at once
+                signals.received.signum = (signals.received.signum
+                                           or getattr(exc, "signum", signal.SIGINT))
+                return None
+        elif directory.checkpoint.is_file():
+            _say(f"gsgd train: interrupted ({signal_name(exc)}); continue with: gsgd train "
+                 f"resume=true hydra.run.dir={run_dir} (plus the same overrides)")
+        else:
+            _say(f"gsgd train: interrupted ({signal_name(exc)}) before a checkpoint was "
+                 f"written in {run_dir}; there is nothing to resume: run the command again")
+        sys.exit(exit_code(exc))
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
         if ours():
@@ -572,14 +654,14 @@ def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: R
             raise
         # A crash in one job must not hide the end-of-sweep line: report it and go on.
         traceback.print_exc()
-        print(f"gsgd train: job {run_dir} crashed: {message.splitlines()[0]}", file=sys.stderr)
+        _say(f"gsgd train: job {run_dir} crashed: {message.splitlines()[0]}")
         _record_job(status, run_dir, message, skipped)
         return None
     if multirun:
         _record_job(status, run_dir, message, skipped)
     if status == "diverged":
-        print(f"gsgd train: {message}" + (" (already diverged before; nothing to do)"
-                                           if skipped else ""), file=sys.stderr)
+        _say(f"gsgd train: {message}" + (" (already diverged before; nothing to do)"
+                                          if skipped else ""))
         if not multirun:
             sys.exit(1)
     else:
@@ -598,7 +680,12 @@ class MultirunReport(Callback):
     error.
     """
 
+    sweep_dir: str | None = None   # of the sweep running in this process, for `main`'s hint
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        MultirunReport.sweep_dir = str(config.hydra.sweep.dir)
+        if not str(config.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher"):
+            wait_for_workers_on_signal(_say)
         for old in Path(config.hydra.sweep.dir).glob(JOB_RECORD.format("*")):
             old.unlink(missing_ok=True)
 
@@ -619,7 +706,12 @@ class MultirunReport(Callback):
         print(f"gsgd train: {len(done)} of {len(records)} jobs completed in {sweep_dir}"
               + (f" ({before} already before this command)" if before else "")
               + (f"; diverged: {', '.join(diverged)}" if diverged else "")
-              + (f"; not completed: {', '.join(bad)}" if bad else ""))
+              + (f"; not completed: {', '.join(bad)}" if bad else ""), flush=True)
+        if signals.received.signum is not None:   # stopped by a signal while the workers ran
+            signum = signals.received.signum
+            _say(f"gsgd train: stopped ({signal_name(Interrupted(signum))}); continue the "
+                 f"sweep with the same command plus resume=true hydra.sweep.dir={sweep_dir}")
+            sys.exit(128 + signum)
         if bad:
             sys.exit(1)
 

@@ -23,10 +23,12 @@ import torch
 
 from gsgd_cli.train.errors import DataNotFoundError, UserError
 
-LAYOUT = {   # folder, training files, test files, label key
+from .datasets import check_labels
+
+LAYOUT = {   # folder, training files, test files, label key, classes
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "labels"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+                "labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100),
 }
 LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
@@ -80,8 +82,8 @@ class BatchUnpickler(pickle.Unpickler):
         return make()
 
 
-def read_batch(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images uint8 `[N, 3, 32, 32]` and labels int64 `[N]` of one batch file."""
+def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 `[N, 3, 32, 32]` and labels int64 `[N]` in [0, num_classes) of one batch."""
     fix = ("replace it with the original file (data.download=true downloads the originals and "
            "checks their md5)")
     try:
@@ -111,6 +113,7 @@ def read_batch(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise UserError(f"{path}: '{label_key}' is not a list of integers; {fix}.") from None
     if len(y) != len(data):
         raise UserError(f"{path} holds {len(data)} images but {len(y)} labels; {fix}.")
+    check_labels(y, num_classes, path, fix)
     x = torch.from_numpy(np.ascontiguousarray(data)).reshape(-1, 3, 32, 32)
     return x, y
 
@@ -147,7 +150,7 @@ def _download(name: str, root: Path) -> None:
 
 def load_cifar(name: str, root: Path, download: bool):
     """`(train_x, train_y, test_x, test_y)` from `<root>/<folder>/`, images uint8 [N,3,32,32]."""
-    folder_name, train_files, test_files, key = LAYOUT[name]
+    folder_name, train_files, test_files, key, num_classes = LAYOUT[name]
     folder = root / folder_name
     if download:
         _download(name, root)
@@ -160,6 +163,6 @@ def load_cifar(name: str, root: Path, download: bool):
             f"gsgd_cli.data.fetch {name} --root {quoted}`).")
     out = []
     for files in (train_files, test_files):
-        parts = [read_batch(folder / f, key) for f in files]
+        parts = [read_batch(folder / f, key, num_classes) for f in files]
         out += [torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])]
     return tuple(out)

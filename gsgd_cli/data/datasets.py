@@ -30,6 +30,7 @@ from gsgd_cli.train.errors import DataNotFoundError, UserError
 from .idx import read_idx
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+APT_PACKAGE = "dataset-fashion-mnist"
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -88,29 +89,45 @@ def _shell_path(path: Path | str) -> str:
     return shlex.quote(str(path))
 
 
-def _idx_split(folder: Path, split: str, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def _idx_split(folder: Path, split: str, suffix: str = "", *, fix: str,
+               num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images `[N, 1, 28, 28]` and labels of one split; a damaged file is one `UserError`
+    naming it and `fix` (how to get the original files back)."""
     images, labels = (folder / (name + suffix) for name in IDX_FILES[split])
-    x = read_idx(images)
-    y = read_idx(labels).long()
-    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-        raise UserError(f"{images} and {labels} do not hold matching images [N,H,W] and labels [N]; "
-                        "re-create them or point data.root elsewhere.")
+    try:
+        x = read_idx(images)
+        y = read_idx(labels).long()
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{str(exc).splitlines()[0]}; {fix}.") from None
+    if x.ndim != 3 or x.shape[1:] != (28, 28) or y.ndim != 1 or len(x) != len(y):
+        raise UserError(f"{images} and {labels} do not hold matching 28x28 images [N,28,28] "
+                        f"and labels [N] (shapes {list(x.shape)} and {list(y.shape)}); {fix}.")
+    check_labels(y, num_classes, labels, fix)
     return x.unsqueeze(1), y
+
+
+def check_labels(y: torch.Tensor, num_classes: int, source: Any, fix: str) -> None:
+    """Labels must lie in [0, num_classes): a wrong one would fail only later, mid-training."""
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise UserError(f"{source} holds label {bad}, outside 0..{num_classes - 1} "
+                        f"({num_classes} classes); {fix}.")
 
 
 def _has_idx(folder: Path, suffix: str = "") -> bool:
     return all((folder / (n + suffix)).is_file() for pair in IDX_FILES.values() for n in pair)
 
 
-def _torchvision_mnist(cls, root: Path, download: bool):
-    """Both splits through torchvision's MNIST/FashionMNIST classes."""
-    out = []
+def _torchvision_download(cls, root: Path) -> None:
+    """torchvision's MNIST/FashionMNIST download (md5-checked) into `<root>/<Class>/raw`."""
     for train in (True, False):
         # torchvision prints download progress to stdout; keep our output to one line per event.
         with contextlib.redirect_stdout(io.StringIO()):
-            ds = cls(str(root), train=train, download=download)
-        out += [ds.data.unsqueeze(1).contiguous(), ds.targets.long()]
-    return tuple(out)
+            cls(str(root), train=train, download=True)
+
+
+def _read_idx_folder(folder: Path, suffix: str, fix: str):
+    return (*_idx_split(folder, "train", suffix, fix=fix), *_idx_split(folder, "test", suffix, fix=fix))
 
 
 def _load_mnist_family(name: str, cfg: Any):
@@ -120,16 +137,22 @@ def _load_mnist_family(name: str, cfg: Any):
     download = bool(cfg_get(cfg, "download", False))
     cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
     raw = root / cls.__name__ / "raw"
+    refetch = (f"delete the damaged files in {raw} and run `python -m gsgd_cli.data.fetch {name} "
+               f"--root {_shell_path(root)}` (or add data.download=true)")
     if _has_idx(raw):
-        return _torchvision_mnist(cls, root, download=False)
+        return _read_idx_folder(raw, "", refetch)
     if name == "fashion_mnist":
         system_dir = cfg_get(cfg, "system_dir", None)
         if system_dir and _has_idx(Path(system_dir), ".gz"):
-            return (*_idx_split(Path(system_dir), "train", ".gz"),
-                    *_idx_split(Path(system_dir), "test", ".gz"))
+            return _read_idx_folder(Path(system_dir), ".gz", (
+                f"reinstall them with `sudo apt-get install --reinstall {APT_PACKAGE}` "
+                f"(or use data.system_dir=null and data.root with torchvision's files)"))
     if download:
         try:
-            return _torchvision_mnist(cls, root, download=True)
+            _torchvision_download(cls, root)
+            return _read_idx_folder(raw, "", refetch)
+        except UserError:
+            raise
         except Exception as exc:  # noqa: BLE001 - network errors come in many types
             raise DataNotFoundError(
                 f"Downloading {cls.__name__} into {raw} failed ({type(exc).__name__}: "

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from gsgd_cli.train.errors import UserError
 
-from .datasets import SPECS, cfg_get, data_name, load_raw, pool_size
+from .datasets import SPECS, cfg_get, check_labels, data_name, load_raw, pool_size
 from .synthetic import synthetic_shape
 
 CROP_PADDING = 4
@@ -157,6 +157,9 @@ def load_data(data_cfg: Any, device: torch.device | str = "cpu") -> DeviceData:
     name = data_name(data_cfg)
     in_shape, num_classes = describe(data_cfg)
     train_x, train_y, test_x, test_y = load_raw(data_cfg)
+    for split, y in (("training", train_y), ("test", test_y)):   # every reader checks its files
+        check_labels(y, num_classes, f"the {split} split of data.name={name}",
+                     "check the data files (labels must be 0..num_classes-1)")
     train_x, train_y, val_x, val_y = hold_out(train_x, train_y,
                                               cfg_get(data_cfg, "val_size", 0),
                                               cfg_get(data_cfg, "split_seed", 0))

@@ -53,6 +53,7 @@ from ..gspace.update import (ChainIndex, StepOptions, Workspace, apply_chain_ste
 from . import fused_cpu
 from ._common import SGD_NEUTRAL, check_group_keys, unwrap_model
 from .step_record import StepRecord
+from .validation import check_lr
 
 SKELETON_INITS = ("one", "keep", "rescale")
 BN_OPTIONS = ("approx", "approx_per_tap", "split")
@@ -176,7 +177,7 @@ class GSGD(Optimizer):
 
     Args:
         model: the network; its chain blocks are found by tracing it with torch.fx.
-        lr: learning rate `eta` (> 0).
+        lr: learning rate `eta` (a finite number > 0).
         skeleton_init: `"one"` (default) sets every skeleton weight to 1 at construction, as
             the paper does; `"keep"` keeps the current values (none may be 0); `"rescale"`
             rescales hidden units (a positive scaling: the network function is unchanged)
@@ -254,7 +255,7 @@ class GSGD(Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GSGD takes the model (an nn.Module), got {type(model).__name__}; "
                             "write GSGD(model, lr) rather than GSGD(model.parameters(), lr)")
-        _check_positive("lr", lr)
+        check_lr(lr)
         if skeleton_init not in SKELETON_INITS:
             raise ValueError(f"Invalid skeleton_init={skeleton_init!r}. Must be one of "
                              f"{', '.join(repr(s) for s in SKELETON_INITS)}.")

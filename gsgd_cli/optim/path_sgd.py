@@ -102,6 +102,7 @@ from torch import fx, nn
 from . import fused_cpu
 from ._common import SGD_NEUTRAL, check_group_keys, unwrap_model
 from .step_record import StepRecord
+from .validation import check_lr
 
 __all__ = ["PathSGD", "PathSGDStepError", "needs_input_shape"]
 
@@ -436,7 +437,7 @@ class PathSGD(torch.optim.Optimizer):
     Args:
         model: the ``nn.Module`` to train (not its parameters). All its parameters form one param
             group, in ``model.parameters()`` order.
-        lr: learning rate eta (>= 0).
+        lr: learning rate eta (a finite number > 0).
         rescale: ``None`` (default, exact Path-SGD), ``'first'`` or ``'every'``: multiply the
             update by ``rho = ||g|| / ||g / kappa||``, frozen after the first step or recomputed
             every step (a consistent version of the published code's ratio; not invariant).
@@ -463,7 +464,7 @@ class PathSGD(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}. Must be a torch.nn.Module "
                             "(PathSGD takes the model, not its parameters).")
-        lr = _check_number("lr", lr)
+        lr = check_lr(lr)
         eps = _check_number("eps", eps)
         if not (rescale is None or (isinstance(rescale, str) and rescale in _RESCALE_CHOICES)):
             raise ValueError(f"Invalid rescale={rescale!r}. Must be None, 'first' or 'every'.")

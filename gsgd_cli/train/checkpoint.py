@@ -2,6 +2,8 @@
 with torch's restricted unpickler (`weights_only=True`), so loading one never runs code."""
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
 import re
@@ -14,20 +16,35 @@ import torch
 from .errors import UserError
 
 
+class DiskFullError(UserError):
+    """No space left (or quota exceeded) while writing a file; the old file is untouched."""
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """`torch.save(obj, path)` so that `path` is never seen half-written (rename is atomic).
 
-    The file gets the mode of the run's other files (0666 less the umask, as for `open()`),
-    not `tempfile.mkstemp`'s 0600: see the README's "What is trusted".
+    The object is serialised in memory first, so a full disk shows as the `OSError` of the
+    write (`DiskFullError`, one line) rather than as torch's "unexpected pos" error, and the
+    previous `path` stays as it was. The file gets the mode of the run's other files (0666
+    less the umask, as for `open()`), not `tempfile.mkstemp`'s 0600: see the README's "What is
+    trusted".
     """
     path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     tmp, fd = _create_tmp(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"the disk is full: could not write {path} "
+                                f"({exc.strerror or 'no space left'})") from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -59,14 +76,14 @@ def load(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc):
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-            what = f" (e.g. {found.group(1)})" if found else ""
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
             raise UserError(f"refusing to load {path}: it contains objects that are not allowed "
-                            f"in a checkpoint{what}, which could run code when loaded. A "
-                            "checkpoint written by gsgd train holds only tensors and plain "
-                            "values: use one from a source you trust.") from None
-        _corrupt(path, exc)
+                            f"in a checkpoint (e.g. {found.group(1)}), which could run code when "
+                            "loaded. A checkpoint written by gsgd train holds only tensors and "
+                            "plain values: use one from a source you trust.") from None
+        reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+        _corrupt(path, reason.group(1) if reason else exc)
     except (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError) as exc:
         _corrupt(path, exc)
     if not isinstance(state, dict) or not {"iteration", "model", "optimizer"} <= set(state):
@@ -75,8 +92,9 @@ def load(path: str | Path) -> dict:
     return state
 
 
-def _corrupt(path: Path, exc: BaseException) -> None:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def _corrupt(path: Path, exc: BaseException | str) -> None:
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text else type(exc).__name__
     raise UserError(f"cannot read the checkpoint {path}: the file is corrupt or truncated "
                     f"({reason[:200]}); restore it from a copy, or start the run again "
                     "with overwrite=true.") from None

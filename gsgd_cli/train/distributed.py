@@ -249,6 +249,42 @@ class Ranks:
 SINGLE = Ranks()
 
 
+class StopVote:
+    """All ranks stop at the same iteration when any of them was asked to (a signal).
+
+    Called once per iteration with this rank's request (a signal number or None): every rank
+    sends its request (the largest wins) without waiting, and reads the vote it sent one
+    iteration before, so the ranks stop together one iteration after the first request, and
+    the vote costs no wait in practice. A single process stops at once."""
+
+    def __init__(self, ranks: Ranks):
+        self.ranks = ranks
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def __call__(self, request: int | None) -> int | None:
+        if not self.ranks.distributed:
+            return request
+        agreed = self._collect()
+        if agreed is None:
+            ballot = torch.tensor([request or 0], dtype=torch.int64)
+            work = torch.distributed.all_reduce(ballot, op=torch.distributed.ReduceOp.MAX,
+                                                group=self.ranks.control, async_op=True)
+            self._pending = (work, ballot)
+        return agreed
+
+    def _collect(self) -> int | None:
+        if self._pending is None:
+            return None
+        work, ballot = self._pending
+        self._pending = None
+        work.wait()
+        return int(ballot.item()) or None
+
+    def close(self) -> None:
+        """Wait for the last vote (every rank sent it)."""
+        self._collect()
+
+
 def start(launch: Launch) -> Ranks:
     """Initialise torch.distributed for `launch` and build `Ranks` (node groups included)."""
     import torch.distributed as dist

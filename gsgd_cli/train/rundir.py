@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from gsgd_cli.analysis.runs import flatten
+
 from .errors import UserError
 
 RUN_ID_ENV = "GSGD_RUN_ID"
@@ -59,20 +61,6 @@ def restrict_umask() -> None:
 def new_run_id() -> str:
     """`$GSGD_RUN_ID`, else `<pid>-<random>`: unique among processes (see the module doc)."""
     return os.environ.get(RUN_ID_ENV) or f"{os.getpid()}-{secrets.token_hex(2)}"
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}, 'c': [1]} -> {'a.b': 1, 'c': [1]} (lists stay values)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name))
-        else:
-            out[name] = value
-    return out
 
 
 _ABSENT = object()

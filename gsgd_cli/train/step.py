@@ -96,7 +96,10 @@ class GraphStep(TrainStep):
 class RunningSums:
     """Per-iteration losses and correct counts kept on the device until the next sync point."""
 
-    def __init__(self, size: int, device: torch.device):
+    def __init__(self, size: int, device: torch.device, ranks=None):
+        """`ranks`: a `distributed.Ranks` of a data-parallel run (every rank keeps its own
+        share's values; `take` averages the losses and sums the correct counts over them)."""
+        self.ranks = ranks
         self.losses = torch.zeros(size, dtype=torch.float64, device=device)
         self.hits = torch.zeros(size, dtype=torch.int64, device=device)
         self.count = 0
@@ -110,17 +113,15 @@ class RunningSums:
         self.hits[self.count].copy_(hits)
         self.count += 1
 
-    def take(self, ranks=None) -> tuple[list[float], list[int]]:
-        """The pending values (one device sync), and the buffer emptied.
-
-        With `ranks` (a `distributed.Ranks` of a data-parallel run, every rank calling this
-        with its own share's values) the losses are averaged and the correct counts summed
-        over the ranks (one all-reduce): every rank gets the global batch's values."""
+    def take(self) -> tuple[list[float], list[int]]:
+        """The pending values (one device sync), and the buffer emptied; in a data-parallel
+        run those of the global batch, the same on every rank (one all-reduce)."""
         n = self.count
         self.count = 0
         if n == 0:
             return [], []
         values = torch.cat([self.losses[:n], self.hits[:n].double()])
+        ranks = self.ranks
         if ranks is not None and ranks.world_size > 1:
             ranks.sum_(values)
             values[:n] /= ranks.world_size

@@ -50,10 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load, save_atomic, write_text_atomic
-from .distributed import SINGLE, Ranks
+from .checkpoint import DiskFullError, load, save_atomic, write_text_atomic
+from .distributed import SINGLE, Ranks, StopVote
+from .preemption import preemption_signal
 from .errors import UserError
 from .rundir import check_resume_config, remove_orphaned_tmp
+from .signals import Interrupted, StopRequests, signal_name
 from .schedule import Schedule
 from .step import GraphStep, RunningSums, TrainStep
 
@@ -206,6 +208,7 @@ class Trainer:
             "config": self.config,
             "world_size": self.ranks.world_size,
             "rng_ranks": rng_ranks,      # [(torch, cuda) per rank] of a data-parallel run
+            "scheduler_job": self.extra_summary.get("scheduler_job"),   # see preemption.py
         }
 
     def save_checkpoint(self) -> None:
@@ -220,8 +223,24 @@ class Trainer:
                                "was written; please report this with the command.")
         state = self._state()
         if self.ranks.writer:
-            save_atomic(state, self.checkpoint_path)
+            try:
+                save_atomic(state, self.checkpoint_path)
+            except DiskFullError as exc:
+                kept = (f"the previous checkpoint (iteration {self.checkpoint_iteration}) is "
+                        "intact; free some space, then continue with resume=true"
+                        if self.checkpoint_iteration is not None else
+                        "no checkpoint had been written yet; free some space and start again")
+                raise DiskFullError(f"{exc}; {kept}.") from None
         self.checkpoint_iteration = self.iteration
+
+    def _stop_for_signal(self, signum: int) -> None:
+        """A stop was asked for (SIGINT/SIGTERM, submitit's preemption signal) at the end of an
+        iteration, and all ranks agreed: checkpoint, stop (`agreed`: every rank stops here)."""
+        if self.checkpoint_iteration != self.iteration and self._weights_finite():
+            self.save_checkpoint()
+        stop = Interrupted(signum)
+        stop.agreed = True
+        raise stop
 
     def restore(self, state: dict[str, Any] | None = None) -> None:
         """Load `state` (default: the run directory's checkpoint) into the model, optimizer and
@@ -395,7 +414,7 @@ class Trainer:
         optimizer's steps (or take `step_error`, raised by a step of the current iteration).
         Returns why the run diverged, or None."""
         start = self.iteration - running.count       # iterations before the pending ones
-        losses, hits = running.take(self.ranks)      # summed over the ranks: the same everywhere
+        losses, hits = running.take()      # of the global batch: the same on every rank
         bad_loss = next((k for k, v in enumerate(losses) if not math.isfinite(v)), None)
         cause, at = None, None
         if bad_loss is not None:
@@ -489,10 +508,20 @@ class Trainer:
         self.model.train()
         perm_device = None
         self._fit_start = self.iteration
-        running = RunningSums(min(s.sync_every, self.total), data.device)
+        running = RunningSums(min(s.sync_every, self.total), data.device, self.ranks)
+        # SIGINT/SIGTERM (and submitit's preemption signal): stop after this iteration with a
+        # checkpoint; in a data-parallel run all ranks stop at the same iteration (`StopVote`)
+        preempt = preemption_signal()
+        stop = StopRequests.install(extra=(preempt,) if preempt is not None else ())
+        vote = StopVote(self.ranks)
         try:
             train_step = self._make_step()
             while self.iteration < self.total:
+                signum = vote(stop.signum)
+                if signum is not None:
+                    if self._sync(running, bar):      # pending losses into the checkpoint
+                        break
+                    self._stop_for_signal(signum)
                 position = self.iteration % ipe
                 if position == 0 or self.perm is None:
                     self.perm = torch.randperm(len(data.train_y), generator=self.generator)
@@ -531,20 +560,26 @@ class Trainer:
                 self.status = "completed"
                 if self.last_metrics is None or self.last_metrics["iteration"] != self.iteration:
                     self._record(writer)  # e.g. resumed a finished run without its metrics
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             self.status = "interrupted"
-            self.message = (f"interrupted at iteration {self.iteration}; the checkpoint has "
-                            f"iteration {self.checkpoint_iteration}")
+            self.message = (f"interrupted ({signal_name(exc)}) at iteration {self.iteration}; "
+                            f"the checkpoint has iteration {self.checkpoint_iteration}")
             raise
         except Exception as exc:
             self.status = "failed"
             self.message = f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            stop.uninstall()
+            vote.close()
             bar.close()
             if writer is not None:
                 writer.close()
-            self.summary = self.write_summary()
+            try:
+                self.summary = self.write_summary()
+            except OSError as exc:   # e.g. the disk is full: keep the exception that stopped us
+                self.log(f"gsgd train: could not write {self.run_dir / SUMMARY} ({exc.strerror})")
+                self.summary = {"status": self.status, "message": self.message}
         return self.summary
 
     def write_summary(self) -> dict[str, Any]:

@@ -1,0 +1,26 @@
+"""Argument checks shared by the optimizers, so that SGD, G-SGD and Path-SGD reject the same
+bad values with the same message (`Invalid lr='abc'. Must be a finite number > 0.`)."""
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def check_lr(value) -> float:
+    """A learning rate: a finite real number > 0 (not a bool, a string, nan or inf)."""
+    if not _real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Invalid lr={value!r}. Must be a finite number > 0.")
+    return float(value)
+
+
+def check_nonnegative(name: str, value, below: float | None = None) -> float:
+    """A finite real number >= 0 (and < `below` when given), e.g. momentum or weight decay."""
+    if not _real(value) or not math.isfinite(value) or value < 0 or (
+            below is not None and value >= below):
+        bound = f"in [0, {below:g})" if below is not None else ">= 0"
+        raise ValueError(f"Invalid {name}={value!r}. Must be a finite number {bound}.")
+    return float(value)
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
