@@ -354,3 +354,97 @@ def test_augmentation_of_shares_equals_the_whole_batch():
     assert torch.equal(torch.cat(parts), whole)
     wrong = random_crop_flip(x[4:8], torch.Generator().manual_seed(3))   # mutation: no share
     assert not torch.equal(wrong, whole[4:8])
+
+
+# -- preemption through Hydra's submitit launcher --------------------------------------------
+
+PREEMPT = ["data=synthetic", "optimizer=sgd", "optimizer.momentum=0.9", "dtype=float64",
+           "train.iterations=6000", "train.batch_size=16", "train.eval_every=1500",
+           "train.checkpoint_every=100", "train.tensorboard=false"]
+
+
+def submitit_tasks(sweep: Path) -> list[int]:
+    """Process ids of the submitit tasks running jobs of `sweep`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "submitit.core._submit" in cmd and str(sweep) in cmd:
+            found.append(int(proc.name))
+    return found
+
+
+def preempt_first_job(tmp_path: Path, sweep: Path, extra: list[str]) -> tuple[str, str]:
+    """Start a one-job submitit_local sweep, send submitit's preemption signal (SIGUSR2) to
+    its task(s) once the job has a checkpoint, and wait for the sweep to end."""
+    cmd = [sys.executable, "-m", "gsgd_cli", "train", "-m", "hydra/launcher=submitit_local",
+           *PREEMPT, *extra, f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            env=env_for_subprocess(OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        while not (sweep / "0" / "checkpoint.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.01)
+        tasks = submitit_tasks(sweep)
+        assert tasks, "no submitit task found"
+        for pid in tasks:
+            os.kill(pid, signal.SIGUSR2)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        for pid in submitit_tasks(sweep):   # submitit's tasks live in sessions of their own
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    logs = "".join(p.read_text() for p in sorted(sweep.glob(".submitit/*/*_log.*")))
+    return out, logs
+
+
+def test_a_preempted_submitit_job_is_requeued_and_ends_as_an_uninterrupted_one(
+        tmp_path, gsgd_train_inproc):
+    """submitit_local: SIGUSR2 (what SLURM sends through submitit before a time limit or on
+    preemption) stops the job at the end of an iteration with a checkpoint; submitit requeues
+    it; the requeued job continues the run and ends with the uninterrupted run's weights and
+    metrics, bit for bit."""
+    sweep = tmp_path / "sweep"
+    out, logs = preempt_first_job(tmp_path, sweep, ["seed=0"])
+    assert "gsgd train: 1 of 1 jobs completed" in out
+    assert "SIGUSR2 from the scheduler in job" in logs and "Requeued job" in logs
+    stopped_at = int(logs.split("interrupted (SIGUSR2) at iteration ")[1].split(";")[0])
+    assert f"the checkpoint has iteration {stopped_at};" in logs   # written at the signal
+    resumed_at = int(logs.split("from its checkpoint at iteration ")[1].split()[0])
+    assert 0 < resumed_at == stopped_at < 6000
+    code, ref_out, ref_err = gsgd_train_inproc(*PREEMPT, "seed=0",
+                                               f"hydra.run.dir={tmp_path / 'ref'}")
+    assert code == 0, ref_err
+    assert_same_weights(load(sweep / "0" / "checkpoint.pt")["model"],
+                        load(tmp_path / "ref" / "checkpoint.pt")["model"])
+    assert metrics(sweep / "0") == [{**m, "elapsed_s": n["elapsed_s"]} for m, n in
+                                    zip(metrics(tmp_path / "ref"), metrics(sweep / "0"),
+                                        strict=True)]
+    assert json.loads((sweep / "0" / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_a_preempted_two_task_submitit_job_resumes_on_two_processes(tmp_path,
+                                                                     gsgd_train_inproc):
+    """The same with `tasks_per_node=2`: a data-parallel job of two processes; both get the
+    signal, stop at the same iteration, rank 0 checkpoints, and the requeued job ends with the
+    single-process run's weights (1e-10)."""
+    sweep = tmp_path / "sweep"
+    out, logs = preempt_first_job(tmp_path, sweep, ["seed=0",
+                                                    "hydra.launcher.tasks_per_node=2"])
+    assert "gsgd train: 1 of 1 jobs completed" in out
+    assert "Requeued job" in logs and "from its checkpoint at iteration" in logs
+    assert json.loads((sweep / "0" / "summary.json").read_text())["world_size"] == 2
+    code, _, ref_err = gsgd_train_inproc(*PREEMPT, "seed=0", f"hydra.run.dir={tmp_path / 'ref'}")
+    assert code == 0, ref_err
+    assert_same_weights(load(sweep / "0" / "checkpoint.pt")["model"],
+                        load(tmp_path / "ref" / "checkpoint.pt")["model"], TOL)

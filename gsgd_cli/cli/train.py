@@ -219,8 +219,12 @@ def _plan(directory: RunDirectory, cfg: DictConfig, config: dict[str, Any],
         # this scheduler job, requeued after a preemption or its time limit: continue it (or
         # start again if it never reached a checkpoint)
         if not directory.checkpoint.is_file():
+            print(f"gsgd train: this job was requeued before its first checkpoint; starting "
+                  f"{where} again")
             return "new", None
-        resume = True
+        requeued = resume = True
+    else:
+        requeued = False
     if not resume:
         if directory.holds_run() and not overwrite:
             raise UserError(f"{where} already holds a run ({', '.join(directory.existing())}). "
@@ -234,6 +238,9 @@ def _plan(directory: RunDirectory, cfg: DictConfig, config: dict[str, Any],
                         "Point hydra.run.dir at the run to continue, or drop resume=true.")
     state = load_checkpoint(directory.checkpoint)
     check_resume_config(directory.checkpoint, state.get("config"), config)
+    if requeued:
+        print(f"gsgd train: this job was requeued; continuing {where} from its checkpoint at "
+              f"iteration {state['iteration']}")
     if directory.status == "diverged":
         return "skip", None   # resuming would diverge again at the same step
     if directory.status == "completed":
@@ -625,8 +632,9 @@ def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: R
         status = "interrupted"
         if preemption.is_preemption(exc):
             _record_job(status, run_dir, message, skipped)
+            stopped = (RunDirectory(run_dir).summary or {}).get("message") or "stopped"
             _say(f"gsgd train: {signal_name(exc)} from the scheduler in job {run_dir}: "
-                 "checkpointed; submitit requeues the job, which then continues the run")
+                 f"{stopped}; submitit requeues the job, which then continues the run")
             preemption.hand_over(exc)   # submitit's handler: resubmits, requeues, exits
         if multirun:
             _record_job(status, run_dir, message, skipped)
