@@ -58,19 +58,42 @@ def start_torchrun(args, cwd: Path, dump: Path, *, nproc: int = 2, **env) -> sub
                                                    GSGD_TEST_WATCH=str(cwd), **env))
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own, so
+    killing its process group does not reach them)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    for target in [pid, *descendants(pid)]:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
-    """Wait for `proc`; its whole process group is killed on a timeout (nothing stays behind)."""
+    """Wait for `proc`; it and every process below it are killed on a timeout (nothing stays
+    behind)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"torchrun timed out:\n{err[-3000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)   # stray workers, if any
-        except ProcessLookupError:
-            pass
     return proc.returncode, out, err
 
 
@@ -398,7 +421,7 @@ def preempt_first_job(tmp_path: Path, sweep: Path, extra: list[str]) -> tuple[st
         out, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.communicate()
         for pid in submitit_tasks(sweep):   # submitit's tasks live in sessions of their own
             os.kill(pid, signal.SIGKILL)
@@ -448,3 +471,64 @@ def test_a_preempted_two_task_submitit_job_resumes_on_two_processes(tmp_path,
     assert code == 0, ref_err
     assert_same_weights(load(sweep / "0" / "checkpoint.pt")["model"],
                         load(tmp_path / "ref" / "checkpoint.pt")["model"], TOL)
+
+
+# -- killed and stopped 2-process runs (slow) ------------------------------------------------
+
+LONG = ["data=synthetic", "model=mlp", "optimizer=gsgd", "dtype=float64",
+        "train.iterations=1500", "train.batch_size=16", "train.eval_every=500",
+        "train.checkpoint_every=50", "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def long_two(tmp_path_factory):
+    """The LONG run, uninterrupted, on 2 processes."""
+    tmp = tmp_path_factory.mktemp("long")
+    torchrun([*LONG, f"hydra.run.dir={tmp / 'run'}"], tmp, tmp / "dump")
+    return tmp / "run"
+
+
+def interrupt_after_first_checkpoint(tmp_path: Path, run: Path, how: int) -> tuple[int, str]:
+    proc = start_torchrun([*LONG, f"hydra.run.dir={run}"], tmp_path, tmp_path / "dump")
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoint.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.01)
+        if how == signal.SIGKILL:
+            kill_tree(proc.pid)          # the agent and both ranks, at once
+        else:
+            os.kill(proc.pid, how)       # torchrun passes it on to both ranks
+        code, out, err = finish(proc, timeout=120)
+    finally:
+        kill_tree(proc.pid)
+    return code, err
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumes_to_the_same_weights(long_two, tmp_path):
+    run = tmp_path / "run"
+    interrupt_after_first_checkpoint(tmp_path, run, signal.SIGKILL)
+    assert load(run / "checkpoint.pt")["iteration"] < 1500
+    assert not (run / "summary.json").exists()
+    torchrun([*LONG, "resume=true", f"hydra.run.dir={run}"], tmp_path, tmp_path / "dump2")
+    assert_same_weights(load(run / "checkpoint.pt")["model"],
+                        load(long_two / "checkpoint.pt")["model"])
+    assert metrics(run)[-1] | {"elapsed_s": 0} == metrics(long_two)[-1] | {"elapsed_s": 0}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_processes_at_one_iteration_with_a_checkpoint(long_two, tmp_path):
+    """SIGTERM to torchrun reaches both ranks (at different moments); they agree on the
+    iteration to stop at, rank 0 checkpoints there, and the resumed run ends bit for bit as the
+    uninterrupted one."""
+    run = tmp_path / "run"
+    code, err = interrupt_after_first_checkpoint(tmp_path, run, signal.SIGTERM)
+    assert code != 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    stopped = load(run / "checkpoint.pt")["iteration"]
+    assert f"at iteration {stopped}; the checkpoint has iteration {stopped}" in summary["message"]
+    torchrun([*LONG, "resume=true", f"hydra.run.dir={run}"], tmp_path, tmp_path / "dump2")
+    assert_same_weights(load(run / "checkpoint.pt")["model"],
+                        load(long_two / "checkpoint.pt")["model"])
