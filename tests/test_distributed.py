@@ -543,3 +543,28 @@ def test_sigterm_stops_both_processes_at_one_iteration_with_a_checkpoint(long_tw
     torchrun([*LONG, "resume=true", f"hydra.run.dir={run}"], tmp_path, tmp_path / "dump2")
     assert_same_weights(load(run / "checkpoint.pt")["model"],
                         load(long_two / "checkpoint.pt")["model"])
+
+
+def test_scaling_out_commands_in_the_readme_compose():
+    """Every `gsgd train` command of the README's "Scaling out" section (torchrun, srun,
+    joblib and submitit sweeps) composes with the real configs and launchers."""
+    import re
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Scaling out", 1)[1].split("\n### ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(command.split("#", 1)[0])
+            if "train" in words and ("gsgd" in words or "gsgd_cli" in words):
+                commands.append([w for w in words[words.index("train") + 1:] if w != "-m"])
+    assert len(commands) == 6
+    for overrides in commands:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(config_name="train", return_hydra_config=True,
+                          overrides=[o.split(",")[0] if "=" in o and not o.startswith("hydra")
+                                     else o for o in overrides])
+        assert cfg.train.batch_size > 0, overrides

@@ -380,6 +380,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         "cpu_threads": torch.get_num_threads(),
         "optimizer_notes": notes,
         "world_size": ranks.world_size,
+        "distributed_backend": ranks.backend,
         "scheduler_job": preemption.scheduler_job_id(),
     }
     trainer = ranks.agree(lambda: Trainer(model, optimizer, data, run_dir, settings, schedule,

@@ -122,6 +122,7 @@ class Ranks:
     local_rank: int = 0
     local_world_size: int = 1
     launcher: str = "none"
+    backend: str | None = None    # torch.distributed's backend ("gloo", "cpu:gloo,cuda:nccl")
     distributed: bool = False
     control: Any = field(default=None, repr=False)   # gloo group: objects and CPU flags
     node: Any = field(default=None, repr=False)      # gloo group of this node's ranks
@@ -310,7 +311,8 @@ def start(launch: Launch) -> Ranks:
     local = members[launch.node]
     return Ranks(rank=launch.rank, world_size=launch.world_size,
                  local_rank=local.index(launch.rank), local_world_size=len(local),
-                 launcher=launch.launcher, distributed=True, control=control, node=mine,
+                 launcher=launch.launcher, backend=backend, distributed=True,
+                 control=control, node=mine,
                  node_leader=local[0])
 
 
