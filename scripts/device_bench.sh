@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU benchmark of the Speed section in one call: about 4 minutes on one H100/H200
 # (each stage has its own time limit, 6 minutes in all), markdown on stdout for the README.
+# Its last stage is a one-GPU torchrun smoke run of data-parallel training over NCCL (under a
+# minute; README "Scaling out").
 #
 #   bash scripts/device_bench.sh [OUT_DIR]        # from anywhere; JSON and logs go to OUT_DIR
 #
@@ -68,6 +70,24 @@ if [ "$HAVE_HYDRA" = 1 ]; then
     timeout 100 $PY scripts/bench_step.py --suite none --e2e --e2e-rounds 2 \
         --e2e-args "$SYNTH train.cuda_graphs=true" 2>>"$OUT_DIR/e2e.err" \
         || echo "(stopped: see $OUT_DIR/e2e.err)"
+    echo
+    # Data-parallel training on a GPU (README "Scaling out"): the CPU tests use gloo; this runs
+    # the NCCL path once, one process, a 2-job sweep (MLP; tiny ResNet with SyncBatchNorm).
+    echo "### Data-parallel smoke run: torchrun --nproc_per_node=1 (NCCL)"
+    echo '```'
+    SMOKE="$OUT_DIR/torchrun_smoke"
+    rm -rf "$SMOKE"
+    timeout 60 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m gsgd_cli train -m \
+        experiment=smoke device=cuda model=mlp,resnet_tiny distributed.sync_bn=true \
+        progress=false hydra.sweep.dir="$SMOKE" 2>"$OUT_DIR/torchrun_smoke.err" \
+        | grep "^gsgd train:" | grep -v "note:" \
+        || echo "(torchrun smoke run failed: see $OUT_DIR/torchrun_smoke.err)"
+    $PY -c "import json, sys, pathlib
+for job in sorted(pathlib.Path(sys.argv[1]).glob('*/summary.json')):
+    s = json.loads(job.read_text())
+    print(job.parent.name, s['status'], 'world_size', s.get('world_size'),
+          s.get('distributed_backend'), s['device'], s['config'].get('model'))" "$SMOKE" 2>&1
+    echo '```'
 else
-    echo "(end-to-end figure skipped: hydra-core/omegaconf not installed here; see the header of scripts/device_bench.sh)"
+    echo "(end-to-end figure and torchrun smoke run skipped: hydra-core/omegaconf not installed here; see the header of scripts/device_bench.sh)"
 fi
