@@ -455,12 +455,13 @@ def main() -> Any:
     try:
         try:
             launch = distributed.from_environment()
+            if launch is None or launch.launcher == "submitit":   # submitit: see `_job_ranks`
+                return train_app()
+            ranks = distributed.start(launch)
         except UserError as exc:
             _say(f"gsgd train: error: {exc}")
             sys.exit(2)
-        if launch is None or launch.launcher == "submitit":   # submitit: see `_job_ranks`
-            return train_app()
-        return _main_distributed(launch)
+        return _main_distributed(ranks)
     except KeyboardInterrupt as exc:   # outside a job, e.g. a sweep waiting for its workers
         hint = (f"; continue the sweep with the same command plus resume=true "
                 f"hydra.sweep.dir={MultirunReport.sweep_dir}" if MultirunReport.sweep_dir else "")
@@ -471,8 +472,7 @@ def main() -> Any:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _main_distributed(launch: distributed.Launch) -> Any:
-    ranks = distributed.start(launch)
+def _main_distributed(ranks: Ranks) -> Any:
     _Session.ranks = ranks
     code: Any = 1
     try:
@@ -578,7 +578,10 @@ def train_app(cfg: DictConfig) -> float | None:
     try:
         ranks, per_job = _job_ranks()
     except UserError as exc:
-        print(f"gsgd train: error: {exc}", file=sys.stderr)
+        _say(f"gsgd train: error: {exc}")
+        if multirun:
+            _record_job("failed", run_dir, str(exc), False)
+            return None
         sys.exit(2)
     if per_job:   # a submitit job with several tasks: the group lives as long as the job
         try:

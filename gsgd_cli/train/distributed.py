@@ -296,7 +296,16 @@ def start(launch: Launch) -> Ranks:
     kwargs: dict[str, Any] = {}
     if launch.init_method != "env://":
         kwargs.update(rank=launch.rank, world_size=launch.world_size)
-    dist.init_process_group(backend, init_method=launch.init_method, timeout=TIMEOUT, **kwargs)
+    try:
+        dist.init_process_group(backend, init_method=launch.init_method, timeout=TIMEOUT,
+                                **kwargs)
+    except (RuntimeError, ValueError, OSError) as exc:   # DistNetworkError is a RuntimeError
+        where = ("MASTER_ADDR/MASTER_PORT" if launch.init_method == "env://"
+                 else launch.init_method)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"rank {launch.rank} of {launch.world_size} ({launch.launcher}) could "
+                        f"not join the others at {where} ({first[:200]}); check that every "
+                        "process can reach that host and port.") from None
     control = dist.new_group(backend="gloo", timeout=TIMEOUT)
     nodes = [None] * launch.world_size
     dist.all_gather_object(nodes, launch.node, group=control)
