@@ -354,8 +354,8 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         try:
             make = hydra.utils.instantiate(cfg.optimizer)
             kwargs = {}
-            if cfg.optimizer.get("input_shape", "absent") is None:   # Path-SGD: kappa; G-SGD: shapes
-                kwargs["input_shape"] = tuple(data.in_shape)
+            if cfg.optimizer.get("input_shape", "absent") is None:   # Path-SGD: kappa;
+                kwargs["input_shape"] = tuple(data.in_shape)           # G-SGD: shapes
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 built = make(model, **kwargs)

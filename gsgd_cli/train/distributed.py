@@ -224,7 +224,7 @@ class Ranks:
             return []
         local = []
         for name, tensor in model.state_dict().items():
-            reference = tensor.detach().clone()
+            reference = tensor.detach().clone(memory_format=torch.contiguous_format)
             torch.distributed.broadcast(reference, src=0)
             if not torch.equal(reference, tensor):
                 local.append(name)

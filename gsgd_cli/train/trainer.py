@@ -326,7 +326,8 @@ class Trainer:
         """Checked before each checkpoint, so that a checkpoint never holds NaN/Inf weights
         (all ranks agree)."""
         state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in state]).all()) if state else True
+        finite = (bool(torch.stack([torch.isfinite(t).all() for t in state]).all())
+                  if state else True)
         return not self.ranks.any(not finite)
 
     def lr(self) -> float:
