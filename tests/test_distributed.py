@@ -568,3 +568,15 @@ def test_scaling_out_commands_in_the_readme_compose():
                           overrides=[o.split(",")[0] if "=" in o and not o.startswith("hydra")
                                      else o for o in overrides])
         assert cfg.train.batch_size > 0, overrides
+
+
+def test_runs_recorded_before_the_new_settings_resume_with_their_defaults():
+    """A checkpoint written before `distributed.sync_bn` (or `train.cuda_graphs`) existed was
+    trained with their defaults: resuming it with them is no change; with another value it is."""
+    from gsgd_cli.train.rundir import config_differences
+
+    old = {"train": {"epochs": 1}}
+    new = {"train": {"epochs": 1, "cuda_graphs": False}, "distributed": {"sync_bn": False}}
+    assert config_differences(old, new) == []
+    changed = {"train": {"epochs": 1, "cuda_graphs": False}, "distributed": {"sync_bn": True}}
+    assert config_differences(old, changed) == ["distributed.sync_bn: false -> true"]
