@@ -249,3 +249,21 @@ def test_gap_table_is_sgd_minus_gsgd_with_its_standard_error(tmp_path, capsys):
     assert loss_gap == f"{0.52 - 0.41:+.4f} ± {se:.4f}" and loss_z == f"{0.11 / se:+.1f}"
     assert err_gap.startswith("+10.00 ± 0.00") and lower_loss == "yes" and lower_err.startswith("yes")
     assert report(str(tmp_path / "lone"), "--csv", "-", "--gap", capsys=capsys)[0] == 2
+
+
+def test_epoch_reports_every_run_as_it_stood_then(tmp_path, capsys):
+    make_run(tmp_path / "a", data="mnist", model="mlp", test_accs=(0.5, 0.7, 0.6),
+             train_losses=(1.0, 0.6, 0.4), val_acc=0.9)
+    make_run(tmp_path / "b", data="mnist", model="mlp", seed=1, test_accs=(0.4,),
+             train_losses=(1.2,))                   # stopped after one epoch: no epoch 2
+    runs = load_runs([tmp_path])
+    two = [run.at_epoch(2) for run in runs]
+    assert [r.complete for r in two] == [True, False]
+    assert "no evaluation at epoch 2 (its last is at epoch 1.0)" in two[1].problem
+    assert (two[0].final("final_test_acc"), two[0].final("best_test_acc"),
+            two[0].final("final_train_loss")) == (0.7, 0.7, 0.6)
+    assert len(two[0].metrics) == 2 and runs[0].final("final_test_acc") == 0.6   # unchanged
+    code, out, err = report(str(tmp_path), "--csv", "-", "--epoch", "2", capsys=capsys)
+    assert code == 0 and "| 1 |" in out and "30.00" in out and "no evaluation at epoch 2" in out
+    code, out, err = report(str(tmp_path), "--csv", "-", "--epoch", "0", capsys=capsys)
+    assert code == 2 and "--epoch 0: must be a number of epochs > 0" in err

@@ -132,6 +132,26 @@ class Run:
                 value = self.metrics[-1].get(key.replace("final_", "", 1))
         return None if value is None else float(value)
 
+    def at_epoch(self, epoch: float) -> "Run":
+        """The run as it stood after `epoch` epochs: its metrics up to the evaluation at that
+        epoch, the final values taken from that evaluation (val accuracy too) and the best test
+        accuracy from the evaluations up to it. A run without an evaluation at that epoch (a
+        shorter or unfinished run) is left out of the means with a reason."""
+        kept = [m for m in self.metrics if m.get("epoch") is not None and m["epoch"] <= epoch]
+        if self.problem is not None:
+            return Run(self.path, self.config, self.summary, kept, self.overrides, self.problem)
+        if not kept or kept[-1]["epoch"] != epoch:
+            last = self.metrics[-1].get("epoch") if self.metrics else None
+            return Run(self.path, self.config, self.summary, kept, self.overrides,
+                       f"no evaluation at epoch {epoch:g} (its last is at epoch {last})")
+        at = kept[-1]
+        summary = {**(self.summary or {}), "final_test_acc": at["test_acc"],
+                   "final_train_loss": at["train_loss"], "final_test_loss": at.get("test_loss"),
+                   "best_test_acc": max(m["test_acc"] for m in kept), "epochs": at["epoch"]}
+        if "val_acc" in at:
+            summary["final_val_acc"] = at["val_acc"]
+        return Run(self.path, self.config, summary, kept, self.overrides)
+
 
 def _keep_env_as_text(tree: Any) -> Any:
     """Escape `${oc.env:...}`: a run directory is someone else's file, and resolving it would

@@ -7,7 +7,7 @@ One row per (data, model, optimizer, swept config keys): mean ± std over seeds 
 best test error and the final training loss, the number of seeds, and the paper's figure where
 the paper has one. Runs without a summary.json or whose status is not `completed` are listed
 under the table and left out of the means. The CSV goes to `--csv`, by default `report.csv` in
-the first RUN_DIR. `--gap` adds Figure 4's comparison (the gap SGD - G-SGD per MLP width, with
+the first RUN_DIR. `--epoch N` reports every run as it stood after N epochs. `--gap` adds Figure 4's comparison (the gap SGD - G-SGD per MLP width, with
 its standard error over seeds). `--best` adds the best setting of every (data, model, optimizer), chosen on
 the validation split when the runs have one (else by training loss), never on the test set.
 Bad input: one line on stderr, exit code 2.
@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "lowest mean final validation error when the runs held out a "
                              "validation split (data.val_size > 0), else lowest mean final "
                              "training loss; never the test error")
+    parser.add_argument("--epoch", type=float, default=None, metavar="N",
+                        help="report every run as it stood after N epochs (from its "
+                             "metrics.jsonl), e.g. an early point of a long sweep")
     parser.add_argument("--gap", action="store_true",
                         help="also print Figure 4's comparison: per MLP width run with SGD and "
                              "G-SGD, the gap SGD - G-SGD of the final training loss and test "
@@ -55,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         runs = load_runs(args.run_dirs)
+        if args.epoch is not None:
+            if not args.epoch > 0:
+                raise ReportError(f"--epoch {args.epoch:g}: must be a number of epochs > 0.")
+            runs = [run.at_epoch(args.epoch) for run in runs]
         rows, keys, incomplete = build_rows(runs)
         text = markdown(rows, keys, incomplete)
         if args.gap and rows:
