@@ -139,3 +139,28 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, setup, args, needle):
     assert code == 2 and out == "" and len(lines) == 1, err
     assert lines[0].startswith("gsgd figures: error: ") and needle in lines[0]
     assert not (tmp_path / "figs").exists() or not any((tmp_path / "figs").iterdir())
+
+
+def test_figure5_form_gives_each_optimizer_its_own_colour(tmp_path, monkeypatch):
+    # SGD and Path-SGD chosen at the same rate: colour by setting would draw both in one colour
+    from gsgd_cli.analysis import plots
+    for opt, lr in (("sgd", 0.1), ("path_sgd", 0.1), ("gsgd", 0.01)):
+        for j, rate in enumerate((lr, lr / 100)):
+            make_run(tmp_path / f"{opt}-{j}", data="fashion_mnist", model="mlp", optimizer=opt,
+                     test_accs=(0.5, 0.7), train_losses=(1.0, 0.3 + j), val_acc=0.9 - 0.1 * j,
+                     config_extra={"optimizer.lr": rate})
+    rows, keys, _ = build_rows(load_runs([tmp_path]))
+    drawn = {}
+
+    def keep(fig, out, name):
+        drawn[name] = {line.get_label(): line.get_color() for line in fig.axes[0].get_lines()}
+        return []
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_best_lr(rows, keys, tmp_path)
+    colours = drawn["fig5_best_lr"]
+    assert sorted(colours) == ["G-SGD lr=0.01", "Path-SGD lr=0.1", "SGD lr=0.1"]
+    assert len(set(colours.values())) == 3, colours
+    # Figure 3's form keeps one colour per setting (SGD and Path-SGD at lr 0.1 share it)
+    plots.plot_curves(rows, keys, tmp_path)
+    colours = drawn["fig3_curves"]
+    assert colours["SGD lr=0.1"] == colours["Path-SGD lr=0.1"] != colours["G-SGD lr=0.01"]

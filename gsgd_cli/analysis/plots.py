@@ -33,6 +33,7 @@ MODEL_NAMES = {"plain34": "Plain-34", "resnet34": "ResNet-34", "mlp": "MLP"}
 DATA_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST",
               "fashion_mnist": "Fashion-MNIST", "synthetic": "synthetic"}
 LINESTYLES = {"gsgd": "-", "sgd": "--", "path_sgd": ":"}
+OPTIMIZER_COLOURS = {"sgd": "tab:blue", "gsgd": "tab:red", "path_sgd": "tab:green"}
 SHORT_KEYS = {"model.width": "h", "optimizer.lr": "lr", "optimizer.weight_decay": "wd",
               "optimizer.bpr": "bpr"}
 
@@ -81,21 +82,25 @@ def _band(ax, x, per_seed, label, color, style="-"):
 
 
 def plot_curves(rows: list[Row], keys: list[str], out: Path, name: str = "fig3_curves",
-                title: str | None = None) -> list[Path]:
+                title: str | None = None, colour_by_optimizer: bool = False) -> list[Path]:
+    """Line style: the optimizer. Colour: the model and swept values, so that SGD and G-SGD of
+    one setting share it; the optimizer (as in Figure 4) when `colour_by_optimizer` or when the
+    lines of a data set differ only by optimizer."""
     datasets = sorted({r.data for r in rows})
     fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 3.8 * len(datasets)), squeeze=False)
     cmap = plt.get_cmap("tab10")
     for i, data in enumerate(datasets):
         members = [r for r in rows if r.data == data]
         multi_model = len({r.model for r in members}) > 1
-        # colour: the model and swept values; line style: the optimizer
         variants = list(dict.fromkeys((r.model, tuple(repr(r.swept[k]) for k in keys))
                                       for r in members))
+        by_optimizer = colour_by_optimizer or len(variants) == 1
         for row in members:
             epochs, curves = seed_curves(row)
             label = row_label(row, keys, with_model=multi_model)
             variant = variants.index((row.model, tuple(repr(row.swept[k]) for k in keys)))
-            color = cmap(variant % cmap.N)
+            color = (OPTIMIZER_COLOURS.get(row.optimizer, "k") if by_optimizer
+                     else cmap(variant % cmap.N))
             style = LINESTYLES.get(row.optimizer, "-.")
             _band(axes[i][0], epochs, curves["train_loss"], label, color, style)
             _band(axes[i][1], epochs, curves["test_acc"], label, color, style)
@@ -179,7 +184,7 @@ def plot_best_lr(rows: list[Row], keys: list[str], out: Path,
     criteria = sorted({SELECTION_LABELS[selection_metric(
         [r for r in rows if (r.data, r.model, r.optimizer) == (c.data, c.model, c.optimizer)])]
         for c in chosen})
-    return plot_curves(chosen, keys, out, name=name,
+    return plot_curves(chosen, keys, out, name=name, colour_by_optimizer=True,
                        title="Figure 5 form: each optimizer at its best learning rate "
                              f"({'; '.join(criteria)}; mean over seeds, band: min to max)")
 
