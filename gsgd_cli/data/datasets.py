@@ -118,8 +118,11 @@ def _has_idx(folder: Path, suffix: str = "") -> bool:
     return all((folder / (n + suffix)).is_file() for pair in IDX_FILES.values() for n in pair)
 
 
-def _torchvision_download(cls, root: Path) -> None:
+def _torchvision_download(class_name: str, root: Path) -> None:
     """torchvision's MNIST/FashionMNIST download (md5-checked) into `<root>/<Class>/raw`."""
+    import torchvision  # only here: importing it costs about a second
+
+    cls = getattr(torchvision.datasets, class_name)
     for train in (True, False):
         # torchvision prints download progress to stdout; keep our output to one line per event.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -131,12 +134,10 @@ def _read_idx_folder(folder: Path, suffix: str, fix: str):
 
 
 def _load_mnist_family(name: str, cfg: Any):
-    import torchvision
-
     root = Path(cfg_get(cfg, "root", "data")).expanduser()
     download = bool(cfg_get(cfg, "download", False))
-    cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
-    raw = root / cls.__name__ / "raw"
+    class_name = "MNIST" if name == "mnist" else "FashionMNIST"  # torchvision's folder names
+    raw = root / class_name / "raw"
     refetch = (f"delete the damaged files in {raw} and run `python -m gsgd_cli.data.fetch {name} "
                f"--root {_shell_path(root)}` (or add data.download=true)")
     if _has_idx(raw):
@@ -149,13 +150,13 @@ def _load_mnist_family(name: str, cfg: Any):
                 f"(or use data.system_dir=null and data.root with torchvision's files)"))
     if download:
         try:
-            _torchvision_download(cls, root)
+            _torchvision_download(class_name, root)
             return _read_idx_folder(raw, "", refetch)
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - network errors come in many types
             raise DataNotFoundError(
-                f"Downloading {cls.__name__} into {raw} failed ({type(exc).__name__}: "
+                f"Downloading {class_name} into {raw} failed ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}); check the network, or copy the "
                 f"four idx files there by hand.") from None
     if name == "fashion_mnist":
