@@ -267,3 +267,14 @@ def test_epoch_reports_every_run_as_it_stood_then(tmp_path, capsys):
     assert code == 0 and "| 1 |" in out and "30.00" in out and "no evaluation at epoch 2" in out
     code, out, err = report(str(tmp_path), "--csv", "-", "--epoch", "0", capsys=capsys)
     assert code == 2 and "--epoch 0: must be a number of epochs > 0" in err
+
+
+def test_left_out_runs_are_shown_relative_to_the_working_directory(tmp_path, capsys, monkeypatch):
+    # a report committed next to its runs must not carry the checkout's absolute location
+    make_run(tmp_path / "sweep" / "ok")
+    make_run(tmp_path / "sweep" / "killed", summary=False)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = report("sweep", "--csv", "-", capsys=capsys)
+    assert code == 0, err
+    assert f"- {Path('sweep') / 'killed'}: no summary.json" in out
+    assert str(tmp_path) not in out.split("Left out of the means", 1)[1]

@@ -15,6 +15,7 @@ import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 from .paper import model_label, paper_reference
@@ -228,8 +229,18 @@ def markdown(rows: list[Row], keys: list[str], incomplete: list[Run]) -> str:
     if incomplete:
         text += f"\nLeft out of the means ({len(incomplete)} incomplete or failed runs):\n\n"
         for run in incomplete:
-            text += f"- {run.path}: {run.problem}\n"
+            text += f"- {shown_path(run.path)}: {run.problem}\n"
     return text
+
+
+def shown_path(path) -> str:
+    """`path` relative to the working directory when it lies below it (so a committed report
+    does not carry the checkout's location), else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def best_markdown(rows: list[Row], keys: list[str]) -> str:
