@@ -186,3 +186,13 @@ def test_preset_runs_in_smoke_mode(name, fake_data, tmp_path):
     if jobs:
         cfg = OmegaConf.load(run_dirs[0] / ".hydra" / "config.yaml")
         assert name.split("_")[0] in cfg.tags
+
+
+@pytest.mark.parametrize("name", [p for p in PRESETS if p != "smoke"])
+def test_long_presets_checkpoint_during_each_job(name):
+    # a killed sweep resumes its running jobs from their last checkpoint instead of from zero
+    cfg = compose(f"experiment={name}")
+    every = cfg.train.checkpoint_every
+    assert every and every > 0, f"{name}: checkpoints only at the end of each job"
+    total = cfg.train.iterations or cfg.train.epochs * (50000 // cfg.train.batch_size)
+    assert every < total / 2, (name, every, total)
