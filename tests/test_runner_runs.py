@@ -144,6 +144,19 @@ def test_resume_of_a_completed_run_changes_nothing(gsgd_train_inproc, tmp_path):
     assert snapshot(tmp_path / "run") == before
 
 
+def test_resume_of_a_run_that_diverged_before_any_checkpoint_is_one_line(gsgd_train_inproc,
+                                                                          tmp_path):
+    args = (*SYNTH, "optimizer=sgd", "optimizer.lr=1e30", "train.checkpoint_every=100")
+    code, out, err = gsgd_train_inproc(*args)
+    assert code != 0 and summary(tmp_path / "run")["status"] == "diverged", out + err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    before = snapshot(tmp_path / "run")
+    line = one_line(*gsgd_train_inproc(*args, "resume=true"))
+    assert "diverged before its first checkpoint" in line and "smaller learning rate" in line
+    assert "training diverged: loss=" in line          # says where, from its summary
+    assert snapshot(tmp_path / "run") == before
+
+
 @pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
 def test_corrupt_checkpoint_is_one_line(gsgd_train_inproc, tmp_path, damage):
     assert gsgd_train_inproc(*SYNTH, "train.checkpoint_every=6", "train.iterations=6")[0] == 0

@@ -234,6 +234,12 @@ def _plan(directory: RunDirectory, cfg: DictConfig, config: dict[str, Any],
     if not directory.checkpoint.is_file():
         if multirun:   # a job of the sweep that never started, or never reached a checkpoint
             return "new", None
+        if directory.status == "diverged":
+            raise UserError(
+                f"{where} diverged before its first checkpoint "
+                f"({(directory.summary or {}).get('message', 'see summary.json')}); there is "
+                "nothing to resume, and it would diverge again. Start a new run with a smaller "
+                "learning rate (another hydra.run.dir, or overwrite=true to replace this one).")
         raise UserError(f"resume=true but there is no checkpoint at {directory.checkpoint}. "
                         "Point hydra.run.dir at the run to continue, or drop resume=true.")
     state = load_checkpoint(directory.checkpoint)
