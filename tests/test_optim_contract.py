@@ -115,6 +115,30 @@ def test_freezing_mid_training_leaves_the_block_to_torch_sgd():
     _same(model, twin)                                 # fresh SGD momentum, bit for bit
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_layer_frozen_at_construction_and_unfrozen_later_is_trained(momentum):
+    # fine-tuning: freeze, build the optimizer, unfreeze later; as with
+    # torch.optim.SGD(model.parameters()), the layer then takes its (plain SGD) step
+    x, y = _data()
+    model = _net().body
+    model[0].requires_grad_(False)
+    with pytest.warns(GSGDWarning, match="frozen layers to plain SGD"):
+        opt = GSGD(model, lr=0.1, momentum=momentum)
+    twin = copy.deepcopy(model)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=momentum)
+    frozen = model[0].weight.detach().clone()
+    _train(model, opt, x, y, 1)
+    _train(twin, sgd, x, y, 1)
+    assert torch.equal(model[0].weight.detach(), frozen)
+    model[0].requires_grad_(True)
+    twin[0].requires_grad_(True)
+    _train(model, opt, x, y, 3)
+    _train(twin, sgd, x, y, 3)
+    assert not torch.equal(model[0].weight.detach(), frozen)
+    for p, q in zip(model.parameters(), twin.parameters()):   # the fused SGD step rounds
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-14)  # as FMA
+
+
 def test_freezing_after_construction_survives_a_state_dict_round_trip():
     x, y = _data()
     model = _net()

@@ -278,8 +278,10 @@ class GSGD(Optimizer):
             raise ValueError(f"Invalid strict={strict!r}. Must be True or False.")
         input_shape = _check_input_shape(input_shape)
         model = unwrap_model(model)      # torch.compile, DataParallel, DDP share the parameters
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        # every parameter, as torch.optim.SGD(model.parameters()) takes them: one frozen now
+        # and unfrozen later then gets its plain SGD step (it is outside every chain block)
+        params = list(model.parameters())
+        if not any(p.requires_grad for p in params):
             raise ValueError("GSGD got a model with no trainable parameters")
         self._structure = dict(skeleton_init=skeleton_init, bn=bn, block_split=block_split,
                                valleys=valleys, input_shape=input_shape)
