@@ -416,6 +416,26 @@ def test_overflowing_update_raises_and_writes_nothing(strict):
 
 
 @pytest.mark.usefixtures("step_path")
+def test_an_overflowing_lr_times_gradient_raises_where_coefficients_underflow():
+    # lr 1e30 in float32: after one step 1/s^2 underflows to 0 and lr * dW overflows to inf;
+    # the bound lr * max(1/s^2) * max|dW| is then 0, and the write inf * 0 was NaN, silently
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                          nn.Linear(12, 3))
+    x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+    with pytest.warns(UserWarning):
+        opt = GSGD(model, lr=1e30, strict=True)
+    with pytest.raises(GSGDStepError, match="the update is not finite"):
+        for _ in range(3):
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.usefixtures("step_path")
 def test_block_with_a_frozen_layer_is_left_to_plain_sgd():
     model = mlp([3, 4, 4, 2], bias=True)
     model[0].weight.requires_grad_(False)

@@ -247,6 +247,10 @@ def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Te
     grad_max, bias_max = torch.stack(grad_max), torch.stack(bias_max)
     bounds = lr * torch.stack(scales) * grad_max + lr * bias_max * \
         torch.stack([u.row_inv_s.square().amax() for u in layers])
+    # lr * dW itself must be finite: where 1/s^2 underflows to 0 the bound above is 0, but the
+    # write would multiply an infinite lr * dW by that 0 (NaN)
+    bounds = torch.where(torch.isfinite(lr * grad_max) & torch.isfinite(lr * bias_max),
+                         bounds, torch.inf)
     return ChainStep(layers, ratio, new_buffer, bounds, pivot_ok, grad_max, bias_max)
 
 

@@ -466,7 +466,9 @@ int64_t run(const int64_t* desc, const int64_t* ptrs, const double* opts, double
       const double cq = max_square(B.inv_ins[i].data(), L.n_in);
       const double ir = L.role == kPivot ? 1.0 : std::sqrt(max_square(B.inv_ratio.data(), L.n_skel()));
       const double bound = o.lr * rq * cq * ir * lp.gmax + o.lr * lp.bmax * rq;
-      const bool bad = !(bound <= static_cast<double>(std::numeric_limits<T>::max()));
+      const double top = static_cast<double>(std::numeric_limits<T>::max());
+      // lr * dw itself must fit too (the eager step multiplies it by a coefficient)
+      const bool bad = !(bound <= top) || !(o.lr * lp.gmax <= top) || !(o.lr * lp.bmax <= top);
       if (lp.g_bad) dg[i] = 1;
       if (lp.b_bad) dg[nl + i] = 1;
       if (bad) dg[2 * nl + 3 + i] = 1;
