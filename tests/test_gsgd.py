@@ -215,16 +215,18 @@ BAD_ARGUMENTS = [
     (dict(lr=0.1, skeleton_init="random"), ValueError,
      r"Invalid skeleton_init='random'. Must be one of 'one', 'keep', 'rescale'."),
     (dict(lr=0.1, momentum=1.0), ValueError, r"Invalid momentum=1.0. Must be a number in [0, 1)."),
-    (dict(lr=0.1, momentum=-0.5), ValueError, r"Invalid momentum=-0.5. Must be a number >= 0."),
+    (dict(lr=0.1, momentum=-0.5), ValueError, r"Invalid momentum=-0.5. Must be a finite number >= 0."),
     (dict(lr=0.1, weight_decay=-1e-4), ValueError,
-     r"Invalid weight_decay=-0.0001. Must be a number >= 0."),
-    (dict(lr=0.1, bpr=None), ValueError, r"Invalid bpr=None. Must be a number >= 0."),
+     r"Invalid weight_decay=-0.0001. Must be a finite number >= 0."),
+    (dict(lr=0.1, bpr=None), ValueError, r"Invalid bpr=None. Must be a finite number >= 0."),
+    (dict(lr=0.1, weight_decay=float("inf")), ValueError,
+     r"Invalid weight_decay=inf. Must be a finite number >= 0."),
     (dict(lr=0.1, bn="ignore"), ValueError,
      r"Invalid bn='ignore'. Must be one of 'approx', 'approx_per_tap', 'split'."),
     (dict(lr=0.1, block_split="layer"), ValueError,
      r"Invalid block_split='layer'. Must be one of 'none', 'stage'."),
     (dict(lr=0.1, min_pivot_ratio=-1), ValueError,
-     r"Invalid min_pivot_ratio=-1. Must be a number >= 0."),
+     r"Invalid min_pivot_ratio=-1. Must be a finite number >= 0."),
 ]
 
 
@@ -329,6 +331,48 @@ def test_non_finite_gradient_outside_the_blocks_raises_and_writes_nothing(strict
     model.scale.grad[0] = float("nan")
     _expect_step_error(opt, model, r"parameter 'scale' \(plain SGD step outside the chain "
                                    r"blocks\): its gradient is not finite", strict)
+
+
+@STRICT_OR_DEFERRED
+@pytest.mark.usefixtures("step_path")
+def test_a_failed_step_with_momentum_does_not_move_parameters_outside_the_blocks(strict):
+    # deferred: the failed step kept the momentum buffers (mu -> 1, dw -> 0) but still stepped
+    # the outside parameters along them
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3))
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.body(x) * self.scale
+
+    model = Net().double()
+    opt = GSGD(model, lr=0.1, momentum=0.9, strict=strict)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()                                      # non-zero momentum buffers
+    model.scale.grad[0] = float("nan")
+    _expect_step_error(opt, model, r"parameter 'scale' \(plain SGD step outside the chain "
+                                   r"blocks\): its gradient is not finite", strict, step=2)
+
+
+@pytest.mark.parametrize("key, value", [("lr", float("nan")), ("lr", float("inf")),
+                                        ("weight_decay", float("inf")),
+                                        ("momentum", float("nan"))])
+@pytest.mark.usefixtures("step_path")
+def test_a_non_finite_number_set_in_the_group_is_refused_at_the_step(key, value):
+    # deferred eager steps wrote it into the weights (NaN * a gated 0 is NaN)
+    model = mlp([3, 4, 4, 2], bias=True)
+    opt = GSGD(model, lr=0.1)
+    opt.param_groups[0][key] = value
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"^GSGD: param_groups\[0\]\['{key}'\] = {value} is "
+                                         "not a finite number"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @STRICT_OR_DEFERRED

@@ -569,6 +569,38 @@ def test_non_finite_gradient_raises_and_writes_nothing(bad, strict):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@STRICT_OR_DEFERRED
+def test_an_overflowing_lr_times_update_raises_and_writes_nothing(strict):
+    # the guard covered dw / kappa only: lr * dw / kappa overflowing float32 wrote inf into
+    # the weights without an error
+    model = randomise(mlp([3, 4, 2], bias=True), seed=13).float()
+    x, y = _data((3,))
+    opt = PathSGD(model, lr=3.3e38, strict=strict)
+    _loss(model, x.float(), y).backward()
+    for p in model.parameters():
+        p.grad.mul_(1e3)                   # |dw / kappa| > 1: lr * dw / kappa > float32 max
+    before = [p.detach().clone() for p in model.parameters()]
+    _raises_at_once_or_later(opt, model, strict, match=r"^PathSGD: non-finite update for "
+                             r"parameter .*: lr \* gradient / kappa is not finite")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("key, value", [("lr", float("nan")), ("lr", float("inf")),
+                                        ("eps", float("nan"))])
+def test_a_non_finite_number_set_in_the_group_is_refused_at_the_step(key, value):
+    # it wrote NaN/inf into every weight without an error
+    model = randomise(mlp([3, 4, 2], bias=True), seed=13)
+    x, y = _data((3,))
+    opt = PathSGD(model, lr=0.1)
+    opt.param_groups[0][key] = value
+    _loss(model, x, y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"^PathSGD: param_groups\[0\]\['{key}'\] = "
+                                         rf"{value} is not a finite number"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_steps_after_a_failed_one_write_nothing_until_it_is_raised(monkeypatch):
     model = randomise(mlp([3, 4, 2], bias=True), seed=13)
     x, y = _data((3,))

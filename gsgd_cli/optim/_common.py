@@ -1,6 +1,8 @@
 """Plumbing shared by GSGD and PathSGD: wrapped models and the keys of their param group."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 from torch import nn
@@ -54,6 +56,13 @@ def check_group_keys(owner: str, group: dict, own: set[str] | frozenset[str],
                              f"param_groups[0]); set it to {neutral[key][0]!r} or delete the key")
         raise ValueError(f"{owner} does not use param_groups[0][{key!r}] (= {value!r}) and would "
                          f"ignore it; delete the key (del opt.param_groups[0][{key!r}])")
+    for key in own:            # read every step: a NaN/inf set here would reach the weights
+        value = group.get(key)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            continue           # flags (maximize) and choices (rescale)
+        if not math.isfinite(value):
+            raise ValueError(f"{owner}: param_groups[0][{key!r}] = {value!r} is not a finite "
+                             "number; set a finite value. Nothing was updated.")
     for key, value in fixed.items():
         if key in group and group[key] != value:
             raise ValueError(f"{owner}'s {key} is fixed when it is built ({key}={value!r}); "

@@ -53,7 +53,7 @@ from ..gspace.update import (ChainIndex, StepOptions, Workspace, apply_chain_ste
 from . import fused_cpu
 from ._common import SGD_NEUTRAL, check_group_keys, unwrap_model
 from .step_record import StepRecord
-from .validation import check_lr
+from .validation import check_lr, check_nonnegative
 
 SKELETON_INITS = ("one", "keep", "rescale")
 BN_OPTIONS = ("approx", "approx_per_tap", "split")
@@ -164,14 +164,6 @@ def _check_input_shape(input_shape) -> tuple[int, ...] | None:
     return tuple(int(n) for n in input_shape)
 
 
-def _check_positive(name: str, value, strictly: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        value > 0 if strictly else value >= 0)
-    if not ok:
-        raise ValueError(f"Invalid {name}={value!r}. Must be a number "
-                         f"{'> 0' if strictly else '>= 0'}.")
-
-
 class GSGD(Optimizer):
     """G-SGD: SGD in the positively scale-invariant space of a ReLU network.
 
@@ -261,7 +253,7 @@ class GSGD(Optimizer):
                              f"{', '.join(repr(s) for s in SKELETON_INITS)}.")
         for name, value in (("momentum", momentum), ("weight_decay", weight_decay),
                             ("bpr", bpr), ("min_pivot_ratio", min_pivot_ratio)):
-            _check_positive(name, value, strictly=False)
+            check_nonnegative(name, value)
         if momentum >= 1:
             raise ValueError(f"Invalid momentum={momentum!r}. Must be a number in [0, 1).")
         for name, value, choices in (("bn", bn, BN_OPTIONS), ("block_split", block_split,
@@ -742,8 +734,9 @@ class GSGD(Optimizer):
                                                   device=gate.device), 1.0)
             torch._foreach_mul_(buffers, mu)
             torch._foreach_add_(buffers, grads)
-            grads = buffers
-        torch._foreach_add_(params, grads, alpha=-options.lr)
+            grads = (buffers if gate is None       # a failed step keeps the buffers (mu -> 1,
+                     else [torch.where(gate, b, 0.0) for b in buffers])  # dw -> 0) and must not
+        torch._foreach_add_(params, grads, alpha=-options.lr)          # step along them either
 
     def _step_error(self) -> GSGDStepError:
         """The recorded failure as an exception (and the record cleared)."""

@@ -688,7 +688,9 @@ class PathSGD(torch.optim.Optimizer):
             # the guard on the device: per parameter (zero kappa with a gradient, update not
             # finite, gradient not finite); the writes are gated by it
             zero = torch.stack([((k == 0) & (g != 0)).sum() for k, g in zip(kappas, grads)])
-            bad_update = ~torch.isfinite(torch.stack(torch._foreach_norm(updates, float("inf"))))
+            # lr * update must be finite (a NaN/inf lr set in the group, an overflow)
+            bad_update = ~torch.isfinite(
+                lr * torch.stack(torch._foreach_norm(updates, float("inf"))))
             bad_grad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
             flags = torch.stack([zero.to(torch.float64), bad_update.to(torch.float64),
                                  bad_grad.to(torch.float64)], dim=1)
@@ -708,7 +710,8 @@ class PathSGD(torch.optim.Optimizer):
             if rescale is not None:
                 ratio = self._rescale_ratio(rescale, grads, updates, params[0], gate)
                 torch._foreach_mul_(updates, ratio)
-            torch._foreach_add_(ps, updates, alpha=-lr)
+            if math.isfinite(lr):     # a NaN/inf lr (a host value) failed the check above;
+                torch._foreach_add_(ps, updates, alpha=-lr)   # lr * (gated 0) would be NaN
         if not self.strict:
             record.publish()
         return loss
@@ -796,8 +799,10 @@ class PathSGD(torch.optim.Optimizer):
                     "backpropagating through this model. Check what sets .grad, or pass eps > 0 "
                     "to divide by kappa + eps (not exactly invariant)." + tail, step, after)
             if bad_update:
+                lr = self.param_groups[0][LR]
                 what = ("its gradient is not finite" if bad_grad else
-                        "kappa is not finite or too small (overflow/underflow)")
+                        f"lr * gradient / kappa is not finite (lr={lr:g}; or kappa under- or "
+                        "overflows)")
                 return PathSGDStepError(
                     f"PathSGD: non-finite update for parameter '{name}' {shape}: {what}. Lower "
                     "lr, check the loss for NaN/Inf, or train in float64; eps > 0 bounds the "

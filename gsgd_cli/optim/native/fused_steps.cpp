@@ -576,7 +576,7 @@ int64_t run(const int64_t* desc, const int64_t* ptrs, const double* opts, double
 // ---- Path-SGD: w <- w - lr * rho * dw / kappa, kappa from the caller ------------------------
 //
 // One read pass per parameter (per-parameter checks: entries where kappa + eps is 0 but dw is
-// not, finiteness of the update and of dw; sums of dw^2 and u^2 for the rescaling), then, only
+// not, finiteness of lr * update and of dw; sums of dw^2 and u^2 for the rescaling), then, only
 // if every check passed, one write pass. kappa + eps = 0 with dw = 0 is a zero step (as in
 // PathSGD.step). opts = [lr, eps, rescale (0 none, 1 first, 2 every)]; ratio[0] is the frozen
 // ratio of rescale='first' (NaN until the first step that writes, which sets it). status as
@@ -588,7 +588,7 @@ struct PathStats {
 };
 
 template <typename T>
-void path_pass(const T* __restrict__ g, const T* __restrict__ k, int64_t n, T eps,
+void path_pass(const T* __restrict__ g, const T* __restrict__ k, int64_t n, T eps, T lr,
                PathStats<T>& st) {
   double zero = 0, g2 = 0, u2 = 0;
   T cu = 0, cg = 0;
@@ -598,7 +598,8 @@ void path_pass(const T* __restrict__ g, const T* __restrict__ k, int64_t n, T ep
     const bool z = kk == 0;
     const T u = g[i] / (z ? T(1) : kk);
     zero += (z && g[i] != 0) ? 1.0 : 0.0;
-    cu += u - u;
+    const T lu = lr * u;   // lr * dw / kappa must be finite (NaN lr, overflow)
+    cu += lu - lu;
     cg += g[i] - g[i];
     g2 += static_cast<double>(g[i]) * g[i];
     u2 += static_cast<double>(u) * u;
@@ -630,7 +631,7 @@ int64_t run_path(const int64_t* numels, int64_t n_params, const int64_t* ptrs,
     std::vector<PathStats<T>> parts(nt);
     parallel_ranges(nt, n, [&](int64_t i0, int64_t i1) {
       PathStats<T> st;
-      path_pass(g + i0, k + i0, i1 - i0, eps, st);
+      path_pass(g + i0, k + i0, i1 - i0, eps, static_cast<T>(opts[0]), st);
 #pragma omp critical
       {
         total.zero += st.zero; total.g2 += st.g2; total.u2 += st.u2;
