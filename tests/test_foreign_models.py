@@ -533,3 +533,27 @@ def test_torchvision_networks_pass_the_oracle(arch):
     opt = assert_invariant(make, x, y, steps=3, lr=1e-8, own_init=True,
                            input_shape=(3, 32, 32))
     assert len(opt.blocks) == (8 if arch == "resnet18_nobn" else 1)
+
+
+def test_a_wrong_input_shape_is_one_clear_error_and_prints_nothing(capfd):
+    # torch's fake-tensor log and ShapeProp's traceback went to stderr, and the message was an
+    # fx node dump
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc1 = nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.fc1(torch.flatten(F.max_pool2d(F.relu(self.c1(x)), 2), 1))
+
+    capfd.readouterr()
+    with pytest.raises(ValueError) as info:
+        GSGD(ConvNet(), lr=0.1, input_shape=(3, 32, 32))
+    message = str(info.value)
+    assert message.startswith("ConvNet does not run on an input of shape (2, *(3, 32, 32)) at "
+                              "fc1: ") and message.endswith("; check input_shape")
+    assert "\n" not in message and "call_module" not in message
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    GSGD(ConvNet(), lr=0.1, input_shape=(3, 16, 16))      # the right shape builds

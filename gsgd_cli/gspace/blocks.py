@@ -34,6 +34,9 @@ a chain layer or why its chain ends there.
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -213,14 +216,33 @@ def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module,
     first = next(iter(model.parameters()), None)
     like = dict(dtype=first.dtype, device=first.device) if first is not None else {}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    where = {"node": None}
+
+    class _Shapes(ShapeProp):
+        def run_node(self, n):                    # remember where a failure happens
+            where["node"] = n
+            return super().run_node(n)
+
+    # torch logs a failing fake-tensor op and ShapeProp prints its traceback: the error below
+    # says it in one line instead
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
-        with mode:
+        with mode, contextlib.redirect_stderr(io.StringIO()):
             example = torch.zeros(2, *input_shape, **like)
-        ShapeProp(graph_module, fake_mode=mode).propagate(example)
+            _Shapes(graph_module, fake_mode=mode).propagate(example)
     except Exception as exc:  # the model's own error, whatever its type
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        text = str(cause).strip()
+        first_line = text.splitlines()[0].rstrip(".") if text else type(cause).__name__
+        node = where["node"]
+        at = f" at {node.target if node.op != 'call_function' else node.name}" if node else ""
         raise ValueError(f"{type(model).__name__} does not run on an input of shape "
-                         f"(2, *{tuple(input_shape)}) ({first_line}); check input_shape") from exc
+                         f"(2, *{tuple(input_shape)}){at}: {first_line}; check "
+                         "input_shape") from None
+    finally:
+        fake_log.setLevel(level)
 
     def shape(node: fx.Node):
         meta = node.meta.get("tensor_meta")
