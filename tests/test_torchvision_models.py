@@ -93,4 +93,4 @@ def test_inspect_a_torchvision_model_from_the_config():
     out = result.stdout
     assert out.startswith("model: torchvision (resnet18) for data 'cifar10' (input (3, 32, 32)")
     assert out.count("chain block ") == 8 and "(98.2%)" in out
-    assert "outside: fc.weight (10, 512): no chain layer is joined to it through ReLU" in out
+    assert "outside: fc.weight (10, 512): not joined to another Linear/Conv2d by ReLU" in out

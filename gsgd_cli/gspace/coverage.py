@@ -186,7 +186,8 @@ def _owner_reasons(model: nn.Module, notes: list[str]) -> dict[str, str]:
         elif isinstance(module, NORM_TYPES):
             reasons[name] = f"{type(module).__name__}'s own parameter (not in G-space)"
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            reasons[name] = "no chain layer is joined to it through ReLU"
+            reasons[name] = ("not joined to another Linear/Conv2d by ReLU and operations G-SGD "
+                             "follows (opt.describe() says where each chain ends)")
         else:
             reasons[name] = (f"{type(module).__name__} is not a chain layer (G-SGD handles "
                              "nn.Linear and nn.Conv2d)")
