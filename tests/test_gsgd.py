@@ -312,19 +312,22 @@ def test_non_finite_gradient_raises_naming_the_layer(bad, strict):
                        strict, step=2)
 
 
+class ScaledChain(nn.Module):
+    """A chain block and a parameter outside every block (`scale`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3))
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+
 @STRICT_OR_DEFERRED
 @pytest.mark.usefixtures("step_path")
 def test_non_finite_gradient_outside_the_blocks_raises_and_writes_nothing(strict):
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3))
-            self.scale = nn.Parameter(torch.ones(3))
-
-        def forward(self, x):
-            return self.body(x) * self.scale
-
-    model = Net().double()
+    model = ScaledChain().double()
     opt = GSGD(model, lr=0.1, strict=strict)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
@@ -338,16 +341,7 @@ def test_non_finite_gradient_outside_the_blocks_raises_and_writes_nothing(strict
 def test_a_failed_step_with_momentum_does_not_move_parameters_outside_the_blocks(strict):
     # deferred: the failed step kept the momentum buffers (mu -> 1, dw -> 0) but still stepped
     # the outside parameters along them
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3))
-            self.scale = nn.Parameter(torch.ones(3))
-
-        def forward(self, x):
-            return self.body(x) * self.scale
-
-    model = Net().double()
+    model = ScaledChain().double()
     opt = GSGD(model, lr=0.1, momentum=0.9, strict=strict)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
