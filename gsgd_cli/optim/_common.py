@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 from torch import nn
@@ -58,9 +57,7 @@ def check_group_keys(owner: str, group: dict, own: set[str] | frozenset[str],
                          f"ignore it; delete the key (del opt.param_groups[0][{key!r}])")
     for key in own:            # read every step: a NaN/inf set here would reach the weights
         value = group.get(key)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            continue           # flags (maximize) and choices (rescale)
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):   # ints are finite
             raise ValueError(f"{owner}: param_groups[0][{key!r}] = {value!r} is not a finite "
                              "number; set a finite value. Nothing was updated.")
     for key, value in fixed.items():
