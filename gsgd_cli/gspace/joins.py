@@ -36,15 +36,19 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 RELU_MODULES = (nn.ReLU,)
-RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_}
-RELU_METHODS = {"relu", "relu_"}
 ELEMENTWISE_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
-ELEMENTWISE_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d}
 SPATIAL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d,
                    nn.ZeroPad2d)
-SPATIAL_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d}
-RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
-RESHAPE_METHODS = {"flatten", "view", "reshape"}
+# what a function or tensor method called in forward is to a chain
+FUNCTION_KINDS = {
+    **dict.fromkeys((torch.relu, torch.relu_, F.relu, F.relu_), "relu"),
+    **dict.fromkeys((F.dropout, F.dropout1d, F.dropout2d), "elementwise"),
+    **dict.fromkeys((F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d),
+                    "spatial"),
+    **dict.fromkeys((torch.flatten, torch.reshape), "reshape"),
+}
+METHOD_KINDS = {**dict.fromkeys(("relu", "relu_"), "relu"),
+                **dict.fromkeys(("flatten", "view", "reshape"), "reshape")}
 METADATA_METHODS = {"size", "dim"}
 METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
 SIZE_ARITHMETIC = {operator.getitem, operator.mul, operator.floordiv, operator.add}
@@ -86,20 +90,9 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module], bn: str) -> str:
             return "bn2d"
         return "other"
     if node.op == "call_function":
-        if node.target in RELU_FUNCTIONS:
-            return "relu"
-        if node.target in ELEMENTWISE_FUNCTIONS:
-            return "elementwise"
-        if node.target in SPATIAL_FUNCTIONS:
-            return "spatial"
-        if node.target in RESHAPE_FUNCTIONS:
-            return "reshape"
-        return "other"
+        return FUNCTION_KINDS.get(node.target, "other")
     if node.op == "call_method":
-        if node.target in RELU_METHODS:
-            return "relu"
-        if node.target in RESHAPE_METHODS:
-            return "reshape"
+        return METHOD_KINDS.get(node.target, "other")
     return "other"
 
 
