@@ -245,12 +245,10 @@ def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Te
     grad_max = [_max_abs(g) if g is not None else zero for g in grads]
     bias_max = [_max_abs(g) if g is not None else zero for g in bias_grads]
     grad_max, bias_max = torch.stack(grad_max), torch.stack(bias_max)
-    bounds = lr * torch.stack(scales) * grad_max + lr * bias_max * \
+    # lr * dW first: where 1/s^2 underflows to 0, an infinite lr * dW (which the write would
+    # multiply by that 0, giving NaN) makes the bound inf * 0 = NaN, not 0, and the check fails
+    bounds = (lr * grad_max) * torch.stack(scales) + (lr * bias_max) * \
         torch.stack([u.row_inv_s.square().amax() for u in layers])
-    # lr * dW itself must be finite: where 1/s^2 underflows to 0 the bound above is 0, but the
-    # write would multiply an infinite lr * dW by that 0 (NaN)
-    bounds = torch.where(torch.isfinite(lr * grad_max) & torch.isfinite(lr * bias_max),
-                         bounds, torch.inf)
     return ChainStep(layers, ratio, new_buffer, bounds, pivot_ok, grad_max, bias_max)
 
 
