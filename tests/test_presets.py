@@ -261,6 +261,8 @@ def test_job_counts_in_header_and_readme_are_the_sweeps(name):
     assert rows, f"{name}: no row in the README's reproduction table"
     jobs = rows[0].strip().strip("|").split("|")[2].strip()   # paper result | command | jobs
     assert int(re.match(r"\d+", jobs).group()) == sweep_size(name), rows[0]
+    readme = (REPO / "experiments" / README[name] / "README.md").read_text()
+    assert re.search(rf"(= {sweep_size(name)}\b|\b{sweep_size(name)} jobs)", readme), name
 
 
 @pytest.mark.parametrize("name", [p for p in PRESETS if p != "smoke"])
