@@ -251,6 +251,38 @@ def test_gap_table_is_sgd_minus_gsgd_with_its_standard_error(tmp_path, capsys):
     assert report(str(tmp_path / "lone"), "--csv", "-", "--gap", capsys=capsys)[0] == 2
 
 
+def test_gap_on_best_test_error_uses_each_runs_best_epoch(tmp_path, capsys):
+    # G-SGD peaks early and ends worse; SGD ends at its best: the two readings disagree in sign
+    accs = {("sgd", 0): (0.70, 0.80), ("sgd", 1): (0.72, 0.82),
+            ("gsgd", 0): (0.90, 0.75), ("gsgd", 1): (0.86, 0.77)}
+    for (opt, seed), test_accs in accs.items():
+        make_run(tmp_path / f"{opt}-{seed}", data="fashion_mnist", model="mlp", optimizer=opt,
+                 seed=seed, test_accs=test_accs, config_extra={"model.width": 16})
+    make_run(tmp_path / "lone", data="fashion_mnist", model="mlp", optimizer="sgd",
+             config_extra={"model.width": 32})      # (a second width makes model.width a column)
+
+    def gap_row(*flags):
+        code, out, err = report(str(tmp_path), "--csv", "-", *flags, capsys=capsys)
+        assert code == 0, err
+        row = next(line for line in out.split("per width (Figure 4)")[1].splitlines()
+                   if line.startswith("| fashion_mnist"))
+        return out, row.split(" | ")
+
+    out, final = gap_row("--gap")
+    assert "| Δ final test error % |" in out
+    assert final[5].startswith(f"{100 * (0.76 - 0.81):+.2f}") and final[8].startswith("no")
+    for flags in (("--gap", "--gap-error", "best"), ("--gap-error", "best")):  # implies --gap
+        out, best = gap_row(*flags)
+        assert "| Δ best test error % |" in out and "(best test error over the evaluations)" in out
+        se = (statistics.stdev([100 * 0.20, 100 * 0.18]) ** 2 / 2
+              + statistics.stdev([100 * 0.10, 100 * 0.14]) ** 2 / 2) ** 0.5
+        assert best[5] == f"{100 * (0.19 - 0.12):+.2f} ± {se:.2f}" and best[8].startswith("yes")
+        assert best[3] == final[3]                  # the training loss stays the final one
+    with pytest.raises(SystemExit) as exc:
+        report(str(tmp_path), "--csv", "-", "--gap-error", "top", capsys=capsys)
+    assert exc.value.code == 2
+
+
 def test_epoch_reports_every_run_as_it_stood_then(tmp_path, capsys):
     make_run(tmp_path / "a", data="mnist", model="mlp", test_accs=(0.5, 0.7, 0.6),
              train_losses=(1.0, 0.6, 0.4), val_acc=0.9)

@@ -8,7 +8,8 @@ best test error and the final training loss, the number of seeds, and the paper'
 the paper has one. Runs without a summary.json or whose status is not `completed` are listed
 under the table and left out of the means. The CSV goes to `--csv`, by default `report.csv` in
 the first RUN_DIR. `--epoch N` reports every run as it stood after N epochs. `--gap` adds Figure 4's comparison (the gap SGD - G-SGD per MLP width, with
-its standard error over seeds). `--best` adds the best setting of every (data, model, optimizer), chosen on
+its standard error over seeds); `--gap-error best` makes its test error each run's best over its
+evaluations instead of the last one. `--best` adds the best setting of every (data, model, optimizer), chosen on
 the validation split when the runs have one (else by training loss), never on the test set.
 Bad input: one line on stderr, exit code 2.
 """
@@ -51,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also print Figure 4's comparison: per MLP width run with SGD and "
                              "G-SGD, the gap SGD - G-SGD of the final training loss and test "
                              "error with its standard error over seeds")
+    parser.add_argument("--gap-error", choices=("final", "best"), default=None,
+                        help="test error of the --gap table (implies --gap): final (after the "
+                             "last epoch, the default) or best (each run's best over its "
+                             "evaluations, an epoch chosen on the test set)")
     return parser.parse_args(argv)
 
 
@@ -64,12 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             runs = [run.at_epoch(args.epoch) for run in runs]
         rows, keys, incomplete = build_rows(runs)
         text = markdown(rows, keys, incomplete)
-        if args.gap and rows:
-            gap = width_gap_markdown(rows)
+        if (args.gap or args.gap_error) and rows:
+            gap = width_gap_markdown(rows, test_error=args.gap_error or "final")
             if not gap:
                 raise ReportError("--gap needs MLP runs of the same model.width with both sgd "
                                   "and gsgd (e.g. experiment=fig4).")
-            text += "\nSGD against G-SGD per width (Figure 4):\n\n" + gap
+            which = " (best test error over the evaluations)" if args.gap_error == "best" else ""
+            text += f"\nSGD against G-SGD per width (Figure 4){which}:\n\n" + gap
         if args.best and rows:
             text += "\nBest setting per data set, model and optimizer:\n\n" + best_markdown(rows, keys)
         csv_path = None

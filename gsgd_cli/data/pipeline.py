@@ -2,7 +2,8 @@
 
 Batches are turned into network inputs on the device: scale to [0, 1], average-pool (MNIST
 family at `data.size` < 28), for CIFAR random crop with 4-pixel zero padding and horizontal flip
-on the whole batch at once, then per-channel normalisation (`data.normalize=standard`, the
+on the whole batch at once (with `data.grayscale=true` colour images were made one grey
+channel when loaded, `gsgd_cli.data.gray`), then per-channel normalisation (`data.normalize=standard`, the
 default) or none (`unit`: pixels stay in [0, 1], the paper's section 5.3 setting). Random numbers for shuffling and
 augmentation come from one CPU `torch.Generator` owned by the trainer, so runs are reproducible
 and resumable on any device.
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from gsgd_cli.train.errors import UserError
 
 from .datasets import SPECS, cfg_get, check_labels, data_name, load_raw, pool_size
+from .gray import grayscale, pixel_stats, to_gray
 from .synthetic import synthetic_shape
 
 CROP_PADDING = 4
@@ -44,10 +46,11 @@ def describe(data_cfg: Any) -> tuple[tuple[int, int, int], int]:
     normalisation(data_cfg)
     name = data_name(data_cfg)
     if name == "synthetic":
-        return synthetic_shape(data_cfg)
+        (channels, *hw), num_classes = synthetic_shape(data_cfg)
+        return (1 if grayscale(data_cfg) and channels == 3 else channels, *hw), num_classes
     spec = SPECS[name]
     size = pool_size(data_cfg)
-    return (spec.in_shape[0], size, size), spec.num_classes
+    return (1 if grayscale(data_cfg) else spec.in_shape[0], size, size), spec.num_classes
 
 
 @dataclass
@@ -160,6 +163,10 @@ def load_data(data_cfg: Any, device: torch.device | str = "cpu") -> DeviceData:
     for split, y in (("training", train_y), ("test", test_y)):   # every reader checks its files
         check_labels(y, num_classes, f"the {split} split of data.name={name}",
                      "check the data files (labels must be 0..num_classes-1)")
+    gray = grayscale(data_cfg) and train_x.shape[1] == 3
+    if gray:   # colour -> one grey channel (paper, appendix 11.7: "input images of gray scale")
+        train_x, test_x = to_gray(train_x), to_gray(test_x)
+        gray_mean, gray_std = pixel_stats(train_x)   # the whole training split, as SPECS'
     train_x, train_y, val_x, val_y = hold_out(train_x, train_y,
                                               cfg_get(data_cfg, "val_size", 0),
                                               cfg_get(data_cfg, "split_seed", 0))
@@ -171,6 +178,8 @@ def load_data(data_cfg: Any, device: torch.device | str = "cpu") -> DeviceData:
         spec = SPECS[name]
         mean, std = spec.mean, spec.std
         augment = bool(cfg_get(data_cfg, "augment", spec.augment))
+    if gray:
+        mean, std = gray_mean, gray_std
     if normalisation(data_cfg) == "unit":
         mean, std = (0.0,) * in_shape[0], (1.0,) * in_shape[0]
     device = torch.device(device)
