@@ -52,6 +52,7 @@ from ..gspace.update import (ChainIndex, StepOptions, Workspace, apply_chain_ste
                              plan_chain_step)
 from . import fused_cpu
 from ._common import SGD_NEUTRAL, check_group_keys, unwrap_model
+from .errors import StepError
 from .step_record import StepRecord
 from .validation import check_lr, check_nonnegative
 
@@ -66,16 +67,11 @@ STEP_KEYS = frozenset({"lr", "momentum", "weight_decay", "bpr", "min_pivot_ratio
 STATE_RECORD = "gsgd"           # the structure record's key in state_dict()
 
 
-class GSGDStepError(RuntimeError):
+class GSGDStepError(StepError):
     """A G-SGD step would write a non-finite value or divide by a vanished pivot; it wrote
     nothing. `step` is the number of the failed `step()` call of the optimizer (1 = its first),
     `steps_after` how many calls came after it before the error was raised (they wrote nothing
     either)."""
-
-    def __init__(self, message: str, step: int | None = None, steps_after: int = 0):
-        super().__init__(message)
-        self.step = step
-        self.steps_after = steps_after
 
 
 class GSGDWarning(UserWarning):
