@@ -41,7 +41,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from ..gspace.blocks import BlockLayout
 from ..gspace.conditioning import step_range
@@ -51,7 +50,8 @@ from ..gspace.skeleton import ChainSkeleton, build_skeleton
 from ..gspace.update import (ChainIndex, StepOptions, Workspace, apply_chain_step,
                              plan_chain_step)
 from . import fused_cpu
-from ._common import SGD_NEUTRAL, check_group_keys, unwrap_model
+from ._common import SGD_NEUTRAL, check_group_keys
+from .base import ModelOptimizer
 from .errors import StepError
 from .step_record import StepRecord
 from .validation import check_lr, check_nonnegative
@@ -160,7 +160,7 @@ def _check_input_shape(input_shape) -> tuple[int, ...] | None:
     return tuple(int(n) for n in input_shape)
 
 
-class GSGD(Optimizer):
+class GSGD(ModelOptimizer):
     """G-SGD: SGD in the positively scale-invariant space of a ReLU network.
 
     Args:
@@ -235,6 +235,10 @@ class GSGD(Optimizer):
     construction (`requires_grad_(False)`) sends its block to plain SGD, as freezing before.
     """
 
+    name = "GSGD"
+    record_key = STATE_RECORD
+    step_error = GSGDStepError
+
     def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
                  momentum: float = 0.0, weight_decay: float = 0.0, bpr: float = 0.0,
                  min_pivot_ratio: float = 1e-6, bn: str = "approx", block_split: str = "none",
@@ -265,7 +269,7 @@ class GSGD(Optimizer):
         if strict not in (True, False):
             raise ValueError(f"Invalid strict={strict!r}. Must be True or False.")
         input_shape = _check_input_shape(input_shape)
-        model = unwrap_model(model)      # torch.compile, DataParallel, DDP share the parameters
+        model = self._unwrap(model)      # torch.compile, DataParallel, DDP share the parameters
         # every parameter, as torch.optim.SGD(model.parameters()) takes them: one frozen now
         # and unfrozen later then gets its plain SGD step (it is outside every chain block)
         params = list(model.parameters())
@@ -426,12 +430,9 @@ class GSGD(Optimizer):
         text = super().__repr__()       # the param group's options, then ")"
         return text[:-1] + f"    fused: {self.fused}\n    strict: {self.strict}\n)"
 
-    def add_param_group(self, param_group: dict) -> None:
-        if self.param_groups:
-            raise ValueError("GSGD keeps all parameters of its model in one param group (the "
-                             "step needs the model's structure); add_param_group is not "
-                             "supported: construct GSGD from the whole model instead")
-        super().add_param_group(param_group)
+    def _record_size(self) -> int:
+        return fused_cpu.diag_size([len(plan.weights) for plan in self._plans],
+                                   len(self._outside))
 
     def _record(self) -> dict:
         """The structure: options, blocks found at construction, blocks demoted since."""
@@ -465,11 +466,6 @@ class GSGD(Optimizer):
         if structure is not None:
             self._activate()
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state[STATE_RECORD] = self._record()
-        return state
-
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by `state_dict()`; refuses one saved under other structural
         options or another block layout (naming the difference), and one from another
@@ -486,7 +482,7 @@ class GSGD(Optimizer):
                           stacklevel=2)
         else:
             self._check_record(record)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_RECORD})
+        super().load_state_dict(self._without_record(state_dict))
         if record is not None and list(record["demoted"]) != self._demoted:
             self._demoted = list(record["demoted"])
             self._activate()
@@ -515,10 +511,7 @@ class GSGD(Optimizer):
     def step(self, closure=None):
         """One G-SGD step: plan every block (nothing written), check them all on the device,
         apply (the writes gated by the check). Never waits for the device unless `strict`."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         group = self.param_groups[0]
         self._check_group(group)
         record = self._record_on(group["params"][0].device)
@@ -536,21 +529,6 @@ class GSGD(Optimizer):
         else:
             record.publish()
         return loss
-
-    def check_steps(self) -> None:
-        """Raise `GSGDStepError` if a step since the last check failed (waits for the device).
-
-        The failed step and every step after it wrote nothing; once raised, the record is
-        cleared and later steps write again."""
-        if self._step_record is not None and self._step_record.failed():
-            raise self._step_error()
-
-    def _record_on(self, device: torch.device) -> StepRecord:
-        if self._step_record is None or self._step_record.device != device:
-            size = fused_cpu.diag_size([len(plan.weights) for plan in self._plans],
-                                       len(self._outside))
-            self._step_record = StepRecord(device, size)
-        return self._step_record
 
     # -- the eager step: the readable reference (gsgd_cli.gspace.update) ----------------------
     def _eager_step(self, options: StepOptions, record: StepRecord, maximize: bool) -> None:

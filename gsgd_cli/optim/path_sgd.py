@@ -65,7 +65,8 @@ from torch import nn
 from ..pathnorm import step as F_path
 from ..pathnorm.squared_copy import build_squared_copy, needs_input_shape
 from . import fused_cpu
-from ._common import SGD_NEUTRAL, check_group_keys, unwrap_model
+from ._common import SGD_NEUTRAL, check_group_keys
+from .base import ModelOptimizer
 from .errors import StepError
 from .step_record import StepRecord
 from .validation import check_lr, check_nonnegative
@@ -89,7 +90,7 @@ class PathSGDStepError(StepError):
     calls after it before the error was raised (they wrote nothing either)."""
 
 
-class PathSGD(torch.optim.Optimizer):
+class PathSGD(ModelOptimizer):
     """Exact Path-SGD; see the module docstring for the rule, supported layers and deviations.
 
     Args:
@@ -114,6 +115,10 @@ class PathSGD(torch.optim.Optimizer):
     (``copy.deepcopy``, ``pickle``, ``torch.save(opt)``) keep their own squared-weight copy and
     step exactly like the original.
     """
+
+    name = "PathSGD"
+    record_key = STATE_RECORD
+    step_error = PathSGDStepError
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, rescale: Optional[str] = None,
                  eps: float = 0.0, input_shape: Optional[Sequence[int]] = None,
@@ -146,7 +151,7 @@ class PathSGD(torch.optim.Optimizer):
                                  "batch dimension).")
             input_shape = tuple(int(s) for s in input_shape)
 
-        model = unwrap_model(model)    # torch.compile, DataParallel, DDP share the parameters
+        model = self._unwrap(model)    # torch.compile, DataParallel, DDP share the parameters
         named = list(model.named_parameters())
         if not named:
             raise ValueError("Invalid model: it has no parameters.")
@@ -195,6 +200,9 @@ class PathSGD(torch.optim.Optimizer):
             shadow_params.get(n) for n in self._param_names]
         return inferred
 
+    def _record_size(self) -> int:
+        return 3 * len(self.param_groups[0]["params"])     # per parameter: see plan_update
+
     def _record(self) -> dict:
         return {INPUT_SHAPE: list(self._input_shape), "param_names": list(self._param_names)}
 
@@ -203,12 +211,6 @@ class PathSGD(torch.optim.Optimizer):
         state["_pathsgd_structure"] = {**self._record(), "shadow": self._shadow_model,
                                        "fused": self.fused, "strict": self.strict}
         return state
-
-    def add_param_group(self, param_group: dict) -> None:
-        if self.param_groups:
-            raise ValueError("PathSGD keeps all parameters of its model in one param group; "
-                             "add_param_group is not supported.")
-        super().add_param_group(param_group)
 
     def __setstate__(self, state: dict) -> None:
         structure = state.pop("_pathsgd_structure", None)
@@ -226,11 +228,6 @@ class PathSGD(torch.optim.Optimizer):
             group.setdefault(RESCALE, None)
             group.setdefault(MAXIMIZE, False)
             group.setdefault(INPUT_SHAPE, self._input_shape)
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state[STATE_RECORD] = self._record()
-        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by `state_dict()`; refuses one saved with another input shape or
@@ -250,7 +247,7 @@ class PathSGD(torch.optim.Optimizer):
                 if a != b:
                     raise ValueError(f"the state_dict's parameter {k} is '{a}', this PathSGD's "
                                      f"is '{b}': load it into a PathSGD built on the same model")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_RECORD})
+        super().load_state_dict(self._without_record(state_dict))
 
     def _check_group(self, group: dict) -> None:
         """Refuse param-group keys the step would ignore (SGD's momentum, nesterov, ...)."""
@@ -281,14 +278,11 @@ class PathSGD(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------------
     def step(self, closure: Optional[Callable[[], float]] = None):
         """One Path-SGD step. ``closure`` (optional) re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         group = self.param_groups[0]
         self._check_group(group)
         params = group["params"]
-        record = self._step_record_on(params[0].device)
+        record = self._record_on(params[0].device)
         if record.visible_failure():
             raise self._step_error()
         lr, eps, rescale = group[LR], group[EPS], group[RESCALE]
@@ -364,18 +358,6 @@ class PathSGD(torch.optim.Optimizer):
         slot = ratio if ratio is not None else torch.zeros((), dtype=torch.float64)
         self._native(ptrs, lr, eps, rescale, slot, record.status, record.diag, dtype)
         return True
-
-    def check_steps(self) -> None:
-        """Raise ``PathSGDStepError`` if a step since the last check failed (waits for the
-        device). The failed step and the steps after it wrote nothing; once raised, the record
-        is cleared and later steps write again."""
-        if self._step_record is not None and self._step_record.failed():
-            raise self._step_error()
-
-    def _step_record_on(self, device: torch.device) -> StepRecord:
-        if self._step_record is None or self._step_record.device != device:
-            self._step_record = StepRecord(device, 3 * len(self.param_groups[0]["params"]))
-        return self._step_record
 
     def _rescale_ratio(self, rescale, grads, updates, first_param, gate) -> torch.Tensor:
         state = self.state[first_param]
