@@ -56,7 +56,6 @@ order), sparse gradients.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -67,9 +66,9 @@ from ..pathnorm.squared_copy import build_squared_copy, needs_input_shape
 from . import fused_cpu
 from ._common import SGD_NEUTRAL, check_group_keys
 from .base import ModelOptimizer
-from .errors import StepError
+from .errors import PathSGDStepError
 from .step_record import StepRecord
-from .validation import check_lr, check_nonnegative
+from .validation import check_input_shape, check_lr, check_nonnegative
 
 __all__ = ["PathSGD", "PathSGDStepError", "needs_input_shape"]
 
@@ -82,12 +81,6 @@ _RESCALE_CHOICES = (None, "first", "every")
 INPUT_SHAPE = "input_shape"
 MAXIMIZE = "maximize"
 STATE_RECORD = "path_sgd"      # the structure record's key in state_dict()
-
-
-class PathSGDStepError(StepError):
-    """A Path-SGD step that would divide 0/0 or write non-finite weights; nothing was written.
-    `step` is the number of the failed `step()` call (1 = the first), `steps_after` the number of
-    calls after it before the error was raised (they wrote nothing either)."""
 
 
 class PathSGD(ModelOptimizer):
@@ -141,15 +134,7 @@ class PathSGD(ModelOptimizer):
         self.fused = fused
         self._native: Optional[fused_cpu.FusedPathStep] = None
         self._step_record: Optional[StepRecord] = None
-        if input_shape is not None:
-            if (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence)
-                    or len(input_shape) == 0
-                    or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
-                               for s in input_shape)):
-                raise ValueError(f"Invalid input_shape={input_shape!r}. Must be a non-empty "
-                                 "sequence of positive integers (the input shape without the "
-                                 "batch dimension).")
-            input_shape = tuple(int(s) for s in input_shape)
+        input_shape = check_input_shape(input_shape)
 
         model = self._unwrap(model)    # torch.compile, DataParallel, DDP share the parameters
         named = list(model.named_parameters())
