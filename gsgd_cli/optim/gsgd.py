@@ -18,7 +18,7 @@ closed-form update of `gsgd_cli.gspace.update`: plain SGD on the values of the b
 fixed. Parameters outside every chain block take a plain SGD step with the same learning
 rate; `describe()` lists them with the reason, and construction says how much is covered.
 A step plans every block (nothing written), checks them all on the device and applies them, the
-writes gated by the check; on the CPU the same step runs in one fused kernel (`fused_cpu`).
+writes gated by the check; on the CPU the same step runs in one fused kernel (`native/gsgd.py`).
 Nothing in `step()` waits for the device unless `strict=True`; a failed check is raised by
 `check_steps()` or a later `step()` (`step_record`).
 
@@ -48,14 +48,13 @@ from ..gspace.coverage import (BLOCK_SPLITS, VALLEY_MODES, Coverage, coverage_re
 from ..gspace.skeleton import build_skeleton
 from ..gspace.skeleton_init import SKELETON_INITS, init_skeleton
 from ..gspace.update import StepOptions
-from . import fused_cpu
 from ._common import SGD_NEUTRAL, check_group_keys
 from .base import ModelOptimizer
 from .errors import GSGDStepError, GSGDWarning
-from .gsgd_blocks import BlockPlan, BlockRecord
+from .gsgd_blocks import BlockPlan, BlockRecord, momentum_buffer
 from .gsgd_diag import diagnose, step_error
 from .gsgd_eager import apply_all, plan_all, sgd_outside
-from .gsgd_fused import fused_step
+from .native.gsgd import FusedCPUStep, diag_size, fused_step
 from .step_record import StepRecord
 from .validation import check_input_shape, check_lr, check_nonnegative
 
@@ -112,7 +111,7 @@ class GSGD(ModelOptimizer):
             plain network from stem to classifier. `"stage"`: one block per run of
             equal-width layers (per stage, as the published code does); the layers that change
             the width (stem, stride-2 transitions, classifier) then take plain SGD.
-        fused: `None` (default): the fused CPU kernel (`fused_cpu.py`: one read and one write
+        fused: `None` (default): the fused CPU kernel (`native/gsgd.py`: one read and one write
             pass per layer, compiled on first use) for float32/float64 models on the CPU, the
             eager step elsewhere. `True`: the same (with a warning if the kernel cannot be
             built); `False`: always the eager step, the readable reference of
@@ -239,7 +238,7 @@ class GSGD(ModelOptimizer):
         self._outside = [p for p in params if id(p) not in in_blocks]
         self._block_params = [p for plan in self._plans for p in plan.params]
         self._step_record: StepRecord | None = None    # laid out for these plans
-        self._native: fused_cpu.FusedCPUStep | None = None
+        self._native: FusedCPUStep | None = None
 
     def _plan(self, number: int, record: BlockRecord, params: list[nn.Parameter]) -> BlockPlan:
         block = record.layout
@@ -322,7 +321,7 @@ class GSGD(ModelOptimizer):
         return text[:-1] + f"    fused: {self.fused}\n    strict: {self.strict}\n)"
 
     def _record_size(self) -> int:
-        return fused_cpu.diag_size([len(plan.weights) for plan in self._plans],
+        return diag_size([len(plan.weights) for plan in self._plans],
                                    len(self._outside))
 
     def _record(self) -> dict:
@@ -435,7 +434,8 @@ class GSGD(ModelOptimizer):
     # -- the fused CPU step ----------------------------------------------------------------------
     def _fused_step(self, options: StepOptions, record: StepRecord, maximize: bool) -> bool:
         """The whole step in the fused CPU kernel; False when it does not apply."""
-        return fused_step(self, options, record, maximize)
+        return fused_step(self, options, record, maximize,
+                          lambda p: momentum_buffer(self.state, p))
 
     def _step_error(self) -> GSGDStepError:
         """The recorded failure as an exception (and the record cleared)."""

@@ -2,7 +2,7 @@
 values: n "weight gradient not finite", n "bias gradient not finite", "a pivot failed", the
 first failed pivot, its ratio, then n "update not finite"; then one "gradient not finite" per
 parameter outside the blocks) and the one-line error decoded from it. The fused kernel writes
-the same layout (`fused_cpu.diag_size`, `native/fused_steps.cpp`)."""
+the same layout (`native/gsgd.py`, `native/gsgd_step.cpp`)."""
 from __future__ import annotations
 
 import torch

@@ -63,10 +63,10 @@ from torch import nn
 
 from ..pathnorm import step as F_path
 from ..pathnorm.squared_copy import build_squared_copy, needs_input_shape
-from . import fused_cpu
 from ._common import SGD_NEUTRAL, check_group_keys
 from .base import ModelOptimizer
 from .errors import PathSGDStepError
+from .native.path_sgd import FusedPathStep, fused_step
 from .step_record import StepRecord
 from .validation import check_input_shape, check_lr, check_nonnegative
 
@@ -98,7 +98,7 @@ class PathSGD(ModelOptimizer):
         strict: ``False`` (default): the guard runs on the device and a failed step is raised
             later (``check_steps()`` or the next ``step``); ``True``: every step waits for it.
         fused: ``None`` (default) / ``True``: on the CPU (float32/float64), the division, the
-            guard and the update run in one kernel (``fused_cpu``: one read and one write pass
+            guard and the update run in one kernel (``native/path_sgd.py``: one read and one write pass
             per parameter); ``False``: always the tensor operations of ``step``. Same result.
         maximize: Path-SGD on ``-loss``, as ``torch.optim.SGD``'s flag.
 
@@ -132,7 +132,7 @@ class PathSGD(ModelOptimizer):
             raise ValueError(f"Invalid fused={fused!r}. Must be None, True or False.")
         self.strict = strict
         self.fused = fused
-        self._native: Optional[fused_cpu.FusedPathStep] = None
+        self._native: Optional[FusedPathStep] = None
         self._step_record: Optional[StepRecord] = None
         input_shape = check_input_shape(input_shape)
 
@@ -312,37 +312,7 @@ class PathSGD(ModelOptimizer):
     def _fused_step(self, params, kappas, record: StepRecord, lr, eps, rescale) -> bool:
         """The division, guard and update in the fused CPU kernel; False when it does not
         apply (then the tensor operations run)."""
-        if self.fused is False or record.device.type != "cpu":
-            return False
-        dtype = params[0].dtype
-        if self._native is None:
-            lib = (fused_cpu.library() if fused_cpu.FusedCPUStep.supports(list(params))
-                   else None)
-            if lib is None:
-                self.fused = False
-                return False
-            self._native = fused_cpu.FusedPathStep(lib, list(params))
-        ptrs = []
-        for p, k in zip(params, kappas):
-            g = p.grad
-            if g is None:
-                ptrs += [p.data_ptr(), 0, 0]
-                continue
-            if not (p.dtype == g.dtype == k.dtype == dtype and p.device.type == "cpu"
-                    and g.is_contiguous() and k.is_contiguous() and p.is_contiguous()):
-                return False
-            ptrs += [p.data_ptr(), g.data_ptr(), k.data_ptr()]
-        state = self.state[params[0]]
-        ratio = None
-        if rescale == "first":
-            ratio = state.get(RESCALE_RATIO)
-            if ratio is None or ratio.dtype != torch.float64 or ratio.device.type != "cpu":
-                ratio = torch.full((), float("nan"), dtype=torch.float64) if ratio is None \
-                    else ratio.detach().to("cpu", torch.float64).clone()
-                state[RESCALE_RATIO] = ratio
-        slot = ratio if ratio is not None else torch.zeros((), dtype=torch.float64)
-        self._native(ptrs, lr, eps, rescale, slot, record.status, record.diag, dtype)
-        return True
+        return fused_step(self, params, kappas, record, lr, eps, rescale)
 
     def _rescale_ratio(self, rescale, grads, updates, first_param, gate) -> torch.Tensor:
         state = self.state[first_param]
