@@ -44,11 +44,13 @@ from torch import fx, nn
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
+from ..graph.ops import Op, module_op
 from .joins import data_users, follow
+
+_BN_OPS = (Op.BATCH_NORM_1D, Op.BATCH_NORM_2D)
 
 BN_MODES = ("approx", "split")
 _LAYER_TYPES = (nn.Linear, nn.Conv2d)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 class ModelNotTraceable(ValueError):
@@ -316,7 +318,7 @@ def find_chain_blocks(model: nn.Module, bn: str = "approx",
             last_users = data_users(chain[-1])      # batch norm right after the last layer
             bn_after[-1] = bn == "approx" and len(last_users) == 1 and (
                 last_users[0].op == "call_module"
-                and type(modules[last_users[0].target]) in _BN_TYPES)
+                and module_op(modules[last_users[0].target], exact=True) in _BN_OPS)
             blocks.append(ChainBlock([c.target for c in chain], [modules[c.target] for c in chain],
                                      bn_after))
     in_block = {id(p) for b in blocks for m in b.modules for p in m.parameters()}

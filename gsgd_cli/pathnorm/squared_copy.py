@@ -48,29 +48,23 @@ whether it must pass ``input_shape``.
 from __future__ import annotations
 
 import copy
-import operator
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..graph.ops import FUNCTION_OPS, METHOD_OPS, NORM_OPS, Op, module_op
+
 __all__ = ["build_squared_copy", "needs_input_shape", "trace"]
 
-_PARAM_LAYERS = (nn.Linear, nn.Conv2d)
-_PASS_MODULES = (nn.ReLU, nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-                 nn.Dropout3d)
-_NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
-                 nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
-_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
-              nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_PASS_FUNCTIONS = (F.relu, torch.relu, torch.flatten)
-_DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
-_PASS_METHODS = ("relu", "relu_", "flatten", "view", "reshape", "size", "dim", "contiguous")
-# Operations allowed between the input and the first Linear when input_shape is inferred.
-_FLAT_SAFE_MODULES = (nn.ReLU, nn.Flatten, nn.Identity, nn.Dropout)
-_FLAT_SAFE_FUNCTIONS = (F.relu, torch.relu, torch.flatten, F.dropout)
-_FLAT_SAFE_METHODS = ("relu", "relu_", "flatten")
+# Path-SGD's policy over the kinds of `graph.ops`: what passes unchanged into the squared copy
+# (on its all-ones input every value is >= 0, so ReLU passes everything), and what may stand
+# between the input and the first Linear when input_shape is inferred (keeps a flat layout).
+_PASS = frozenset({Op.RELU, Op.FLATTEN, Op.IDENTITY, Op.DROPOUT, Op.DROPOUT_ND})
+_PASS_METHODS = frozenset({Op.RELU, Op.FLATTEN, Op.RESHAPE, Op.METADATA, Op.IDENTITY})
+_FLAT_SAFE = frozenset({Op.RELU, Op.FLATTEN, Op.IDENTITY, Op.DROPOUT})
+_MAX_POOLS = frozenset({Op.MAX_POOL_2D, Op.MAX_POOL_ND})
 
 
 def _first_argument(x, *args, **kwargs):
@@ -241,18 +235,19 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
                 "(outside nn.Linear/nn.Conv2d) are not supported")
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, _NORM_MODULES):
+            kind, exact = module_op(mod), module_op(mod, exact=True)
+            if kind in NORM_OPS:
                 raise _unsupported(
                     f"normalisation: module '{node.target}' ({type(mod).__name__})",
                     "its output is not a sum over paths of weight products, so the "
                     "squared-weight construction does not give the path norm; remove it or use "
                     "another optimizer")
-            if isinstance(mod, _MAX_POOLS):
+            if kind in _MAX_POOLS:
                 raise _unsupported(
                     f"max pooling: module '{node.target}' ({type(mod).__name__})",
                     "which input it passes depends on the data, so it has no fixed path "
                     "structure; use average pooling or a strided convolution")
-            if type(mod) in _PARAM_LAYERS:
+            if exact is Op.LAYER:
                 if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
                     raise _unsupported(
                         f"module '{node.target}' (Conv2d, padding_mode={mod.padding_mode!r})",
@@ -271,8 +266,8 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
                     inferred = (mod.in_features,)
                 layer_nodes.append(node)
                 continue
-            if type(mod) in _PASS_MODULES:
-                if not isinstance(mod, _FLAT_SAFE_MODULES):
+            if exact in _PASS:
+                if exact not in _FLAT_SAFE:
                     flat_safe_prefix = False
                 continue
             if type(mod) is nn.AvgPool2d:
@@ -296,15 +291,16 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
             flat_safe_prefix = False
             continue
         if node.op == "call_function":
-            if node.target in _DROPOUT_FUNCTIONS:
+            kind = FUNCTION_OPS.get(node.target, Op.OTHER)
+            if kind in (Op.DROPOUT, Op.DROPOUT_ND):
                 # F.dropout(x, p) defaults to training=True: make it the identity in the copy.
                 node.target = _first_argument
                 continue
-            if node.target in _PASS_FUNCTIONS:
-                if node.target not in _FLAT_SAFE_FUNCTIONS:
+            if kind in (Op.RELU, Op.FLATTEN, Op.RESHAPE):
+                if kind not in _FLAT_SAFE:
                     flat_safe_prefix = False
                 continue
-            if node.target in (operator.add, torch.add):
+            if kind is Op.ADD:
                 _check_tensor_sum(node)
                 flat_safe_prefix = False
                 continue
@@ -312,7 +308,7 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
                 node.target = _sq_avg_pool2d
             elif node.target is F.adaptive_avg_pool2d:
                 node.target = _sq_adaptive_avg_pool2d
-            elif node.target is torch.mean:
+            elif kind is Op.MEAN:
                 node.target = _sq_mean
             else:
                 raise _unsupported(_describe(node), "only ReLU, flatten, dropout, average "
@@ -320,15 +316,16 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
             flat_safe_prefix = False
             continue
         if node.op == "call_method":
-            if node.target in _PASS_METHODS:
-                if node.target not in _FLAT_SAFE_METHODS:
+            kind = METHOD_OPS.get(node.target, Op.OTHER)
+            if kind in _PASS_METHODS:
+                if kind not in _FLAT_SAFE or kind is Op.IDENTITY:
                     flat_safe_prefix = False
                 continue
-            if node.target == "add":
+            if kind is Op.ADD:
                 _check_tensor_sum(node)
                 flat_safe_prefix = False
                 continue
-            if node.target == "mean":
+            if kind is Op.MEAN:
                 # x.mean(dims) -> _sq_mean(x, dims)
                 node.op = "call_function"
                 node.target = _sq_mean
