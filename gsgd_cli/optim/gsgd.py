@@ -10,17 +10,16 @@ Usage::
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-The optimizer takes the model, not a parameter list: it traces the model to find its chain
-blocks (`gsgd_cli.gspace.blocks`, `joins`; split and checked by `gsgd_cli.gspace.coverage`),
-builds the skeleton of each (`gsgd_cli.gspace.skeleton`) once, and every `step()` runs the
-closed-form update of `gsgd_cli.gspace.update`: plain SGD on the values of the basis paths
-(the coordinates of G-space), mapped back to the weights with the free skeleton weights held
-fixed. Parameters outside every chain block take a plain SGD step with the same learning
-rate; `describe()` lists them with the reason, and construction says how much is covered.
-A step plans every block (nothing written), checks them all on the device and applies them, the
-writes gated by the check; on the CPU the same step runs in one fused kernel (`native/gsgd.py`).
-Nothing in `step()` waits for the device unless `strict=True`; a failed check is raised by
-`check_steps()` or a later `step()` (`step_record`).
+The optimizer takes the model, not a parameter list: it traces the model once to find its
+chain blocks (`gspace.blocks`, `joins`, `coverage`, over the table `graph.ops`) and builds each
+block's skeleton (`gspace.skeleton`). This class holds options, state and dispatch only (its
+base, `optim.base.ModelOptimizer`, the plumbing); `step()` runs plain SGD on the values of the
+basis paths (the coordinates of G-space, `gspace.update`), mapped back to the weights with the
+free skeleton weights fixed: eagerly (`gsgd_eager`: plan every block, check on the device with
+`gsgd_diag`, apply gated by the check) or, on the CPU, in one fused kernel (`native/gsgd.py`).
+Parameters outside every chain block take a plain SGD step with the same learning rate;
+`describe()` lists them with the reason. Nothing in `step()` waits for the device unless
+`strict=True`; a failed check is raised by `check_steps()` or a later `step()`.
 
 Symbols of the paper and their arguments: `eta_t` is `lr` (per step, so schedulers work);
 the skeleton weights' initial value 1 is `skeleton_init="one"`; `"keep"` keeps the model's
@@ -42,7 +41,6 @@ import torch
 from torch import nn
 
 from ..gspace.blocks import BlockLayout
-from ..gspace.conditioning import step_range
 from ..gspace.coverage import (BLOCK_SPLITS, VALLEY_MODES, Coverage, coverage_reasons,
                                coverage_summary, format_coverage, plan_blocks)
 from ..gspace.skeleton import build_skeleton
@@ -51,7 +49,8 @@ from ..gspace.update import StepOptions
 from ._common import SGD_NEUTRAL, check_group_keys
 from .base import ModelOptimizer
 from .errors import GSGDStepError, GSGDWarning
-from .gsgd_blocks import BlockPlan, BlockRecord, momentum_buffer
+from .gsgd_blocks import (BlockPlan, BlockRecord, check_record, momentum_buffer,
+                          step_range_problems)
 from .gsgd_diag import diagnose, step_error
 from .gsgd_eager import apply_all, plan_all, sgd_outside
 from .native.gsgd import FusedCPUStep, diag_size, fused_step
@@ -60,9 +59,6 @@ from .validation import check_input_shape, check_lr, check_nonnegative
 
 BN_OPTIONS = ("approx", "approx_per_tap", "split")
 
-
-# Options that shape the blocks at construction: recorded in state_dict(), fixed afterwards.
-STRUCTURE_KEYS = ("skeleton_init", "bn", "block_split", "valleys", "input_shape")
 # Keys of the param group that every step reads.
 STEP_KEYS = frozenset({"lr", "momentum", "weight_decay", "bpr", "min_pivot_ratio", "maximize"})
 STATE_RECORD = "gsgd"           # the structure record's key in state_dict()
@@ -225,7 +221,7 @@ class GSGD(ModelOptimizer):
                           "function now. To keep a loaded or pretrained model's weights pass "
                           "skeleton_init='keep', or build GSGD before loading the checkpoint",
                           GSGDWarning, stacklevel=2)
-        for problem in self._step_range_problems():
+        for problem in step_range_problems(self._plans, self._structure["skeleton_init"]):
             warnings.warn(problem, GSGDWarning, stacklevel=2)
 
     # -- blocks -------------------------------------------------------------------------------
@@ -259,27 +255,6 @@ class GSGD(ModelOptimizer):
                                 plan.block.bn_approx)
         plan.write_back(weights)
         return changed
-
-    def _step_range_problems(self) -> list[str]:
-        """Blocks whose steps the parameters' dtype cannot represent (see conditioning.py)."""
-        problems = []
-        for plan in self._plans:
-            weights = plan.weights
-            if weights[0].device.type == "meta":      # no values to check
-                continue
-            found = step_range(plan.skeleton, plan.index_on(weights[0].device),
-                               weights).problem(weights[0].dtype)
-            if found:
-                names = plan.block.names
-                where = (f"{names[0]} -> ... -> {names[-1]} ({len(names)} layers)"
-                         if len(names) > 3 else " -> ".join(names))
-                advice = ("skeleton_init='one' keeps the products near 1" if
-                          self._structure["skeleton_init"] != "one" else
-                          "shorter blocks (block_split='stage') or float64 keep them in range")
-                problems.append(f"GSGD: in chain block {where} the products s of skeleton "
-                                f"weights along the chains make a step impossible: {found}; "
-                                f"{advice} (README, Known limits)")
-        return problems
 
     def describe(self) -> str:
         """The full coverage table: every chain block (widths, pivot layer, m, H), every
@@ -321,8 +296,7 @@ class GSGD(ModelOptimizer):
         return text[:-1] + f"    fused: {self.fused}\n    strict: {self.strict}\n)"
 
     def _record_size(self) -> int:
-        return diag_size([len(plan.weights) for plan in self._plans],
-                                   len(self._outside))
+        return diag_size([len(plan.weights) for plan in self._plans], len(self._outside))
 
     def _record(self) -> dict:
         """The structure: options, blocks found at construction, blocks demoted since."""
@@ -371,31 +345,11 @@ class GSGD(ModelOptimizer):
                           "version): its block layout cannot be checked", GSGDWarning,
                           stacklevel=2)
         else:
-            self._check_record(record)
+            check_record(self._structure, self._blocks, record)
         super().load_state_dict(self._without_record(state_dict))
         if record is not None and list(record["demoted"]) != self._demoted:
             self._demoted = list(record["demoted"])
             self._activate()
-
-    def _check_record(self, record: dict) -> None:
-        for key, mine in self._structure.items():
-            saved = record["options"].get(key)
-            if saved != mine:
-                raise ValueError(f"the state_dict was saved by GSGD with {key}={saved!r}, this "
-                                 f"GSGD has {key}={mine!r}: build it with {key}={saved!r} to "
-                                 "load this state")
-        mine = [b.record() for b in self._blocks]
-        saved = list(record["blocks"])
-        for k in range(max(len(mine), len(saved))):
-            a = saved[k] if k < len(saved) else None
-            b = mine[k] if k < len(mine) else None
-            if a != b:
-                def show(r):
-                    return "none" if r is None else " -> ".join(r["names"])
-                raise ValueError(f"the state_dict's G-SGD blocks differ from this GSGD's: "
-                                 f"block {k + 1} is {show(a)} there and {show(b)} here (or its "
-                                 "widths or parameters differ); load it into a GSGD built on "
-                                 "the same model with the same options")
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from ..gspace.batchnorm import scale_grads_for_bn
+from ..gspace.conditioning import step_range
 from ..gspace.blocks import BlockLayout
 from ..gspace.skeleton import ChainSkeleton
 from ..gspace.update import ChainIndex, Workspace
 
-__all__ = ["BlockRecord", "BlockPlan", "momentum_buffer"]
+__all__ = ["BlockRecord", "BlockPlan", "momentum_buffer", "check_record", "step_range_problems"]
 
 
 @dataclass
@@ -86,3 +87,49 @@ def momentum_buffer(state, param: Tensor) -> Tensor:
     if "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
     return state["momentum_buffer"]
+
+
+def check_record(options: dict, blocks: list[BlockRecord], record: dict) -> None:
+    """Refuse a saved structure record of other options or another block layout (one
+    ValueError naming the option or the first differing block)."""
+    for key, mine in options.items():
+        saved = record["options"].get(key)
+        if saved != mine:
+            raise ValueError(f"the state_dict was saved by GSGD with {key}={saved!r}, this "
+                             f"GSGD has {key}={mine!r}: build it with {key}={saved!r} to "
+                             "load this state")
+    mine = [b.record() for b in blocks]
+    saved = list(record["blocks"])
+    for k in range(max(len(mine), len(saved))):
+        a = saved[k] if k < len(saved) else None
+        b = mine[k] if k < len(mine) else None
+        if a != b:
+            def show(r):
+                return "none" if r is None else " -> ".join(r["names"])
+            raise ValueError(f"the state_dict's G-SGD blocks differ from this GSGD's: "
+                             f"block {k + 1} is {show(a)} there and {show(b)} here (or its "
+                             "widths or parameters differ); load it into a GSGD built on "
+                             "the same model with the same options")
+
+
+def step_range_problems(plans: list[BlockPlan], skeleton_init: str) -> list[str]:
+    """A warning for each block whose steps the parameters' dtype cannot represent
+    (`gspace.conditioning`)."""
+    problems = []
+    for plan in plans:
+        weights = plan.weights
+        if weights[0].device.type == "meta":      # no values to check
+            continue
+        found = step_range(plan.skeleton, plan.index_on(weights[0].device),
+                           weights).problem(weights[0].dtype)
+        if found:
+            names = plan.block.names
+            where = (f"{names[0]} -> ... -> {names[-1]} ({len(names)} layers)"
+                     if len(names) > 3 else " -> ".join(names))
+            advice = ("skeleton_init='one' keeps the products near 1" if
+                      skeleton_init != "one" else
+                      "shorter blocks (block_split='stage') or float64 keep them in range")
+            problems.append(f"GSGD: in chain block {where} the products s of skeleton "
+                            f"weights along the chains make a step impossible: {found}; "
+                            f"{advice} (README, Known limits)")
+    return problems

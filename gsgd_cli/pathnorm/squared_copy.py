@@ -55,8 +55,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..graph.ops import FUNCTION_OPS, METHOD_OPS, NORM_OPS, Op, module_op
+from ..graph.trace import trace
 
-__all__ = ["build_squared_copy", "needs_input_shape", "trace"]
+__all__ = ["build_squared_copy", "needs_input_shape"]
 
 # Path-SGD's policy over the kinds of `graph.ops`: what passes unchanged into the squared copy
 # (on its all-ones input every value is >= 0, so ReLU passes everything), and what may stand
@@ -197,13 +198,9 @@ def _check_tensor_sum(node: fx.Node) -> None:
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # noqa: BLE001 - re-raised with context
-        raise ValueError(
-            f"PathSGD could not trace the model with torch.fx ({type(exc).__name__}: {exc}). "
-            "Path-SGD supports Linear/Conv2d layers joined by ReLU, flatten, average pooling, "
-            "dropout and residual sums, written without data-dependent control flow.") from exc
+    return trace(model, "Path-SGD supports Linear/Conv2d layers joined by ReLU, flatten, average "
+                        "pooling, dropout and residual sums, written without data-dependent "
+                        "control flow.", who="PathSGD")
 
 
 def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional[tuple]]:
@@ -346,11 +343,6 @@ def needs_input_shape(model: nn.Module) -> bool:
     gm = _trace(copy.deepcopy(model).eval())
     _, inferred = _check_and_square_pools(gm)
     return inferred is None
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """The model traced with torch.fx (one `ValueError` saying why when it cannot be)."""
-    return _trace(model)
 
 
 def build_squared_copy(shadow: nn.Module) -> tuple[fx.GraphModule, Optional[tuple]]:
