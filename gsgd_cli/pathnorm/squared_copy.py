@@ -48,6 +48,7 @@ whether it must pass ``input_shape``.
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Callable, Optional
 
 import torch
@@ -57,7 +58,7 @@ from torch import fx, nn
 from ..graph.ops import FUNCTION_OPS, METHOD_OPS, NORM_OPS, Op, module_op
 from ..graph.trace import trace
 
-__all__ = ["build_squared_copy", "needs_input_shape"]
+__all__ = ["build_squared_copy", "needs_input_shape", "take_squared_weights"]
 
 # Path-SGD's policy over the kinds of `graph.ops`: what passes unchanged into the squared copy
 # (on its all-ones input every value is >= 0, so ReLU passes everything), and what may stand
@@ -352,3 +353,44 @@ def build_squared_copy(shadow: nn.Module) -> tuple[fx.GraphModule, Optional[tupl
     gm = _trace(shadow)
     _, inferred = _check_and_square_pools(gm)
     return gm, inferred
+
+
+def take_squared_weights(gm: fx.GraphModule, param_names: list[str]) -> list[int]:
+    """Rewrite the squared copy `gm` (in place) so that its layers read their weights from a
+    second input instead of their parameters: ``gm(x, squared)`` with ``squared[j]`` the
+    squared model parameter ``param_names[used[j]]``; returns `used`. Each
+    ``nn.Linear``/``nn.Conv2d`` call becomes the same ``F.linear``/``F.conv2d`` call its
+    ``forward`` makes, so the copy computes exactly what it computed with squared parameters,
+    without a copy of the weights into it each step (the layer modules are dropped)."""
+    graph = gm.graph
+    first = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(first):
+        squared = graph.placeholder("squared")
+    position = {name: k for k, name in enumerate(param_names)}
+    used: list[int] = []
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if module_op(module, exact=True) is not Op.LAYER:
+            continue
+        x = node.args[0] if node.args else node.kwargs["input"]
+        with graph.inserting_before(node):
+            tensors = []
+            for name in ("weight", "bias"):
+                if getattr(module, name) is None:
+                    tensors.append(None)
+                    continue
+                used.append(position[f"{node.target}.{name}"])
+                tensors.append(graph.call_function(operator.getitem, (squared, len(used) - 1)))
+            if isinstance(module, nn.Linear):
+                new = graph.call_function(F.linear, (x, *tensors))
+            else:
+                new = graph.call_function(F.conv2d, (x, *tensors, module.stride, module.padding,
+                                                     module.dilation, module.groups))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return used
