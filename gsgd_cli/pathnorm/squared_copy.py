@@ -8,10 +8,11 @@ pooling by one with squared coefficients. `needs_input_shape(model)` says whethe
 can be inferred (a first `nn.Linear` reached through flatten/ReLU/dropout only).
 
 How kappa is computed, every step, for all edges at once: at construction the network is copied
-once (``copy.deepcopy``) and traced with ``torch.fx``; each step the copy's parameters are set to
-``w**2`` (biases to ``b**2``), an all-ones input of shape ``(1, *input_shape)`` is fed through it,
-the outputs are summed and ``torch.autograd.grad`` of that sum with respect to the copy's
-parameters gives kappa (fresh each step, never accumulated). Every activation of the copy is
+once (``copy.deepcopy``), traced with ``torch.fx`` and rewritten so that its layers read their
+weights from an input (`take_squared_weights`); each step ``w**2`` (biases ``b**2``) and an
+all-ones input of shape ``(1, *input_shape)`` are fed through it, the outputs are summed and
+``torch.autograd.grad`` of that sum with respect to the squared weights gives kappa (fresh each
+step, never accumulated; `step.kappa`). Every activation of the copy is
 >= 0 on that input, so ReLU passes everything and the sum is phi(w)^2. A bias is an edge from a
 constant-1 unit; its kappa is gamma_out^2 of its unit. A convolution kernel element is one edge
 per position it is applied at; its kappa is the sum over those positions (zero padding
