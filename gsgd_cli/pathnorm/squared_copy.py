@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..graph.layers import read_layers
 from ..graph.ops import FUNCTION_OPS, METHOD_OPS, NORM_OPS, Op, module_op
 from ..graph.trace import trace
 
@@ -205,7 +206,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
                         "control flow.", who="PathSGD")
 
 
-def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional[tuple]]:
+def _check_and_square_pools(gm: fx.GraphModule,
+                            model: nn.Module) -> tuple[list[fx.Node], Optional[tuple]]:
     """Validate every node of the traced copy; replace poolings by squared-coefficient ones.
 
     Returns the parameterised-layer nodes in graph order and the inferred input shape (or None).
@@ -215,8 +217,9 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
         raise _unsupported("this model", f"its forward takes {len(placeholders)} inputs; "
                                          "exactly one input tensor is supported")
     layer_nodes: list[fx.Node] = []
+    layers = read_layers(gm, model)
     seen_modules: set[str] = set()
-    seen_params: dict[int, str] = {}
+    seen_params: set[str] = set()      # "layer.weight" of the layers met so far
     flat_safe_prefix = True
     inferred: Optional[tuple] = None
     n_pool = 0
@@ -247,20 +250,22 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
                     "which input it passes depends on the data, so it has no fixed path "
                     "structure; use average pooling or a strided convolution")
             if exact is Op.LAYER:
-                if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+                facts = layers[node.target]
+                if facts.padding_mode != "zeros":
                     raise _unsupported(
-                        f"module '{node.target}' (Conv2d, padding_mode={mod.padding_mode!r})",
+                        f"module '{node.target}' (Conv2d, padding_mode={facts.padding_mode!r})",
                         "only padding_mode='zeros' is supported")
                 if node.target in seen_modules:
                     raise _unsupported(f"module '{node.target}' ({type(mod).__name__})",
                                        "it is applied more than once in forward")
                 seen_modules.add(node.target)
-                for pname, p in mod.named_parameters(recurse=False):
-                    if id(p) in seen_params:
-                        raise _unsupported(
-                            f"module '{node.target}' ({type(mod).__name__})",
-                            f"its {pname} is shared with '{seen_params[id(p)]}'")
-                    seen_params[id(p)] = f"{node.target}.{pname}"
+                for pname, others in facts.shared:
+                    earlier = [o for o in others if o in seen_params]
+                    if earlier:
+                        raise _unsupported(f"module '{node.target}' ({type(mod).__name__})",
+                                           f"its {pname} is shared with '{earlier[0]}'")
+                seen_params.update(f"{node.target}.{pname}"
+                                   for pname, _ in mod.named_parameters(recurse=False))
                 if not layer_nodes and flat_safe_prefix and isinstance(mod, nn.Linear):
                     inferred = (mod.in_features,)
                 layer_nodes.append(node)
@@ -342,8 +347,9 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
 
 def needs_input_shape(model: nn.Module) -> bool:
     """True when ``PathSGD(model, ...)`` needs an explicit ``input_shape`` (conv nets)."""
-    gm = _trace(copy.deepcopy(model).eval())
-    _, inferred = _check_and_square_pools(gm)
+    shadow = copy.deepcopy(model).eval()
+    gm = _trace(shadow)
+    _, inferred = _check_and_square_pools(gm, shadow)
     return inferred is None
 
 
@@ -352,7 +358,7 @@ def build_squared_copy(shadow: nn.Module) -> tuple[fx.GraphModule, Optional[tupl
     check every node and square its poolings. Returns the traced copy and the inferred input
     shape (None when the model does not tell it)."""
     gm = _trace(shadow)
-    _, inferred = _check_and_square_pools(gm)
+    _, inferred = _check_and_square_pools(gm, shadow)
     return gm, inferred
 
 
