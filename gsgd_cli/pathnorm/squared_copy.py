@@ -1,11 +1,9 @@
 """The squared-weight copy of a ReLU network, whose gradient on an all-ones input is Path-SGD's
 kappa (the update rule is in `gsgd_cli.optim.path_sgd`; the supported networks are listed below).
 
-`build_squared_copy(model)` traces a copy of the model with torch.fx, refuses every operation
-whose output is not a sum over paths of weight products (normalisation, max pooling, anything
-unknown: one `ValueError` naming it), makes dropout the identity and replaces each average
-pooling by one with squared coefficients. `needs_input_shape(model)` says whether the input shape
-can be inferred (a first `nn.Linear` reached through flatten/ReLU/dropout only).
+`build_squared_copy(model)` traces a copy, refuses every operation whose output is not a sum over
+paths of weight products (one `ValueError` naming it), makes dropout the identity and squares
+each average pooling's coefficients; `needs_input_shape(model)`: whether input_shape is needed.
 
 How kappa is computed, every step, for all edges at once: at construction the network is copied
 once (``copy.deepcopy``), traced with ``torch.fx`` and rewritten so that its layers read their
