@@ -48,15 +48,16 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from ..graph.layers import read_layers
 from ..graph.ops import FUNCTION_OPS, METHOD_OPS, NORM_OPS, Op, module_op
 from ..graph.trace import trace
+from .pooling import (SquaredAdaptiveAvgPool2d, SquaredAvgPool2d, sq_adaptive_avg_pool2d,
+                      sq_avg_pool2d, sq_mean)
 
 __all__ = ["build_squared_copy", "needs_input_shape", "take_squared_weights"]
 
@@ -72,105 +73,6 @@ _MAX_POOLS = frozenset({Op.MAX_POOL_2D, Op.MAX_POOL_ND})
 def _first_argument(x, *args, **kwargs):
     """Identity (dropout in the squared-weight copy)."""
     return x
-
-
-# --------------------------------------------------------------------------------------------
-# Pooling with squared coefficients (used only inside the squared-weight copy).
-# --------------------------------------------------------------------------------------------
-class _CoefCache:
-    """Per (input spatial size, device, dtype) cache of a pooling's per-output coefficient."""
-
-    def __init__(self, make: Callable[[int, int, torch.device, torch.dtype], torch.Tensor]):
-        self._make = make
-        self._cache: dict = {}
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape[-2:]), x.device, x.dtype)
-        if key not in self._cache:
-            self._cache[key] = self._make(x.shape[-2], x.shape[-1], x.device, x.dtype)
-        return self._cache[key]
-
-
-def _avg_pool2d_coef(kwargs: dict) -> _CoefCache:
-    """Coefficient of each output of ``F.avg_pool2d(**kwargs)``: 1 / its divisor.
-
-    avg_pool2d(ones) = n_valid / divisor and the same pooling with ``divisor_override=1`` gives
-    n_valid, so their ratio is 1 / divisor for every padding / ceil_mode / count_include_pad /
-    divisor_override combination.
-    """
-    def make(h, w, device, dtype):
-        ones = torch.ones(1, 1, h, w, device=device, dtype=dtype)
-        mean = F.avg_pool2d(ones, **kwargs)
-        total = F.avg_pool2d(ones, **{**kwargs, "divisor_override": 1})
-        return mean / total
-    return _CoefCache(make)
-
-
-def _adaptive_windows(n: int, out: int) -> torch.Tensor:
-    idx = torch.arange(out, dtype=torch.int64)
-    start = torch.div(idx * n, out, rounding_mode="floor")
-    end = -torch.div(-(idx + 1) * n, out, rounding_mode="floor")  # ceil((i+1) n / out)
-    return end - start
-
-
-def _adaptive_avg_pool2d_coef() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    cache: dict = {}
-
-    def coef(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape[-2:]), tuple(y.shape[-2:]), x.device, x.dtype)
-        if key not in cache:
-            sh = _adaptive_windows(x.shape[-2], y.shape[-2])
-            sw = _adaptive_windows(x.shape[-1], y.shape[-1])
-            cache[key] = (1.0 / (sh[:, None] * sw[None, :]).to(torch.float64)).to(
-                device=x.device, dtype=x.dtype)
-        return cache[key]
-    return coef
-
-
-class _SquaredAvgPool2d(nn.Module):
-    """``AvgPool2d`` whose coefficients are squared: output * (1 / divisor)."""
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.kwargs = kwargs
-        self._coef = _avg_pool2d_coef(kwargs)
-
-    def forward(self, x):
-        return F.avg_pool2d(x, **self.kwargs) * self._coef(x)
-
-
-class _SquaredAdaptiveAvgPool2d(nn.Module):
-    """``AdaptiveAvgPool2d`` whose coefficients are squared: output * (1 / window size)."""
-
-    def __init__(self, output_size):
-        super().__init__()
-        self.output_size = output_size
-        self._coef = _adaptive_avg_pool2d_coef()
-
-    def forward(self, x):
-        y = F.adaptive_avg_pool2d(x, self.output_size)
-        return y * self._coef(x, y)
-
-
-def _sq_avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False,
-                   count_include_pad=True, divisor_override=None):
-    kwargs = dict(kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode,
-                  count_include_pad=count_include_pad, divisor_override=divisor_override)
-    return F.avg_pool2d(x, **kwargs) * _avg_pool2d_coef(kwargs)(x)
-
-
-def _sq_adaptive_avg_pool2d(x, output_size):
-    y = F.adaptive_avg_pool2d(x, output_size)
-    return y * _adaptive_avg_pool2d_coef()(x, y)
-
-
-def _sq_mean(x, *args, **kwargs):
-    """``mean`` with its coefficient 1/N squared (N = number of averaged entries)."""
-    if "dtype" in kwargs:
-        raise ValueError("PathSGD: mean(..., dtype=...) is not supported")
-    y = torch.mean(x, *args, **kwargs)
-    return y * (y.numel() / x.numel())
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,12 +175,12 @@ def _check_and_square_pools(gm: fx.GraphModule,
                     flat_safe_prefix = False
                 continue
             if type(mod) is nn.AvgPool2d:
-                new = _SquaredAvgPool2d(kernel_size=mod.kernel_size, stride=mod.stride,
+                new = SquaredAvgPool2d(kernel_size=mod.kernel_size, stride=mod.stride,
                                         padding=mod.padding, ceil_mode=mod.ceil_mode,
                                         count_include_pad=mod.count_include_pad,
                                         divisor_override=mod.divisor_override)
             elif type(mod) is nn.AdaptiveAvgPool2d:
-                new = _SquaredAdaptiveAvgPool2d(mod.output_size)
+                new = SquaredAdaptiveAvgPool2d(mod.output_size)
             else:
                 has_params = any(True for _ in mod.parameters())
                 raise _unsupported(
@@ -307,11 +209,11 @@ def _check_and_square_pools(gm: fx.GraphModule,
                 flat_safe_prefix = False
                 continue
             if node.target is F.avg_pool2d:
-                node.target = _sq_avg_pool2d
+                node.target = sq_avg_pool2d
             elif node.target is F.adaptive_avg_pool2d:
-                node.target = _sq_adaptive_avg_pool2d
+                node.target = sq_adaptive_avg_pool2d
             elif kind is Op.MEAN:
-                node.target = _sq_mean
+                node.target = sq_mean
             else:
                 raise _unsupported(_describe(node), "only ReLU, flatten, dropout, average "
                                    "pooling and residual sums may join the Linear/Conv2d layers")
@@ -328,9 +230,9 @@ def _check_and_square_pools(gm: fx.GraphModule,
                 flat_safe_prefix = False
                 continue
             if kind is Op.MEAN:
-                # x.mean(dims) -> _sq_mean(x, dims)
+                # x.mean(dims) -> sq_mean(x, dims)
                 node.op = "call_function"
-                node.target = _sq_mean
+                node.target = sq_mean
                 flat_safe_prefix = False
                 continue
             raise _unsupported(_describe(node), "only ReLU, flatten, dropout, average pooling "
