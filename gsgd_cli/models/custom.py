@@ -33,7 +33,11 @@ def import_target(path: Any) -> Callable[..., Any]:
                          "name and that its package is on PYTHONPATH.") from None
     if not hasattr(module, attr):
         raise ValueError(f"model._target_={path}: {module_name} has no {attr!r}.")
-    return getattr(module, attr)
+    target = getattr(module, attr)
+    if not callable(target):
+        raise ValueError(f"model._target_={path} is a {type(target).__name__}, not a class or "
+                         "function that builds an nn.Module.")
+    return target
 
 
 def _accepts(target: Callable[..., Any]) -> tuple[set[str], bool]:
