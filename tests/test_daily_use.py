@@ -308,3 +308,26 @@ def test_eval_errors_are_one_line(gsgd_train_inproc, tmp_path, capsys):
     assert "train.keep_best=METRIC" in capsys.readouterr().err
     code, _, err = gsgd_train_inproc(*SYNTH, "train.keep_best=val_acc", "overwrite=true")
     assert code == 2 and "data.val_size" in err
+
+
+# -- point 8: TensorBoard ----------------------------------------------------------------------
+
+def test_tensorboard_has_per_iteration_loss_lr_coverage_and_config(gsgd_train_inproc, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = [a for a in SYNTH if not a.startswith("train.tensorboard")]
+    ok(gsgd_train_inproc(*args, "train.tensorboard=true", "train.sync_every=5"))
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0}).Reload()
+    losses = events.Scalars("train_loss_iteration")
+    assert [e.step for e in losses] == list(range(1, 25))
+    assert [e.step for e in events.Scalars("lr")] == [12, 24]
+    assert events.Scalars("gsgd_coverage_share")[0].value == 1.0
+    texts = events.Tensors("config/text_summary") + events.Tensors("gsgd_coverage/text_summary")
+    assert len(texts) == 2
+    assert b"chain block 1" in texts[1].tensor_proto.string_val[0]
+
+
+def test_figure_4_and_5_presets_keep_tensorboard_on(compose_train):
+    for name in ("fig4", "fig5", "fig5_fmnist", "small/fig4", "small/fig5"):
+        assert compose_train(f"experiment={name}").train.tensorboard is True, name
+    assert compose_train("experiment=fig4", "train.tensorboard=false").train.tensorboard is False

@@ -41,7 +41,7 @@ TMP_PATTERNS = (".*.tmp",)
 # `overwrite` say what the command does, not how the run trains.
 RESUME_MAY_CHANGE = frozenset({
     "train.epochs", "train.iterations", "train.eval_every", "train.checkpoint_every",
-    "train.sync_every",
+    "train.sync_every", "train.tensorboard",   # logging only (fig4/fig5 presets turned it on)
     "progress", "cpu_threads", "device", "data.root", "data.download", "data.system_dir",
     "resume", "overwrite",
 })

@@ -55,6 +55,7 @@ from .distributed import SINGLE, Ranks, StopVote
 from .preemption import preemption_signal
 from .best import BestModel
 from .progress import EarlyEstimate, eval_line
+from . import tensorboard_log
 from .errors import UserError
 from .rundir import check_resume_config, remove_orphaned_tmp
 from .signals import Interrupted, StopRequests, signal_name
@@ -176,6 +177,7 @@ class Trainer:
         self.label = ""      # prefix of the progress lines, e.g. "job 3: " in a sweep
         self._say: Callable[[str], None] | None = None   # set by fit() on the writing rank
         self._estimate: EarlyEstimate | None = None
+        self._writer = None   # TensorBoard, set by fit() when train.tensorboard
         self.best_model = BestModel(self.settings.keep_best, self.run_dir, data.has_val)
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -453,6 +455,8 @@ class Trainer:
             self.loss_sum += value * batch
             self.correct += correct
         self.seen += batch * len(losses)
+        if self._writer is not None and losses:
+            tensorboard_log.write_losses(self._writer, start + 1, losses)
         if losses:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         return None
@@ -511,6 +515,8 @@ class Trainer:
             # checkpoint, which will be logged again. The checkpoint's own step stays.
             writer = SummaryWriter(str(self.run_dir / TB_DIR),
                                    purge_step=self.iteration + 1 if resume else None)
+            tensorboard_log.write_start(writer, self.config, self.optimizer, self.iteration)
+            self._writer = writer
         show = (sys.stderr.isatty() if s.progress is None else s.progress) and writes
         from tqdm.auto import tqdm
 
@@ -600,6 +606,7 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
+                self._writer = None
             try:
                 self.summary = self.write_summary()
             except OSError as exc:   # e.g. the disk is full: keep the exception that stopped us
