@@ -331,3 +331,113 @@ def test_figure_4_and_5_presets_keep_tensorboard_on(compose_train):
     for name in ("fig4", "fig5", "fig5_fmnist", "small/fig4", "small/fig5"):
         assert compose_train(f"experiment={name}").train.tensorboard is True, name
     assert compose_train("experiment=fig4", "train.tensorboard=false").train.tensorboard is False
+
+
+# -- points 4 and 5: reports and figures that never mislead ------------------------------------
+
+def _report(*args, capsys):
+    from gsgd_cli.cli.report import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_report_counts_distinct_seeds_and_says_which_repeat(tmp_path, capsys):
+    from test_report import make_run, read_csv
+
+    make_run(tmp_path / "a", seed=0, test_accs=(0.9,), train_losses=(0.1,))
+    make_run(tmp_path / "a2", seed=0, test_accs=(0.8,), train_losses=(0.3,))   # seed 0 again
+    make_run(tmp_path / "b", seed=1, test_accs=(0.6,), train_losses=(0.5,))
+    code, out, err = _report(str(tmp_path), "--csv", str(tmp_path / "r.csv"), capsys=capsys)
+    assert code == 0, err
+    (row,) = read_csv(tmp_path / "r.csv")
+    assert (row["n_seeds"], row["seeds"], row["n_runs"]) == ("2", "0 1", "3")
+    # seed 0 averaged first (error 15%), then the mean and std over the two seeds
+    assert float(row["final_test_error_mean"]) == pytest.approx((15.0 + 40.0) / 2)
+    assert float(row["final_test_error_std"]) == pytest.approx(abs(40.0 - 15.0) / 2 ** 0.5)
+    assert "2 (repeated: seed 0 x2)" in out
+
+
+def _width_runs(root, epochs, losses):
+    from test_report import make_run
+
+    for (opt, seed), loss in losses.items():
+        make_run(root / f"{opt}-{seed}-{epochs}", data="fashion_mnist", model="mlp",
+                 optimizer=opt, seed=seed, train_losses=(1.0, loss),
+                 test_accs=(0.5, 0.8 if opt == "sgd" else 0.81),
+                 config_extra={"model.width": 16, "train.epochs": epochs})
+
+
+def test_gap_table_keeps_every_setting_and_judges_significance(tmp_path, capsys):
+    _width_runs(tmp_path, 15, {("sgd", 0): 0.50, ("sgd", 1): 0.54, ("gsgd", 0): 0.40,
+                               ("gsgd", 1): 0.42})
+    _width_runs(tmp_path, 100, {("sgd", 0): 0.30, ("sgd", 1): 0.10, ("gsgd", 0): 0.25,
+                                ("gsgd", 1): 0.12})
+    from test_report import make_run
+
+    make_run(tmp_path / "lone", data="fashion_mnist", model="mlp", optimizer="sgd",
+             config_extra={"model.width": 32, "train.epochs": 15})   # makes the width a key
+    code, out, err = _report(str(tmp_path), "--csv", "-", "--gap", capsys=capsys)
+    assert code == 0, err
+    gap = out.split("SGD against G-SGD per width (Figure 4):")[1]
+    rows = [line.split(" | ") for line in gap.splitlines() if line.startswith("| fashion_mnist")]
+    by_setting = {r[1]: r for r in rows}
+    assert sorted(by_setting) == ["train.epochs=100", "train.epochs=15"]
+    # 15 epochs: loss gap 0.11 with se 0.0158 -> yes; 100 epochs: 0.015 with se 0.08 -> within
+    assert by_setting["train.epochs=15"][-2] == "yes"
+    assert by_setting["train.epochs=100"][-2] == "within 2 se"
+    assert "each is compared on its own" in gap
+
+
+def test_width_figure_draws_every_setting_with_gap_error_bars(tmp_path):
+    from gsgd_cli.analysis import build_rows, load_runs, plots
+
+    for width in (8, 16):
+        for epochs in (15, 100):
+            from test_report import make_run
+
+            for opt in ("sgd", "gsgd"):
+                for seed in (0, 1):
+                    make_run(tmp_path / f"{opt}-{seed}-{epochs}-{width}", data="fashion_mnist",
+                             model="mlp", optimizer=opt, seed=seed,
+                             train_losses=(1.0, 0.5 - 0.1 * seed - (opt == "gsgd") * 0.05),
+                             config_extra={"model.width": width, "train.epochs": epochs})
+    rows, keys, _ = build_rows(load_runs([tmp_path]))
+    drawn = []
+    original = plots._save
+
+    def keep(fig, out, name):
+        drawn.append(fig)
+        return original(fig, out, name)
+
+    plots._save = keep
+    try:
+        plots.plot_width_sweep(rows, tmp_path / "out")
+    finally:
+        plots._save = original
+    top_left, gap_left = drawn[0].axes[0], drawn[0].axes[2]
+    labels = top_left.get_legend_handles_labels()[1]
+    assert sorted(labels) == ["G-SGD (train.epochs=100)", "G-SGD (train.epochs=15)",
+                              "SGD (train.epochs=100)", "SGD (train.epochs=15)"]
+    gap_bars = [c for c in gap_left.containers if c.has_yerr]
+    assert len(gap_bars) == 2          # one gap curve per setting, each with its error bars
+
+
+def test_no_two_curves_share_a_colour():
+    from gsgd_cli.analysis.plots import distinct_colours
+
+    for n in (3, 10, 11, 20, 33):
+        colours = distinct_colours(n)
+        assert len(colours) == n and len(set(map(tuple, colours))) == n
+
+
+def test_report_hides_folders_of_refused_commands(gsgd_train_inproc, tmp_path, capsys):
+    code, _, _ = gsgd_train_inproc(*SYNTH, "train.batch_size=0")   # refused before training
+    assert code == 2 and (tmp_path / "run" / "summary.json").is_file()
+    ok(gsgd_train_inproc(*SYNTH, f"hydra.run.dir={tmp_path / 'good'}"))
+    code, out, err = _report(str(tmp_path), "--csv", "-", capsys=capsys)
+    assert code == 0 and "Left out of the means" not in out
+    assert "1 folders of commands refused before training are not listed" in out
+    code, out, err = _report(str(tmp_path), "--csv", "-", "--all", capsys=capsys)
+    assert "Left out of the means (1 incomplete or failed runs)" in out

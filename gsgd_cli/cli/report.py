@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from gsgd_cli.analysis import ReportError, build_rows, load_runs, markdown, to_csv
-from gsgd_cli.analysis.table import best_markdown, width_gap_markdown
+from gsgd_cli.analysis.table import best_markdown, refused_before_training, width_gap_markdown
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also print Figure 4's comparison: per MLP width run with SGD and "
                              "G-SGD, the gap SGD - G-SGD of the final training loss and test "
                              "error with its standard error over seeds")
+    parser.add_argument("--all", action="store_true",
+                        help="also list the folders of commands refused before training (a "
+                             "bad override leaves a failed summary.json and no metrics)")
     return parser.parse_args(argv)
 
 
@@ -58,12 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         runs = load_runs(args.run_dirs)
+        hidden = 0
+        if not args.all:
+            refused = [run for run in runs if refused_before_training(run)]
+            hidden, runs = len(refused), [run for run in runs if run not in refused]
         if args.epoch is not None:
             if not args.epoch > 0:
                 raise ReportError(f"--epoch {args.epoch:g}: must be a number of epochs > 0.")
             runs = [run.at_epoch(args.epoch) for run in runs]
         rows, keys, incomplete = build_rows(runs)
-        text = markdown(rows, keys, incomplete)
+        text = markdown(rows, keys, incomplete, hidden)
         if args.gap and rows:
             gap = width_gap_markdown(rows)
             if not gap:
