@@ -25,8 +25,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .gap import gap_se, width_pairs  # noqa: E402
 from .table import (OPTIMIZER_ORDER, SELECTION_LABELS, Row, _fmt_value, best_lr_rows,  # noqa: E402
-                    gap_se, mean_std, run_values, selection_metric, width_pairs)
+                    mean_std, run_values, selection_metric)
 
 OPTIMIZER_NAMES = {"sgd": "SGD", "gsgd": "G-SGD", "path_sgd": "Path-SGD"}
 MODEL_NAMES = {"plain34": "Plain-34", "resnet34": "ResNet-34", "mlp": "MLP"}

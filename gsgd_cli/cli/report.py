@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from gsgd_cli.analysis import ReportError, build_rows, load_runs, markdown, to_csv
-from gsgd_cli.analysis.table import best_markdown, refused_before_training, width_gap_markdown
+from gsgd_cli.analysis.gap import width_gap_markdown
+from gsgd_cli.analysis.table import best_markdown, refused_before_training
 
 
 class OneLineParser(argparse.ArgumentParser):
