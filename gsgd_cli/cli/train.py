@@ -291,9 +291,8 @@ def _check_complete(cfg: DictConfig) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (MissingMandatoryValue, InterpolationToMissingValueError) as exc:
-        key = getattr(exc, "full_key", None) or (
-            str(exc).splitlines()[0].rsplit("Missing mandatory value: ", 1)[-1])
-        if key == "model._target_":
+        key = str(exc).splitlines()[0].rsplit("Missing mandatory value: ", 1)[-1]
+        if getattr(exc, "full_key", None) == "model._target_":
             raise UserError("model=custom needs model._target_: the import path of your "
                             "nn.Module, e.g. model._target_=my_pkg.nets.MyNet") from None
         raise UserError(f"No value for {key} (it is ???): set it on the command line, e.g. "
