@@ -316,10 +316,15 @@ def test_tensorboard_has_per_iteration_loss_lr_coverage_and_config(gsgd_train_in
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = [a for a in SYNTH if not a.startswith("train.tensorboard")]
-    ok(gsgd_train_inproc(*args, "train.tensorboard=true", "train.sync_every=5"))
+    ok(gsgd_train_inproc(*args, "train.tensorboard=true", "train.sync_every=5",
+                         "schedule=multistep", "schedule.unit=iteration",
+                         "schedule.milestones=[10]", "schedule.gamma=0.5"))
     events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0}).Reload()
     losses = events.Scalars("train_loss_iteration")
     assert [e.step for e in losses] == list(range(1, 25))
+    rates = {e.step: e.value for e in events.Scalars("lr_iteration")}
+    assert sorted(rates) == list(range(1, 25))
+    assert rates[10] == pytest.approx(0.01) and rates[11] == pytest.approx(0.005)  # 11th step: index 10
     assert [e.step for e in events.Scalars("lr")] == [12, 24]
     assert events.Scalars("gsgd_coverage_share")[0].value == 1.0
     texts = events.Tensors("config/text_summary") + events.Tensors("gsgd_coverage/text_summary")

@@ -5,9 +5,10 @@ values the trainer has just checked, so logging adds no wait for the device."""
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 LOSS_PER_ITERATION = "train_loss_iteration"
+LR_PER_ITERATION = "lr_iteration"
 
 
 def write_start(writer: Any, config: dict[str, Any] | None, optimizer: Any, step: int) -> None:
@@ -22,7 +23,10 @@ def write_start(writer: Any, config: dict[str, Any] | None, optimizer: Any, step
             writer.add_scalar("gsgd_coverage_share", coverage.in_blocks / coverage.total, step)
 
 
-def write_losses(writer: Any, first_iteration: int, losses: Sequence[float]) -> None:
-    """`losses[k]` is the loss of iteration `first_iteration + k` (1-based iterations)."""
+def write_losses(writer: Any, first_iteration: int, losses: Sequence[float],
+                 lr_of: Callable[[int], float]) -> None:
+    """`losses[k]` is the loss of iteration `first_iteration + k` (1-based iterations), trained
+    at learning rate `lr_of(first_iteration + k)`."""
     for k, value in enumerate(losses):
         writer.add_scalar(LOSS_PER_ITERATION, value, first_iteration + k)
+        writer.add_scalar(LR_PER_ITERATION, lr_of(first_iteration + k), first_iteration + k)

@@ -456,7 +456,9 @@ class Trainer:
             self.correct += correct
         self.seen += batch * len(losses)
         if self._writer is not None and losses:
-            tensorboard_log.write_losses(self._writer, start + 1, losses)
+            ipe = self.iterations_per_epoch   # the rate of 1-based iteration i (param group 0)
+            tensorboard_log.write_losses(self._writer, start + 1, losses, lambda i: (
+                self.base_lrs[0] * self.schedule.factor(i - 1, ipe)))
         if losses:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         return None
