@@ -25,13 +25,23 @@ COMMANDS = {
     "inspect": ("gsgd_cli.cli.inspect", "print a model's G-space chain blocks and m, H, m-H, H/m"),
     "report": ("gsgd_cli.cli.report", "summarise run directories as a markdown/CSV table"),
     "figures": ("gsgd_cli.cli.figures", "draw the paper's figures from run directories"),
+    "eval": ("gsgd_cli.cli.eval", "test metrics of a run's last or best checkpoint, no training"),
 }
+
+
+def version() -> str:
+    """`gsgd --version`: the installed package's version (and the checkout's commit)."""
+    from gsgd_cli import __version__
+    from gsgd_cli.cli.hints import git_commit
+
+    commit = git_commit()
+    return f"gsgd {__version__}" + (f" (git {commit})" if commit else "")
 
 
 def _usage() -> str:
     lines = ["usage: gsgd COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `gsgd COMMAND --help` for the options of one command."]
+    lines += ["", "Run `gsgd COMMAND --help` for the options of one command; `gsgd --version`."]
     return "\n".join(lines)
 
 
@@ -50,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
         return 0
+    if argv[1] in ("-V", "--version"):
+        print(version())
+        return 0
     command, rest = argv[1], argv[2:]
     if command.startswith(("-sc", "--shell-completion")):
         # Hydra's installed completion script calls `gsgd -sc query=bash` with no subcommand
@@ -61,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     _strip_subcommand_from_comp_line(command)
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [argv[0], *rest]
+    if command == "train":
+        from gsgd_cli.cli.hints import check_train_overrides
+
+        problem = check_train_overrides(rest)
+        if problem is not None:
+            print(f"gsgd train: error: {problem}", file=sys.stderr)
+            return 2
     try:
         result = module.main()
     except BrokenPipeError:          # e.g. `gsgd inspect ... | head`

@@ -17,7 +17,7 @@ def test_help_and_unknown_command():
     result = gsgd("tarin")
     assert result.returncode == 2
     assert result.stderr.strip() == ("gsgd: unknown command 'tarin'. Choose one of: train, "
-                                     "inspect, report, figures (see `gsgd --help`).")
+                                     "inspect, report, figures, eval (see `gsgd --help`).")
 
 
 def test_shell_completion_without_the_subcommand_word():

@@ -140,7 +140,10 @@ def test_resume_of_a_completed_run_changes_nothing(gsgd_train_inproc, tmp_path):
     before = snapshot(tmp_path / "run")
     code, out, err = gsgd_train_inproc(*SYNTH, "resume=true")
     assert code == 0, err
-    assert out.startswith("gsgd train: already completed 12 iterations") and "nothing to do" in out
+    # the first line names the overrides (issue 21); the result line follows it
+    assert out.splitlines()[0].startswith("gsgd train: overrides: ")
+    assert out.splitlines()[-1].startswith("gsgd train: already completed 12 iterations")
+    assert len(out.splitlines()) == 2 and "nothing to do" in out
     assert snapshot(tmp_path / "run") == before
 
 

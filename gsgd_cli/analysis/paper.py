@@ -58,11 +58,18 @@ def paper_reference(data: str, model: str, optimizer: str,
         if model == "resnet34" and regularised and (data, optimizer) in APPENDIX_11_5:
             err = round(100.0 - APPENDIX_11_5[(data, optimizer)], 2)
             return f"App. 11.5 (best λ): {err:.2f}", err
-    if (model == "mlp" and data == "fashion_mnist" and config.get("data.size") == 7
-            and config.get("model.depth") == 2 and not config.get("model.bias")):
-        width = config.get("model.width")
-        if width in TABLE5:
-            m, hidden = TABLE5[width]
-            # the paper's printed "invariant ratio" row equals h/m (half of H/m)
-            return f"Table 5: m={m}, H={hidden}, ratio h/m={width / m:.2e}", None
     return "", None
+
+
+def invariant_ratio(model: str, config: dict[str, Any],
+                    num_parameters: Any) -> tuple[int, int, float] | None:
+    """(m, H, H/m) of an MLP without biases: m weights (the run's parameter count), H hidden
+    units (width x depth); None for other models. The paper's Table 5 lists m and H of the
+    MLPs [49:h:h:10] (`TABLE5`); its printed "ratio" is h/m, half of H/m."""
+    if model != "mlp" or config.get("model.bias") or not isinstance(num_parameters, int):
+        return None
+    width, depth = config.get("model.width"), config.get("model.depth")
+    if not isinstance(width, int) or not isinstance(depth, int) or num_parameters <= 0:
+        return None
+    hidden = width * depth
+    return num_parameters, hidden, hidden / num_parameters

@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .gap import gap_se, width_pairs  # noqa: E402
 from .table import (OPTIMIZER_ORDER, SELECTION_LABELS, Row, _fmt_value, best_lr_rows,  # noqa: E402
                     mean_std, run_values, selection_metric)
 
@@ -81,6 +82,25 @@ def _band(ax, x, per_seed, label, color, style="-"):
                         color=color, alpha=0.2, lw=0)
 
 
+def distinct_colours(n: int) -> list[Any]:
+    """`n` colours, no two alike: tab10 / tab20 up to 20, else evenly spaced on turbo."""
+    if n <= 10:
+        return [plt.get_cmap("tab10")(k) for k in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(k) for k in range(n)]
+    return [plt.get_cmap("turbo")(k / (n - 1)) for k in range(n)]
+
+
+def _legend(ax, entries: int) -> None:
+    """Inside where matplotlib finds the emptiest corner for a few entries; beside the axes
+    (never over the data) for many."""
+    if entries > 6:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+                  ncol=2 if entries > 24 else 1)
+    else:
+        ax.legend(fontsize=8, loc="best")
+
+
 def plot_curves(rows: list[Row], keys: list[str], out: Path, name: str = "fig3_curves",
                 title: str | None = None, colour_by_optimizer: bool = False) -> list[Path]:
     """Line style: the optimizer. Colour: the model and swept values, so that SGD and G-SGD of
@@ -88,19 +108,19 @@ def plot_curves(rows: list[Row], keys: list[str], out: Path, name: str = "fig3_c
     lines of a data set differ only by optimizer."""
     datasets = sorted({r.data for r in rows})
     fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 3.8 * len(datasets)), squeeze=False)
-    cmap = plt.get_cmap("tab10")
     for i, data in enumerate(datasets):
         members = [r for r in rows if r.data == data]
         multi_model = len({r.model for r in members}) > 1
         variants = list(dict.fromkeys((r.model, tuple(repr(r.swept[k]) for k in keys))
                                       for r in members))
         by_optimizer = colour_by_optimizer or len(variants) == 1
+        colours = distinct_colours(len(variants))
         for row in members:
             epochs, curves = seed_curves(row)
             label = row_label(row, keys, with_model=multi_model)
             variant = variants.index((row.model, tuple(repr(row.swept[k]) for k in keys)))
             color = (OPTIMIZER_COLOURS.get(row.optimizer, "k") if by_optimizer
-                     else cmap(variant % cmap.N))
+                     else colours[variant])
             style = LINESTYLES.get(row.optimizer, "-.")
             _band(axes[i][0], epochs, curves["train_loss"], label, color, style)
             _band(axes[i][1], epochs, curves["test_acc"], label, color, style)
@@ -113,8 +133,8 @@ def plot_curves(rows: list[Row], keys: list[str], out: Path, name: str = "fig3_c
             ax.grid(alpha=0.3, which="both")
         axes[i][0].set_title(f"{name_d}: training loss")
         axes[i][1].set_title(f"{name_d}: test accuracy")
-        axes[i][1].legend(fontsize=7, ncol=2 if len(members) > 8 else 1, loc="lower right")
-    n_seeds = sorted({len(r.runs) for r in rows})
+        _legend(axes[i][1], len(members))
+    n_seeds = sorted({len(r.seeds) for r in rows})
     fig.suptitle(title or "Training loss and test accuracy per epoch (mean over "
                  f"{'/'.join(map(str, n_seeds))} seeds, band: min to max; "
                  "solid G-SGD, dashed SGD, dotted Path-SGD)")
@@ -131,49 +151,69 @@ def width_sweep_ready(rows: list[Row], keys: list[str]) -> bool:
 
 
 def plot_width_sweep(rows: list[Row], out: Path, name: str = "fig4_width_sweep") -> list[Path]:
-    """Figure 4: final train loss and test error against h (top), the gap SGD - G-SGD (below)."""
+    """Figure 4: final train loss and test error against h (top, mean ± std over seeds), the
+    gap SGD - G-SGD with its standard error (below). Runs that differ in another setting (e.g.
+    the number of epochs) are drawn as separate curves (line style), never dropped."""
     mlp = [r for r in rows if r.model == "mlp" and r.swept.get("model.width") is not None]
+    pairs, others = width_pairs(mlp)
     datasets = sorted({r.data for r in mlp})
     fig, axes = plt.subplots(2 * len(datasets), 2, figsize=(11, 7.5 * len(datasets)), squeeze=False)
     styles = {"sgd": ("tab:blue", "o"), "gsgd": ("tab:red", "s"), "path_sgd": ("tab:green", "^")}
+    dashes = ["-", "--", ":", "-."]
     metrics = (("final_train_loss", "final training loss"), ("final_test_error", "final test error (%)"))
+
+    def setting_of(row: Row) -> str:
+        return " ".join(f"{k}={_fmt_value(row.swept.get(k))}" for k in others)
+
+    settings = sorted({setting_of(r) for r in mlp})
     for i, data in enumerate(datasets):
         top, bottom = axes[2 * i], axes[2 * i + 1]
         name_d = DATA_NAMES.get(data, data)
-        by_opt: dict[str, dict[Any, Row]] = defaultdict(dict)
+        curves: dict[tuple[str, str], dict[Any, Row]] = defaultdict(dict)
         for row in (r for r in mlp if r.data == data):
-            by_opt[row.optimizer][row.swept["model.width"]] = row
-        for opt in sorted(by_opt, key=lambda o: OPTIMIZER_ORDER.get(o, 9)):
+            curves[(row.optimizer, setting_of(row))][row.swept["model.width"]] = row
+        for (opt, setting) in sorted(curves, key=lambda k: (OPTIMIZER_ORDER.get(k[0], 9), k[1])):
             color, marker = styles.get(opt, ("k", "x"))
-            widths = sorted(by_opt[opt])
+            style = dashes[settings.index(setting) % len(dashes)]
+            widths = sorted(curves[(opt, setting)])
+            label = OPTIMIZER_NAMES.get(opt, opt) + (f" ({setting})" if setting else "")
             for ax, (metric, _) in zip(top, metrics):
-                means = [by_opt[opt][w].stats[metric][0] for w in widths]
-                stds = [by_opt[opt][w].stats[metric][1] or 0.0 for w in widths]
+                means = [curves[(opt, setting)][w].stats[metric][0] for w in widths]
+                stds = [curves[(opt, setting)][w].stats[metric][1] or 0.0 for w in widths]
                 ax.errorbar(widths, means, yerr=stds, color=color, marker=marker, capsize=3,
-                            label=OPTIMIZER_NAMES.get(opt, opt))
-        shared = sorted(set(by_opt.get("sgd", {})) & set(by_opt.get("gsgd", {})))
+                            ls=style, label=label)
         for ax, (metric, label) in zip(bottom, metrics):
-            gaps = [by_opt["sgd"][w].stats[metric][0] - by_opt["gsgd"][w].stats[metric][0]
-                    for w in shared]
-            ax.plot(shared, gaps, color="tab:purple", marker="D", label="Δ = SGD − G-SGD")
+            for setting in settings:
+                shared = sorted((w, pair) for (d, w, s_), pair in pairs.items()
+                                if d == data and s_ == setting)
+                if not shared:
+                    continue
+                widths = [w for w, _ in shared]
+                gaps = [p["sgd"].stats[metric][0] - p["gsgd"].stats[metric][0] for _, p in shared]
+                errors = [gap_se(p["sgd"], p["gsgd"], metric) or 0.0 for _, p in shared]
+                ax.errorbar(widths, gaps, yerr=errors, color="tab:purple", marker="D", capsize=3,
+                            ls=dashes[settings.index(setting) % len(dashes)],
+                            label="Δ = SGD − G-SGD ± se" + (f" ({setting})" if setting else ""))
             ax.axhline(0.0, color="grey", lw=0.8, ls="--")
             ax.set_ylabel(f"Δ {label}")
             ax.set_title(f"{name_d}: gap in {label.replace('final ', '')} "
                          "(above 0: G-SGD lower)")
-            ax.legend()
+            _legend(ax, len(settings))
         for ax, (metric, label) in zip(top, metrics):
             ax.set_ylabel(label)
             ax.set_title(f"{name_d}: {label}")
-            ax.legend()
+            _legend(ax, len(curves))
         top[0].set_yscale("log")
         for ax in (*top, *bottom):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("hidden nodes per layer h  (MLP [in:h:h:10], H = 2h)")
             ax.grid(alpha=0.3, which="both")
-    n_seeds = sorted({len(r.runs) for r in mlp})
+    n_seeds = sorted({len(r.seeds) for r in mlp})
     epochs = sorted({r.runs[0].summary.get("epochs") for r in mlp if r.runs[0].summary})
     fig.suptitle("Figure 4 form: SGD vs G-SGD against width h\n(mean ± std over "
-                 f"{'/'.join(map(str, n_seeds))} seeds, {'/'.join(f'{e:g}' for e in epochs)} epochs)")
+                 f"{'/'.join(map(str, n_seeds))} seeds, {'/'.join(f'{e:g}' for e in epochs)} "
+                 "epochs; gap ± its standard error"
+                 + (f"; line style: {', '.join(others)}" if others else "") + ")")
     fig.tight_layout()
     return _save(fig, out, name)
 

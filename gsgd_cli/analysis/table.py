@@ -6,7 +6,9 @@ share the same data, model and optimizer (e.g. `model.width` in Figure 4's sweep
 runs enter the means; the others are returned separately so that the report lists them.
 
 Test error is `100 * (1 - accuracy)` in percent. `std` is the sample standard deviation
-(n - 1 in the denominator), empty for a single seed.
+(n - 1 in the denominator) over distinct seeds, empty for a single seed: runs that repeat a
+seed (the same run twice) are averaged into one value for that seed first, and the report says
+which seeds were repeated, so repeats never shrink the spread.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .paper import model_label, paper_reference
+from .paper import invariant_ratio, model_label, paper_reference
 from .runs import Run
 
 # Keys that never define a row: bookkeeping, paths, and the seed (rows average over seeds).
@@ -126,7 +128,21 @@ class Row:
 
     @property
     def seeds(self) -> list[Any]:
-        return [r.seed for r in self.runs]
+        """Distinct seeds, in order."""
+        return list(dict.fromkeys(r.seed for r in self.runs))
+
+    @property
+    def repeated_seeds(self) -> dict[Any, int]:
+        """Seeds run more than once -> number of runs."""
+        counts: dict[Any, int] = defaultdict(int)
+        for run in self.runs:
+            counts[run.seed] += 1
+        return {seed: n for seed, n in counts.items() if n > 1}
+
+    @property
+    def ratio(self) -> tuple[int, int, float] | None:
+        """(m, H, H/m) for MLPs without biases (`paper.invariant_ratio`)."""
+        return invariant_ratio(self.model, self.runs[0].config, self.num_parameters)
 
     @property
     def num_parameters(self) -> Any:
@@ -160,9 +176,16 @@ def build_rows(runs: list[Run]) -> tuple[list[Row], list[str], list[Run]]:
         rows[ident].runs.append(run)
     for row in rows.values():
         row.runs.sort(key=lambda r: _sortable(r.seed))
-        values = [run_values(r) for r in row.runs]
+        per_seed: dict[str, list] = defaultdict(list)
+        for r in row.runs:
+            per_seed[repr(r.seed)].append(run_values(r))
         for name, _ in VAL_METRICS + METRICS:
-            row.stats[name] = mean_std([v[name] for v in values if v[name] is not None])
+            values = []
+            for repeats in per_seed.values():   # one value per distinct seed
+                found = [v[name] for v in repeats if v[name] is not None]
+                if found:
+                    values.append(sum(found) / len(found))
+            row.stats[name] = mean_std(values)
     ordered = sorted(rows.values(), key=lambda r: (
         r.data, r.model, *[_sortable(r.swept[k]) for k in keys],
         OPTIMIZER_ORDER.get(r.optimizer, 9), r.optimizer))
@@ -208,21 +231,40 @@ def _digits(name: str) -> int:
     return 4 if name == "final_train_loss" else 2
 
 
-def markdown(rows: list[Row], keys: list[str], incomplete: list[Run]) -> str:
+def _seeds_cell(row: Row) -> str:
+    repeated = row.repeated_seeds
+    return str(len(row.seeds)) + (" (repeated: " + ", ".join(
+        f"seed {seed} x{n}" for seed, n in repeated.items()) + ")" if repeated else "")
+
+
+def _ratio_cell(row: Row) -> str:
+    ratio = row.ratio
+    return "" if ratio is None else f"{ratio[2]:.3e}"
+
+
+def markdown(rows: list[Row], keys: list[str], incomplete: list[Run],
+             hidden: int = 0) -> str:
     metrics = metrics_for(r for row in rows for r in row.runs)
+    show_ratio = any(row.ratio for row in rows)
     head = ["data", "model", "optimizer", *keys, "seeds", "params",
-            *[label for _, label in metrics], "paper (test error %)"]
+            *(["H/m"] if show_ratio else []), *[label for _, label in metrics],
+            "paper (test error %)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row.data, row.model, row.optimizer, *[_fmt_value(row.swept[k]) for k in keys],
-                 str(len(row.runs)), "" if row.num_parameters is None else str(row.num_parameters),
+                 _seeds_cell(row), "" if row.num_parameters is None else str(row.num_parameters),
+                 *([_ratio_cell(row)] if show_ratio else []),
                  *[_fmt_stat(row.stats[name], _digits(name)) for name, _ in metrics], row.paper]
         lines.append("| " + " | ".join(cells) + " |")
     if not rows:
         lines.append("| " + " | ".join(["(no completed runs)"] + [""] * (len(head) - 1)) + " |")
     text = "\n".join(lines) + "\n"
-    text += ("\nMeans over seeds (± sample std); test error = 100 × (1 − test accuracy); train "
-             "loss = mean cross-entropy over the last evaluation interval.\n")
+    text += ("\nMeans over distinct seeds (± sample std; runs repeating a seed are averaged "
+             "first); test error = 100 × (1 − test accuracy); train loss = mean cross-entropy "
+             "over the last evaluation interval.\n")
+    if show_ratio:
+        text += ("H/m: the invariant ratio of each MLP (H hidden units over m weights; the "
+                 "paper's Table 5 prints h/m, half of it for two hidden layers).\n")
     if metrics is not METRICS:
         text += ("Val error: on the examples held out of the training split (data.val_size); "
                  "choose hyperparameters by it, not by the test error.\n")
@@ -230,7 +272,20 @@ def markdown(rows: list[Row], keys: list[str], incomplete: list[Run]) -> str:
         text += f"\nLeft out of the means ({len(incomplete)} incomplete or failed runs):\n\n"
         for run in incomplete:
             text += f"- {shown_path(run.path)}: {run.problem}\n"
+    if hidden:
+        text += (f"\n({hidden} folders of commands refused before training are not listed; "
+                 "--all lists them.)\n")
     return text
+
+
+def refused_before_training(run: Run) -> bool:
+    """A `failed` folder of a single command refused before it trained (a bad override): no
+    metrics, no checkpoint, not a job of a sweep (a sweep's failed jobs are results of the
+    sweep and always listed). `gsgd report` hides these unless --all."""
+    path = Path(run.path)
+    in_sweep = any(path.parent.glob(".gsgd_job.*.json")) or (path.parent / "multirun.yaml").exists()
+    return (run.status == "failed" and not in_sweep and not (path / "metrics.jsonl").exists()
+            and not (path / "checkpoint.pt").exists())
 
 
 def shown_path(path) -> str:
@@ -256,52 +311,10 @@ def best_markdown(rows: list[Row], keys: list[str]) -> str:
                  (row.data, row.model, row.optimizer)]
         metric = selection_metric(group)
         cells = [row.data, row.model, row.optimizer, *[_fmt_value(row.swept[k]) for k in keys],
-                 f"{SELECTION_LABELS[metric]} of {len(group)}", str(len(row.runs)),
+                 f"{SELECTION_LABELS[metric]} of {len(group)}", _seeds_cell(row),
                  *[_fmt_stat(row.stats[name], _digits(name)) for name, _ in metrics]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-GAP_TEST_ERRORS = {"final": "final_test_error", "best": "best_test_error"}
-
-
-def width_gap_markdown(rows: list[Row], test_error: str = "final") -> str:
-    """Figure 4's comparison as a table: for every data set and MLP width h run with both SGD
-    and G-SGD, the gap SGD - G-SGD of the mean final training loss and test error (positive:
-    G-SGD lower) with its standard error `sqrt(s_sgd^2/n_sgd + s_gsgd^2/n_gsgd)` over seeds, and
-    the gap in units of that error. Empty when no width was run with both.
-
-    `test_error="best"`: the test error is each run's best over its evaluations (every epoch)
-    instead of its last one; that epoch is chosen on the test set itself."""
-    by_key: dict[tuple, dict[str, Row]] = defaultdict(dict)
-    for row in rows:
-        width = row.swept.get("model.width")
-        if row.model == "mlp" and width is not None:
-            by_key[(row.data, width)][row.optimizer] = row
-    pairs = sorted((k, v) for k, v in by_key.items() if {"sgd", "gsgd"} <= set(v))
-    if not pairs:
-        return ""
-    error_name = GAP_TEST_ERRORS[test_error]
-    head = ["data", "h", "seeds (SGD/G-SGD)", "Δ final train loss", "Δ/se",
-            f"Δ {test_error} test error %", "Δ/se", "G-SGD lower loss?", "G-SGD lower error?"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (data, width), pair in pairs:
-        sgd, gsgd = pair["sgd"], pair["gsgd"]
-        cells = [data, _fmt_value(width), f"{len(sgd.runs)}/{len(gsgd.runs)}"]
-        lower = []
-        for name in ("final_train_loss", error_name):
-            (m1, s1), (m2, s2) = sgd.stats[name], gsgd.stats[name]
-            gap = m1 - m2
-            se = (math.sqrt((s1 or 0.0) ** 2 / len(sgd.runs) + (s2 or 0.0) ** 2 / len(gsgd.runs))
-                  if s1 is not None and s2 is not None else None)
-            digits = _digits(name)
-            cells += [f"{gap:+.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}"),
-                      "" if not se else f"{gap / se:+.1f}"]
-            lower.append("yes" if gap > 0 else "no")
-        lines.append("| " + " | ".join(cells + lower) + " |")
-    return ("\n".join(lines) + "\n\nΔ = SGD − G-SGD of the means over seeds (positive: G-SGD "
-            "lower) ± its standard error; Δ/se beyond about ±2 is a gap larger than the seeds' "
-            "spread.\n")
 
 
 def to_csv(rows: list[Row], keys: list[str]) -> str:
@@ -309,8 +322,9 @@ def to_csv(rows: list[Row], keys: list[str]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     metrics = metrics_for(r for row in rows for r in row.runs)
     stat_cols = [f"{name}_{part}" for name, _ in metrics for part in ("mean", "std")]
-    writer.writerow(["data", "model", "optimizer", *keys, "n_seeds", "seeds", "num_parameters",
-                     *stat_cols, "paper", "paper_test_error"])
+    writer.writerow(["data", "model", "optimizer", *keys, "n_seeds", "seeds", "n_runs",
+                     "num_parameters", "invariant_ratio_H_over_m", *stat_cols, "paper",
+                     "paper_test_error"])
 
     def num(value):
         return "" if value is None else repr(float(value))
@@ -318,8 +332,9 @@ def to_csv(rows: list[Row], keys: list[str]) -> str:
     for row in rows:
         stats = [num(part) for name, _ in metrics for part in row.stats[name]]
         writer.writerow([row.data, row.model, row.optimizer,
-                         *[_fmt_value(row.swept[k]) for k in keys], len(row.runs),
-                         " ".join(str(s) for s in row.seeds),
-                         "" if row.num_parameters is None else row.num_parameters, *stats,
+                         *[_fmt_value(row.swept[k]) for k in keys], len(row.seeds),
+                         " ".join(str(s) for s in row.seeds), len(row.runs),
+                         "" if row.num_parameters is None else row.num_parameters,
+                         "" if row.ratio is None else repr(row.ratio[2]), *stats,
                          row.paper, num(row.paper_error)])
     return out.getvalue()

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from gsgd_cli.analysis import ReportError, build_rows, load_runs, markdown, to_csv
-from gsgd_cli.analysis.table import best_markdown, width_gap_markdown
+from gsgd_cli.analysis.gap import width_gap_markdown
+from gsgd_cli.analysis.table import best_markdown, refused_before_training
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="test error of the --gap table (implies --gap): final (after the "
                              "last epoch, the default) or best (each run's best over its "
                              "evaluations, an epoch chosen on the test set)")
+    parser.add_argument("--all", action="store_true",
+                        help="also list the folders of commands refused before training (a "
+                             "bad override leaves a failed summary.json and no metrics)")
     return parser.parse_args(argv)
 
 
@@ -63,12 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         runs = load_runs(args.run_dirs)
+        hidden = 0
+        if not args.all:
+            refused = [run for run in runs if refused_before_training(run)]
+            hidden, runs = len(refused), [run for run in runs if run not in refused]
         if args.epoch is not None:
             if not args.epoch > 0:
                 raise ReportError(f"--epoch {args.epoch:g}: must be a number of epochs > 0.")
             runs = [run.at_epoch(args.epoch) for run in runs]
         rows, keys, incomplete = build_rows(runs)
-        text = markdown(rows, keys, incomplete)
+        text = markdown(rows, keys, incomplete, hidden)
         if (args.gap or args.gap_error) and rows:
             gap = width_gap_markdown(rows, test_error=args.gap_error or "final")
             if not gap:

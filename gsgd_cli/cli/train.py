@@ -39,6 +39,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
+from gsgd_cli.cli import console
 from gsgd_cli.data import describe, load_data
 from gsgd_cli.models import build_model
 from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError, distributed
@@ -184,13 +185,17 @@ def settings_from_cfg(cfg: DictConfig, progress: bool | None) -> TrainSettings:
                          checkpoint_every=t.checkpoint_every, seed=cfg.seed, progress=progress,
                          tensorboard=bool(t.tensorboard), dtype=DTYPES[cfg.dtype],
                          sync_every=t.get("sync_every", 1000),
-                         cuda_graphs=_flag("train.cuda_graphs", t.get("cuda_graphs", False)))
+                         cuda_graphs=_flag("train.cuda_graphs", t.get("cuda_graphs", False)),
+                         keep_best=t.get("keep_best"))
 
 
 def schedule_from_cfg(cfg: DictConfig) -> Schedule:
     s = cfg.schedule
+    milestones = s.get("milestones") or ()
+    if isinstance(milestones, (int, float, str)):   # schedule.milestones=80: one milestone
+        milestones = [milestones]
     return Schedule(kind=s.name, unit=s.get("unit", "epoch"),
-                    milestones=tuple(s.get("milestones") or ()), gamma=s.get("gamma", 0.1))
+                    milestones=tuple(milestones), gamma=s.get("gamma", 0.1))
 
 
 def _progress(cfg: DictConfig, multirun: bool) -> bool | None:
@@ -287,6 +292,9 @@ def _check_complete(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (MissingMandatoryValue, InterpolationToMissingValueError) as exc:
         key = str(exc).splitlines()[0].rsplit("Missing mandatory value: ", 1)[-1]
+        if getattr(exc, "full_key", None) == "model._target_":
+            raise UserError("model=custom needs model._target_: the import path of your "
+                            "nn.Module, e.g. model._target_=my_pkg.nets.MyNet") from None
         raise UserError(f"No value for {key} (it is ???): set it on the command line, e.g. "
                         f"{key}=VALUE (the experiment preset's header says what to use).") from None
 
@@ -373,6 +381,8 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
     if ranks.writer:
         for note in notes:   # what the optimizer says about the model: one line each, on stdout
             print(f"gsgd train: note: {note}")
+        for line in console.start_lines(optimizer, choices, cfg):
+            print(f"gsgd train: {line}", flush=True)
     if sync_bn:   # after the optimizer, which traces the plain batch-norm layers; same parameters
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if ranks.world_size > 1:
@@ -391,6 +401,8 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
     }
     trainer = ranks.agree(lambda: Trainer(model, optimizer, data, run_dir, settings, schedule,
                                           extra_summary=extra, config=config, ranks=ranks))
+    if multirun and job_num is not None:
+        trainer.label = f"job {job_num}: "
     if action == "resume":   # every check of the checkpoint, before anything is written
         ranks.agree(lambda: trainer.restore(state))
     if ranks.writer:
@@ -440,6 +452,8 @@ def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) 
     record = {"num": hc.job.num, "run_dir": str(run_dir), "status": status,
               "message": message, "skipped": skipped}
     (folder / JOB_RECORD.format(hc.job.num)).write_text(json.dumps(record) + "\n")
+    print("gsgd train: " + console.jobs_done_line(folder, JOB_RECORD.format("*"), hc.job.num,
+                                                  status), flush=True)
 
 
 class _Session:
@@ -619,6 +633,8 @@ def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: R
         """May this command write a failed summary here (never into another run's files)?"""
         return directory.claimed or not directory.holds_run()
 
+    print("gsgd train: " + (f"job {hc.job.num}: " if multirun else "")
+          + console.overrides_line(hc.overrides.task), flush=True)
     try:
         summary = _run_job(cfg, run_dir, ranks, per_job, directory=directory,
                            on_claim=lambda: _save_hydra_files(run_dir, cfg),
@@ -706,6 +722,8 @@ class MultirunReport(Callback):
             wait_for_workers_on_signal(_say)
         for old in Path(config.hydra.sweep.dir).glob(JOB_RECORD.format("*")):
             old.unlink(missing_ok=True)
+        console.record_sweep_size(Path(config.hydra.sweep.dir), console.sweep_size(
+            config.hydra.overrides.task, config.hydra.sweeper.get("params")))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

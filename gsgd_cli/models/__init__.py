@@ -11,7 +11,7 @@ from .mlp import MLP
 
 __all__ = ["MLP", "PlainNet", "ResNet", "BasicBlock", "build_model", "MODEL_NAMES"]
 
-MODEL_NAMES = ("mlp", "plain", "resnet", "torchvision")
+MODEL_NAMES = ("mlp", "plain", "resnet", "torchvision", "custom")
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -24,7 +24,8 @@ def build_model(model_cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> 
 
     `model_cfg.name` is `mlp` (keys `width`, `depth`, `bias`), `plain` or `resnet` (keys
     `blocks`, `widths`, `bn`), or `torchvision` (keys `arch`, `image_size`: any torchvision
-    classification model, see `torchvision_models.py`). Invalid values raise `ValueError` with
+    classification model, see `torchvision_models.py`), or `custom` (key `_target_`: any
+    `nn.Module` by import path, see `custom.py`). Invalid values raise `ValueError` with
     the offending key.
     """
     name = _get(model_cfg, "name")
@@ -48,5 +49,9 @@ def build_model(model_cfg: Any, in_shape: tuple[int, ...], num_classes: int) -> 
                              "integer or null.")
         return build_torchvision(str(_get(model_cfg, "arch")), tuple(in_shape), num_classes,
                                  image_size)
+    if name == "custom":
+        from .custom import build_custom
+
+        return build_custom(model_cfg, tuple(in_shape), num_classes)
     raise ValueError(f"Invalid model.name={name!r}. Must be one of: {', '.join(MODEL_NAMES)} "
                      "(pick a preset with model=mlp, model=plain34, model=resnet34, model=torchvision, ...).")

@@ -29,7 +29,8 @@ RUN_ID_ENV = "GSGD_RUN_ID"
 # Files and folders a run writes (summary, metrics, checkpoint, TensorBoard, config).
 SUMMARY, METRICS, CHECKPOINT, TB_DIR, HYDRA_DIR = (
     "summary.json", "metrics.jsonl", "checkpoint.pt", "tb", ".hydra")
-RUN_FILES = (SUMMARY, METRICS, CHECKPOINT, TB_DIR, HYDRA_DIR)
+BEST = "best.pt"   # train.keep_best (best.py)
+RUN_FILES = (SUMMARY, METRICS, CHECKPOINT, TB_DIR, HYDRA_DIR, BEST)
 # Temporary files of the atomic writers (`.checkpoint.pt.<random>.tmp`, `.summary.json.tmp`,
 # ...); a kill between writing and renaming leaves them behind.
 TMP_PATTERNS = (".*.tmp",)
@@ -40,7 +41,7 @@ TMP_PATTERNS = (".*.tmp",)
 # `overwrite` say what the command does, not how the run trains.
 RESUME_MAY_CHANGE = frozenset({
     "train.epochs", "train.iterations", "train.eval_every", "train.checkpoint_every",
-    "train.sync_every",
+    "train.sync_every", "train.tensorboard",   # logging only (fig4/fig5 presets turned it on)
     "progress", "cpu_threads", "device", "data.root", "data.download", "data.system_dir",
     "resume", "overwrite",
 })
@@ -48,7 +49,8 @@ RESUME_MAY_CHANGE = frozenset({
 
 # Settings added after checkpoints already recorded configs: a recorded config without the key
 # was trained with this value (so resuming an older run with it is no change).
-ADDED_LATER = {"train.cuda_graphs": False, "distributed.sync_bn": False}
+ADDED_LATER = {"train.cuda_graphs": False, "distributed.sync_bn": False,
+               "train.keep_best": None}
 
 
 def restrict_umask() -> None:

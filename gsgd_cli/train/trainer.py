@@ -53,6 +53,9 @@ from torch import nn
 from .checkpoint import DiskFullError, load, save_atomic, write_text_atomic
 from .distributed import SINGLE, Ranks, StopVote
 from .preemption import preemption_signal
+from .best import BestModel
+from .progress import EarlyEstimate, eval_line
+from . import tensorboard_log
 from .errors import UserError
 from .rundir import check_resume_config, remove_orphaned_tmp
 from .signals import Interrupted, StopRequests, signal_name
@@ -103,6 +106,7 @@ class TrainSettings:
     dtype: torch.dtype = torch.float32
     sync_every: int = 1000   # iterations between device syncs at the latest (1: every iteration)
     cuda_graphs: bool = False    # replay the training step as a CUDA graph (CUDA only)
+    keep_best: str | None = None  # keep the model with the best value of this metric (best.py)
 
     def validate(self) -> None:
         def positive(name, value, allow_none=False):
@@ -170,6 +174,11 @@ class Trainer:
         self.message = ""
         self.checkpoint_iteration: int | None = None
         self.restored = False
+        self.label = ""      # prefix of the progress lines, e.g. "job 3: " in a sweep
+        self._say: Callable[[str], None] | None = None   # set by fit() on the writing rank
+        self._estimate: EarlyEstimate | None = None
+        self._writer = None   # TensorBoard, set by fit() when train.tensorboard
+        self.best_model = BestModel(self.settings.keep_best, self.run_dir, data.has_val)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _reset_running(self) -> None:
@@ -382,6 +391,7 @@ class Trainer:
         if self.ranks.writer:
             with open(self.run_dir / METRICS, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            self.best_model.offer(metrics, self.model)
         if writer is not None:
             for key in METRIC_KEYS[1:] + (VAL_KEYS if self.data.has_val else ()):
                 writer.add_scalar(key, metrics[key], self.iteration)
@@ -389,6 +399,9 @@ class Trainer:
         self.last_metrics = metrics
         if self.best_test_acc is None or test_acc > self.best_test_acc:
             self.best_test_acc = test_acc
+        if self._say is not None:
+            rate = self._estimate.seconds_per_iteration(self.iteration) if self._estimate else None
+            self._say(eval_line(metrics, self.total, self.iterations_per_epoch, rate))
         self._reset_running()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -442,6 +455,10 @@ class Trainer:
             self.loss_sum += value * batch
             self.correct += correct
         self.seen += batch * len(losses)
+        if self._writer is not None and losses:
+            ipe = self.iterations_per_epoch   # the rate of 1-based iteration i (param group 0)
+            tensorboard_log.write_losses(self._writer, start + 1, losses, lambda i: (
+                self.base_lrs[0] * self.schedule.factor(i - 1, ipe)))
         if losses:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         return None
@@ -482,6 +499,8 @@ class Trainer:
         if resume:
             if not self.restored:
                 self.restore(state)
+            if writes:
+                self.best_model.load_previous()
             if self._metrics_to_keep is not None:
                 write_text_atomic("".join(line + "\n" for line in self._metrics_to_keep),
                                   self.run_dir / METRICS)
@@ -498,11 +517,21 @@ class Trainer:
             # checkpoint, which will be logged again. The checkpoint's own step stays.
             writer = SummaryWriter(str(self.run_dir / TB_DIR),
                                    purge_step=self.iteration + 1 if resume else None)
+            tensorboard_log.write_start(writer, self.config, self.optimizer, self.iteration)
+            self._writer = writer
         show = (sys.stderr.isatty() if s.progress is None else s.progress) and writes
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.total, initial=self.iteration, disable=not show, leave=False,
+        bar = tqdm(total=self.total, initial=self.iteration, disable=not show, leave=True,
                    dynamic_ncols=True, unit="it")
+        if writes:   # progress lines on stdout; above the bar when there is one
+            prefix = f"gsgd train: {self.label}"
+            self._say = ((lambda line: tqdm.write(prefix + line, file=sys.stdout)) if show else
+                         (lambda line: print(prefix + line, flush=True)))
+        cuda = self.data.device.type == "cuda"
+        self._estimate = EarlyEstimate(
+            self.iteration, self.total,
+            sync=(lambda: torch.cuda.synchronize(self.data.device)) if cuda else (lambda: None))
         data, ipe = self.data, self.iterations_per_epoch
         share = (self.ranks.rank, self.ranks.world_size)
         rows = self.ranks.share(s.batch_size)      # this rank's part of each global batch
@@ -543,6 +572,9 @@ class Trainer:
                     break
                 self.iteration += 1
                 bar.update(1)
+                estimate = self._estimate.tick(self.iteration)
+                if estimate is not None and self._say is not None:
+                    self._say(estimate)
                 last = self.iteration == self.total
                 due = (self.iteration % s.eval_every == 0) if s.eval_every else (self.iteration % ipe == 0)
                 checkpoint_due = bool(s.checkpoint_every) and (
@@ -576,6 +608,7 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
+                self._writer = None
             try:
                 self.summary = self.write_summary()
             except OSError as exc:   # e.g. the disk is full: keep the exception that stopped us
