@@ -39,14 +39,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
+from gsgd_cli import safe_files
 from gsgd_cli.data import describe, load_data
 from gsgd_cli.models import build_model
 from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError, distributed
 from gsgd_cli.train.checkpoint import load as load_checkpoint
 from gsgd_cli.train.distributed import SINGLE, Ranks
-from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_resume_config, new_run_id,
-                                   restrict_umask)
-from gsgd_cli.train import preemption, signals
+from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_configured_dir,
+                                   check_resume_config, new_run_id, restrict_umask)
+from gsgd_cli.train import preemption, runlock, signals
 from gsgd_cli.train.signals import (Interrupted, exit_code, raise_on_sigterm, signal_name,
                                     wait_for_workers_on_signal)
 
@@ -215,12 +216,14 @@ def _plan(directory: RunDirectory, cfg: DictConfig, config: dict[str, Any],
     if resume and overwrite:
         raise UserError("resume=true and overwrite=true contradict each other: resume=true "
                         "continues the run, overwrite=true deletes it. Pass one of them.")
+    directory.check()
     if not resume and not overwrite and _requeued(directory):
         # this scheduler job, requeued after a preemption or its time limit: continue it (or
         # start again if it never reached a checkpoint)
         if not directory.checkpoint.is_file():
             print(f"gsgd train: this job was requeued before its first checkpoint; starting "
                   f"{where} again")
+            directory.check_new()
             return "new", None
         requeued = resume = True
     else:
@@ -230,9 +233,11 @@ def _plan(directory: RunDirectory, cfg: DictConfig, config: dict[str, Any],
             raise UserError(f"{where} already holds a run ({', '.join(directory.existing())}). "
                             "Continue it with resume=true, choose another hydra.run.dir, or "
                             "pass overwrite=true to delete its files and start again.")
+        directory.check_new()
         return "new", None
     if not directory.checkpoint.is_file():
         if multirun:   # a job of the sweep that never started, or never reached a checkpoint
+            directory.check_new()
             return "new", None
         if directory.status == "diverged":
             raise UserError(
@@ -274,11 +279,11 @@ def _requeued(directory: RunDirectory) -> bool:
 def _save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
     """`.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`, as Hydra itself would write them."""
     folder = run_dir / HYDRA_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    safe_files.make_dir(folder)
     hydra_cfg = HydraConfig.instance().cfg
     for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
                        ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
-        (folder / name).write_text(OmegaConf.to_yaml(node))
+        safe_files.write_atomic(folder / name, OmegaConf.to_yaml(node))
 
 
 def _check_complete(cfg: DictConfig) -> None:
@@ -414,14 +419,11 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 def _write_failed_summary(run_dir: Path, message: str) -> None:
     path = run_dir / SUMMARY
-    try:
-        summary = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        summary = {}
+    summary = RunDirectory(run_dir).summary or {}
     summary.update(status="failed", message=message, run_dir=str(run_dir))
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+    try:   # never through a link; a full disk leaves the old file (or none), not an empty one
+        safe_files.make_dir(run_dir)
+        safe_files.write_atomic(path, json.dumps(summary, indent=2) + "\n")
     except OSError:   # e.g. the disk is full: the error line on stderr says what happened
         pass
 
@@ -436,10 +438,13 @@ def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) 
     """One file per sweep job, `<sweep dir>/.gsgd_job.<num>.json`, read by `MultirunReport`."""
     hc = HydraConfig.get()
     folder = Path(hc.runtime.cwd) / hc.sweep.dir   # the cwd may be the job dir (job.chdir)
-    folder.mkdir(parents=True, exist_ok=True)
     record = {"num": hc.job.num, "run_dir": str(run_dir), "status": status,
               "message": message, "skipped": skipped}
-    (folder / JOB_RECORD.format(hc.job.num)).write_text(json.dumps(record) + "\n")
+    try:
+        safe_files.make_dir(folder)
+        safe_files.write_atomic(folder / JOB_RECORD.format(hc.job.num), json.dumps(record) + "\n")
+    except OSError as exc:   # the end-of-sweep line then counts this job as without a record
+        _say(f"gsgd train: could not record job {hc.job.num} in {folder}: {exc}")
 
 
 class _Session:
@@ -603,6 +608,29 @@ def train_app(cfg: DictConfig) -> float | None:
 
 def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: Ranks,
                per_job: bool) -> float | None:
+    """One job on rank 0 (or the only process), holding the run directory's lock
+    (`runlock`: one command per run directory at a time)."""
+    try:
+        check_configured_dir(hc.sweep.dir if multirun else hc.run.dir,
+                             "hydra.sweep.dir" if multirun else "hydra.run.dir")
+        held = runlock.lock(run_dir)
+    except (UserError, OSError) as exc:
+        if type(exc) is not UserError and not isinstance(exc, safe_files.UnsafeFileError):
+            exc = UserError(f"cannot write into the run directory {run_dir} "
+                            f"({exc.strerror or exc}); choose a writable hydra.run.dir.")
+        _say(f"gsgd train: error: {exc}")
+        if multirun:
+            _record_job("refused", run_dir, str(exc), False)
+            return None
+        sys.exit(2)
+    try:
+        return _train_locked(cfg, hc, multirun, run_dir, ranks, per_job)
+    finally:
+        held.release()
+
+
+def _train_locked(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: Ranks,
+                  per_job: bool) -> float | None:
     """One job on rank 0 (or the only process): run it, report it, record it in the sweep."""
     directory = RunDirectory(run_dir)
     status, message, skipped = "failed", None, False
@@ -625,7 +653,7 @@ def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: R
                            **_job_options(hc, multirun))
         status, message = summary["status"], summary.get("message")
         skipped = bool(summary.get("skipped"))
-    except UserError as exc:
+    except (UserError, safe_files.UnsafeFileError) as exc:
         message = str(exc)
         _say(f"gsgd train: error: {exc}")
         if ours():

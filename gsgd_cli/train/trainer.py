@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gsgd_cli import safe_files
+
 from .checkpoint import DiskFullError, load, save_atomic, write_text_atomic
 from .distributed import SINGLE, Ranks, StopVote
 from .preemption import preemption_signal
@@ -82,6 +84,7 @@ def _divergence_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+METRICS_LIMIT = 1 << 30   # bytes of metrics.jsonl read on resume (a line is ~300 bytes)
 METRIC_KEYS = ("iteration", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                "elapsed_s")
 VAL_KEYS = ("val_loss", "val_acc")   # also logged when data.val_size > 0
@@ -277,9 +280,15 @@ class Trainer:
             raise UserError(f"The checkpoint at {path} does not fit this model/optimizer ({first}); "
                             "resume with the same model and optimizer settings as the "
                             "original run.") from None
+        perm, n = state["perm"], len(self.data.train_y)
+        if perm is not None and not (isinstance(perm, torch.Tensor) and perm.shape == (n,)
+                                     and torch.equal(perm.sort().values, torch.arange(n))):
+            raise UserError(f"The checkpoint at {path} holds a data order that is not a "
+                            f"permutation of the {n} training examples; it does not belong to "
+                            "this run's data (or is damaged): resume on the original data.")
         self.base_lrs = list(state["schedule"]["base_lrs"])
         self.iteration = state["iteration"]
-        self.perm = state["perm"]
+        self.perm = perm
         self.generator.set_state(state["data_rng"])
         torch_rng, cuda_rng = state["torch_rng"], state["cuda_rng"]
         if state.get("rng_ranks") is not None:
@@ -301,14 +310,20 @@ class Trainer:
         evaluations will be redone), without a partial last line (the run was killed while
         writing it). Reads only; `fit` writes the result."""
         metrics = self.run_dir / METRICS
-        if not metrics.is_file():
+        if not metrics.exists() and not safe_files.is_link(metrics):
             return None
-        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        try:
+            text = safe_files.read_text(metrics, METRICS_LIMIT)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read {metrics}: {exc}; move it away (the resumed run then "
+                            "logs only its new evaluations) or restore it.") from None
+        lines = [line for line in text.splitlines() if line.strip()]
         kept = []
         for number, line in enumerate(lines, 1):
             try:
                 iteration = json.loads(line)["iteration"]
-            except (json.JSONDecodeError, TypeError, KeyError):
+                iteration + 0   # a number, not a string or a list
+            except (ValueError, TypeError, KeyError, RecursionError):
                 if number == len(lines):
                     self.log(f"gsgd train: dropped the partial last line of {metrics} (the run "
                              "was stopped while writing it).")
@@ -380,8 +395,7 @@ class Trainer:
             if self.best_val_acc is None or metrics["val_acc"] > self.best_val_acc:
                 self.best_val_acc = metrics["val_acc"]
         if self.ranks.writer:
-            with open(self.run_dir / METRICS, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            safe_files.append(self.run_dir / METRICS, json.dumps(metrics) + "\n")
         if writer is not None:
             for key in METRIC_KEYS[1:] + (VAL_KEYS if self.data.has_val else ()):
                 writer.add_scalar(key, metrics[key], self.iteration)
@@ -485,8 +499,12 @@ class Trainer:
             if self._metrics_to_keep is not None:
                 write_text_atomic("".join(line + "\n" for line in self._metrics_to_keep),
                                   self.run_dir / METRICS)
-        elif writes and (self.run_dir / METRICS).exists():
-            (self.run_dir / METRICS).unlink()
+            if writes:   # until it ends, the summary says the run goes on from the checkpoint
+                self.status = "running"
+                self.message = f"resumed from the checkpoint at iteration {self.iteration}"
+                self.write_summary()
+        elif writes:
+            safe_files.remove(self.run_dir / METRICS)
         # DistributedDataParallel in a data-parallel run (after restore: its constructor
         # copies rank 0's weights to every rank, which hold the same ones by then anyway)
         self.train_model = self.ranks.wrap(self.model, self.data.device)

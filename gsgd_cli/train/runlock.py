@@ -1,0 +1,60 @@
+"""One writer per run directory: `lock(run_dir)` takes an exclusive `flock` on
+`run_dir/.gsgd.lock` for as long as the command works on the run; a second command on the same
+directory stops with one line naming the holder's pid. The operating system releases the lock
+when the holder exits or is killed, so a killed run never blocks its resume.
+
+The lock file holds only the holder's pid (for the message); it is not a run file and stays.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from gsgd_cli import safe_files
+
+from .errors import UserError
+
+LOCK_FILE = ".gsgd.lock"
+
+
+class RunLock:
+    """A held lock; `release()` (or the end of the process) lets the next command in."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)   # closing the descriptor releases the flock
+            self._fd = None
+
+
+def lock(run_dir: str | Path) -> RunLock:
+    """Create `run_dir` if needed and lock it for this process (see the module doc)."""
+    run_dir = Path(run_dir)
+    safe_files.make_dir(run_dir)
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                     0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link; gsgd never writes through a link: "
+                            "remove it and run the command again.") from None
+        raise
+    try:
+        safe_files._check_regular(path, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"{run_dir} is in use by another gsgd command (pid {holder}); wait for "
+                        "it to finish or stop it, or choose another hydra.run.dir.") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return RunLock(path, fd)
