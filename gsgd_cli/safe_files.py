@@ -3,7 +3,8 @@ report and figure outputs) without following a link, blocking on a special file 
 without end.
 
 * `read_bytes(path, limit)`: a regular file only (no symbolic link, FIFO or device), at most
-  `limit` bytes; never blocks (opened with `O_NONBLOCK`).
+  `limit` bytes; never blocks (opened with `O_NONBLOCK`). Data files may be read through a
+  link (`follow_links=True`), still from a regular file only.
 * `write_atomic(path, data)`: a new temporary file next to `path`, created exclusively (a link
   planted under its name is never followed), renamed over `path`; refuses when `path` is a
   link or not a regular file. A failed write leaves `path` as it was and no temporary file.
@@ -61,9 +62,10 @@ def _check_regular(path: Path, fd: int) -> os.stat_result:
     return info
 
 
-def _open_read(path: Path) -> int:
+def _open_read(path: Path, follow_links: bool = False) -> int:
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
     try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.open(path, flags)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsafeFileError(path, "is a symbolic link; gsgd reads only the files "
@@ -71,10 +73,12 @@ def _open_read(path: Path) -> int:
         raise
 
 
-def read_bytes(path: str | Path, limit: int) -> bytes:
-    """The contents of the regular file `path`, refused when larger than `limit` bytes."""
+def read_bytes(path: str | Path, limit: int, *, follow_links: bool = False) -> bytes:
+    """The contents of the regular file `path`, refused when larger than `limit` bytes.
+    `follow_links=True` reads through a link (data folders are often linked) but still only
+    from a regular file."""
     path = Path(path)
-    fd = _open_read(path)
+    fd = _open_read(path, follow_links)
     try:
         info = _check_regular(path, fd)
         if info.st_size > limit:

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from gsgd_cli import safe_files
-from gsgd_cli.data import describe, load_data
+from gsgd_cli.data import describe, fingerprint, load_data
 from gsgd_cli.models import build_model
 from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError, distributed
 from gsgd_cli.train.checkpoint import load as load_checkpoint
@@ -183,7 +183,7 @@ def settings_from_cfg(cfg: DictConfig, progress: bool | None) -> TrainSettings:
     return TrainSettings(epochs=t.epochs, iterations=t.iterations, batch_size=t.batch_size,
                          eval_every=t.eval_every, eval_batch_size=t.eval_batch_size,
                          checkpoint_every=t.checkpoint_every, seed=cfg.seed, progress=progress,
-                         tensorboard=bool(t.tensorboard), dtype=DTYPES[cfg.dtype],
+                         tensorboard=_flag("train.tensorboard", t.tensorboard), dtype=DTYPES[cfg.dtype],
                          sync_every=t.get("sync_every", 1000),
                          cuda_graphs=_flag("train.cuda_graphs", t.get("cuda_graphs", False)))
 
@@ -323,8 +323,8 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
     (picks its GPU); `parallel`: jobs running at once on this node (divides the CPU threads).
     """
     _check_complete(cfg)
-    if not isinstance(cfg.seed, int):
-        raise UserError(f"Invalid seed={cfg.seed!r}. Must be an integer.")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**63:
+        raise UserError(f"Invalid seed={cfg.seed!r}. Must be an integer from 0 to 2**63-1.")
     settings = settings_from_cfg(cfg, _progress(cfg, multirun))
     schedule = schedule_from_cfg(cfg)
     settings.validate()
@@ -345,17 +345,24 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
     if action == "skip":
         return {**old_summary, "skipped": True}
     torch.manual_seed(cfg.seed)
-    if ranks.distributed:   # read on one rank per node, sent to the others
-        data = distributed.share_within_node(ranks, lambda: load_data(cfg.data, "cpu"))
-        data = data.to(device)
-    else:
-        data = load_data(cfg.data, device)
+    with fingerprint.collect() as data_files:   # what files were read, hashed as read
+        if ranks.distributed:   # read on one rank per node, sent to the others
+            data = distributed.share_within_node(ranks, lambda: load_data(cfg.data, "cpu"))
+            data = data.to(device)
+        else:
+            data = load_data(cfg.data, device)
+    if action == "resume":
+        ranks.agree(lambda: _check_same_data(run_dir, state, data_files) if ranks.writer else None)
 
     def build():
         try:
             return build_model(cfg.model, data.in_shape, data.num_classes)
         except ValueError as exc:
             raise UserError(f"model: {exc}") from None
+        except (RuntimeError, MemoryError, OverflowError) as exc:   # e.g. model.width=10**9
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise UserError(f"model: cannot build it ({first}); is a width or size too "
+                            "large?") from None
 
     model = ranks.agree(build).to(device=device, dtype=settings.dtype)
     set_cpu_threads(cfg.cpu_threads, device, sum(p.numel() for p in model.parameters()),
@@ -393,6 +400,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         "world_size": ranks.world_size,
         "distributed_backend": ranks.backend,
         "scheduler_job": preemption.scheduler_job_id(),
+        "data_files": data_files or None,   # name: [size, sha256] (also in the checkpoint)
     }
     trainer = ranks.agree(lambda: Trainer(model, optimizer, data, run_dir, settings, schedule,
                                           extra_summary=extra, config=config, ranks=ranks))
@@ -403,6 +411,16 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         if on_claim is not None:
             on_claim()
     return trainer.fit(resume=action == "resume", state=state)
+
+
+def _check_same_data(run_dir: Path, state: dict[str, Any], data_files: dict) -> None:
+    """Refuse to resume on other data than the run trained on (`data.fingerprint`)."""
+    changed = fingerprint.differences(state.get("data_files"), data_files)
+    if changed:
+        raise UserError(f"cannot resume {run_dir}: the data differ from those the run trained "
+                        f"on ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}: "
+                        "another size or content); resume with the original data files behind "
+                        "data.root.")
 
 
 def summary_line(summary: dict[str, Any]) -> str:

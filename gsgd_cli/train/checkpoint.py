@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import pickle
+import pickletools
 import re
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,33 @@ def write_text_atomic(text: str, path: str | Path) -> None:
         raise
 
 
+# The refusals of torch's restricted unpickler (torch 2.x) that mean "this object is not
+# allowed" rather than "these bytes are not a pickle": a global outside the allow-list, a
+# class to build or call, a foreign persistent id, or an opcode that builds objects directly
+# (INST, OBJ, EXT1/2/4, ...) or any other real pickle instruction it does not run (protocol 0's
+# DICT, protocol 4's FRAME: a pickle torch.save does not write). Bytes that are no pickle
+# instruction at all are a damaged file.
+_REFUSALS = (r"unsupported GLOBAL ([\w.]+)", r"Can only create new object for [^\n]*? got (.+)",
+             r"Can only build [^\n]*?, but got (.+)", r"(\S+) must be imported to load",
+             r"call reduce for unrecognized function (.+)", r"(persistent_load[^\n]*)")
+_PICKLE_OPCODES = {ord(op.code): op.name for op in pickletools.opcodes}
+
+
+def refused_object(message: str) -> str | None:
+    """What torch's restricted unpickler refused as not allowed (`message` is its error), or
+    None when the bytes are simply not a valid pickle."""
+    for pattern in _REFUSALS:
+        found = re.search(pattern, message, re.IGNORECASE)
+        if found:
+            return f"e.g. {found.group(1).strip()}"
+    opcode = re.search(r"Unsupported operand (\d+)", message)
+    if opcode:   # a real pickle instruction the restricted loader does not run (else: garbage)
+        name = _PICKLE_OPCODES.get(int(opcode.group(1)))
+        if name is not None:
+            return f"the pickle instruction {name}, which the restricted loader does not run"
+    return None
+
+
 def load(path: str | Path) -> dict:
     """The checkpoint at `path` as a dict, read with torch's restricted unpickler
     (`weights_only=True`: tensors, containers and plain Python values only, never code), its
@@ -69,16 +97,14 @@ def load(path: str | Path) -> dict:
         with safe_files.open_regular(path) as f:
             state = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        refused = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
-        if refused or "weights_only" in str(exc):
-            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            what = (f"e.g. {found.group(1)}" if found else
-                    (refused.group(1) if refused else "an object outside tensors and plain values"))
+        what = refused_object(str(exc))
+        if what is not None:
             raise UserError(f"refusing to load {path}: it contains objects that are not allowed "
                             f"in a checkpoint ({what[:160]}); it may run code: do not load it "
                             "unrestricted. A checkpoint written by gsgd train holds only "
                             "tensors and plain values: use one from a source you trust.") from None
-        _corrupt(path, exc)
+        reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+        _corrupt(path, reason.group(1) if reason else exc)
     except safe_files.UnsafeFileError as exc:
         raise UserError(f"cannot read the checkpoint: {exc}.") from None
     except (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError,

@@ -3,7 +3,8 @@
 directory stops with one line naming the holder's pid. The operating system releases the lock
 when the holder exits or is killed, so a killed run never blocks its resume.
 
-The lock file holds only the holder's pid (for the message); it is not a run file and stays.
+The lock file stays empty (the holder's pid comes from /proc/locks), so taking the lock changes
+no file of the run; it is not a run file and stays.
 """
 from __future__ import annotations
 
@@ -48,13 +49,27 @@ def lock(run_dir: str | Path) -> RunLock:
         safe_files._check_regular(path, fd)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        holder = holder_pid(fd) or "unknown"
         os.close(fd)
         raise UserError(f"{run_dir} is in use by another gsgd command (pid {holder}); wait for "
                         "it to finish or stop it, or choose another hydra.run.dir.") from None
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return RunLock(path, fd)
+
+
+def holder_pid(fd: int) -> str | None:
+    """The pid holding a flock on the file open at `fd`, from Linux's /proc/locks (the lock
+    file itself is never written, so taking the lock changes nothing in the run directory)."""
+    inode = os.fstat(fd).st_ino
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:   # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+            return fields[4]
+    return None

@@ -212,6 +212,7 @@ class Trainer:
             "world_size": self.ranks.world_size,
             "rng_ranks": rng_ranks,      # [(torch, cuda) per rank] of a data-parallel run
             "scheduler_job": self.extra_summary.get("scheduler_job"),   # see preemption.py
+            "data_files": self.extra_summary.get("data_files"),   # data.fingerprint
         }
 
     def save_checkpoint(self) -> None:
