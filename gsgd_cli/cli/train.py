@@ -43,7 +43,7 @@ from gsgd_cli import safe_files
 from gsgd_cli.data import describe, fingerprint, load_data
 from gsgd_cli.models import build_model
 from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError, distributed
-from gsgd_cli.train.checkpoint import load as load_checkpoint
+from gsgd_cli.train.checkpoint import load as load_checkpoint, write_text_atomic
 from gsgd_cli.train.distributed import SINGLE, Ranks
 from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_configured_dir,
                                    check_resume_config, new_run_id, restrict_umask)
@@ -283,7 +283,7 @@ def _save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.instance().cfg
     for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
                        ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
-        safe_files.write_atomic(folder / name, OmegaConf.to_yaml(node))
+        write_text_atomic(OmegaConf.to_yaml(node), folder / name)   # disk full: one line
 
 
 def _check_complete(cfg: DictConfig) -> None:
@@ -352,7 +352,8 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         else:
             data = load_data(cfg.data, device)
     if action == "resume":
-        ranks.agree(lambda: _check_same_data(run_dir, state, data_files) if ranks.writer else None)
+        ranks.agree(lambda: fingerprint.check_same(run_dir, state.get("data_files"), data_files)
+                    if ranks.writer else None)
 
     def build():
         try:
@@ -411,16 +412,6 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         if on_claim is not None:
             on_claim()
     return trainer.fit(resume=action == "resume", state=state)
-
-
-def _check_same_data(run_dir: Path, state: dict[str, Any], data_files: dict) -> None:
-    """Refuse to resume on other data than the run trained on (`data.fingerprint`)."""
-    changed = fingerprint.differences(state.get("data_files"), data_files)
-    if changed:
-        raise UserError(f"cannot resume {run_dir}: the data differ from those the run trained "
-                        f"on ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}: "
-                        "another size or content); resume with the original data files behind "
-                        "data.root.")
 
 
 def summary_line(summary: dict[str, Any]) -> str:
@@ -674,7 +665,9 @@ def _train_locked(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks
     except (UserError, safe_files.UnsafeFileError) as exc:
         message = str(exc)
         _say(f"gsgd train: error: {exc}")
-        if ours():
+        if getattr(exc, "run_kept", False):   # a resume that failed put the run back as it was
+            pass
+        elif ours():
             _write_failed_summary(run_dir, message)
             if not directory.claimed:
                 _save_hydra_files(run_dir, cfg)
@@ -710,7 +703,7 @@ def _train_locked(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks
         sys.exit(exit_code(exc))
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
-        if ours():
+        if ours() and not getattr(exc, "run_kept", False):
             _write_failed_summary(run_dir, message)
         if not multirun:
             raise

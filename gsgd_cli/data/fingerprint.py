@@ -17,6 +17,8 @@ import hashlib
 from pathlib import Path
 from typing import Iterator
 
+from gsgd_cli.train.errors import UserError
+
 _active: list[dict[str, list]] = []
 
 
@@ -44,3 +46,13 @@ def differences(recorded: dict | None, current: dict) -> list[str]:
         return ["(the recorded fingerprint is damaged)"]
     return sorted(name for name in set(recorded) | set(current)
                   if list(recorded.get(name) or []) != list(current.get(name) or []))
+
+
+def check_same(run_dir: str | Path, recorded: dict | None, current: dict) -> None:
+    """Refuse (one `UserError` line) to resume a run on other data than it trained on."""
+    changed = differences(recorded, current)
+    if changed:
+        raise UserError(f"cannot resume {run_dir}: the data differ from those the run trained "
+                        f"on ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}: "
+                        "another size or content); resume with the original data files behind "
+                        "data.root.")

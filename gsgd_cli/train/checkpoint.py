@@ -87,6 +87,15 @@ def refused_object(message: str) -> str | None:
     return None
 
 
+def append_text(path: str | Path, text: str) -> None:
+    """`safe_files.append`, a full disk or the file-size limit as `DiskFullError`."""
+    try:
+        safe_files.append(path, text)
+    except OSError as exc:
+        raise_disk_full(exc, Path(path))
+        raise
+
+
 def load(path: str | Path) -> dict:
     """The checkpoint at `path` as a dict, read with torch's restricted unpickler
     (`weights_only=True`: tensors, containers and plain Python values only, never code), its

@@ -52,7 +52,7 @@ from torch import nn
 
 from gsgd_cli import safe_files
 
-from .checkpoint import DiskFullError, load, save_atomic, write_text_atomic
+from .checkpoint import DiskFullError, append_text, load, save_atomic, write_text_atomic
 from .distributed import SINGLE, Ranks, StopVote
 from .preemption import preemption_signal
 from .errors import UserError
@@ -306,6 +306,31 @@ class Trainer:
         self._metrics_to_keep = self._metrics_up_to_checkpoint() if self.ranks.writer else None
         self.restored = True
 
+    def _files_before(self) -> dict[str, bytes | None]:
+        """summary.json and metrics.jsonl as they are before a resume writes (`_put_back`)."""
+        out: dict[str, bytes | None] = {}
+        for name in (SUMMARY, METRICS):
+            try:
+                out[name] = safe_files.read_bytes(self.run_dir / name, METRICS_LIMIT)
+            except FileNotFoundError:
+                out[name] = None
+            except OSError:   # unreadable: leave it to the resume's own checks
+                return {}
+        return out
+
+    def _put_back(self, before: dict[str, bytes | None]) -> bool:
+        """Restore summary.json and metrics.jsonl of a resume that failed before writing a
+        checkpoint (they then match the checkpoint again); whether that worked."""
+        try:
+            for name, data in before.items():
+                if data is None:
+                    safe_files.remove(self.run_dir / name)
+                else:
+                    safe_files.write_atomic(self.run_dir / name, data)
+        except OSError:
+            return False
+        return bool(before)
+
     def _metrics_up_to_checkpoint(self) -> list[str] | None:
         """The lines of metrics.jsonl to keep on resume: those up to the checkpoint (later
         evaluations will be redone), without a partial last line (the run was killed while
@@ -396,7 +421,7 @@ class Trainer:
             if self.best_val_acc is None or metrics["val_acc"] > self.best_val_acc:
                 self.best_val_acc = metrics["val_acc"]
         if self.ranks.writer:
-            safe_files.append(self.run_dir / METRICS, json.dumps(metrics) + "\n")
+            append_text(self.run_dir / METRICS, json.dumps(metrics) + "\n")
         if writer is not None:
             for key in METRIC_KEYS[1:] + (VAL_KEYS if self.data.has_val else ()):
                 writer.add_scalar(key, metrics[key], self.iteration)
@@ -494,16 +519,22 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_orphaned_tmp(self.run_dir)
         self._t0 = time.perf_counter()
+        before = None
         if resume:
             if not self.restored:
                 self.restore(state)
-            if self._metrics_to_keep is not None:
-                write_text_atomic("".join(line + "\n" for line in self._metrics_to_keep),
-                                  self.run_dir / METRICS)
-            if writes:   # until it ends, the summary says the run goes on from the checkpoint
-                self.status = "running"
-                self.message = f"resumed from the checkpoint at iteration {self.iteration}"
-                self.write_summary()
+            before = self._files_before() if writes else None
+            try:
+                if self._metrics_to_keep is not None:
+                    write_text_atomic("".join(line + "\n" for line in self._metrics_to_keep),
+                                      self.run_dir / METRICS)
+                if writes:   # until it ends, the summary says the run goes on from the checkpoint
+                    self.status = "running"
+                    self.message = f"resumed from the checkpoint at iteration {self.iteration}"
+                    self.write_summary()
+            except Exception as exc:
+                exc.run_kept = self._put_back(before)
+                raise
         elif writes:
             safe_files.remove(self.run_dir / METRICS)
         # DistributedDataParallel in a data-parallel run (after restore: its constructor
@@ -588,6 +619,9 @@ class Trainer:
         except Exception as exc:
             self.status = "failed"
             self.message = f"{type(exc).__name__}: {exc}"
+            if before is not None and self.checkpoint_iteration == self._fit_start:
+                # a resume that failed before its first checkpoint: the run is as it was
+                exc.run_kept = self._put_back(before)
             raise
         finally:
             stop.uninstall()
@@ -596,7 +630,11 @@ class Trainer:
             if writer is not None:
                 writer.close()
             try:
-                self.summary = self.write_summary()
+                if self.status == "failed" and before is not None and (
+                        self.checkpoint_iteration == self._fit_start):
+                    self.summary = {"status": self.status, "message": self.message}
+                else:
+                    self.summary = self.write_summary()
             except OSError as exc:   # e.g. the disk is full: keep the exception that stopped us
                 self.log(f"gsgd train: could not write {self.run_dir / SUMMARY} ({exc.strerror})")
                 self.summary = {"status": self.status, "message": self.message}
