@@ -211,3 +211,26 @@ def open_regular(path: str | Path):
         os.close(fd)
         raise
     return os.fdopen(fd, "rb")
+
+
+def write_all_or_none(files: dict[Path, bytes | str], limit: int = 16 * MiB) -> None:
+    """`write_atomic` each of `files`; when one fails, those already written get their old
+    contents back (or are removed when they did not exist), as far as the disk allows."""
+    old: dict[Path, bytes | None] = {}
+    for path in files:
+        try:
+            old[path] = read_bytes(path, limit)
+        except FileNotFoundError:
+            old[path] = None
+    done = []
+    try:
+        for path, data in files.items():
+            write_atomic(path, data)
+            done.append(path)
+    except BaseException:
+        for path in done:
+            try:
+                remove(path) if old[path] is None else write_atomic(path, old[path])
+            except OSError:
+                pass
+        raise

@@ -278,19 +278,33 @@ def _limited(limit_bytes: int):
     return setup
 
 
-def test_resume_past_the_file_size_limit_is_one_line_and_keeps_the_run(finished):
+@pytest.mark.parametrize("limit, fails_at", [(2000, ".hydra"), (60000, "checkpoint.pt")])
+def test_resume_past_the_file_size_limit_is_one_line_and_keeps_the_run(finished, limit,
+                                                                        fails_at):
     before = snapshot(finished)
     proc = subprocess.run([sys.executable, "-m", "gsgd_cli", "train", *SYNTH,
                            "train.iterations=30", "resume=true", f"hydra.run.dir={finished}"],
                           env=env(), capture_output=True, text=True, timeout=120,
-                          preexec_fn=_limited(2000), cwd=finished.parent)
+                          preexec_fn=_limited(limit), cwd=finished.parent)
     line = one_line(proc.returncode, proc.stdout, proc.stderr)
-    assert "could not write" in line, line
+    assert f"could not write {finished / fails_at}" in line and "file-size limit" in line, line
     assert json.loads((finished / "summary.json").read_text())["status"] == "completed"
     assert not list(finished.glob(".*.tmp"))
-    after = snapshot(finished)
-    assert {k: v for k, v in after.items() if not k.startswith("tb")} == {
-        k: v for k, v in before.items() if not k.startswith("tb")}
+    after = snapshot(finished)   # every file's contents as before (TensorBoard's aside)
+    assert {k: v[0] for k, v in after.items() if not k.startswith("tb")} == {
+        k: v[0] for k, v in before.items() if not k.startswith("tb")}
+
+
+def test_a_new_run_past_the_file_size_limit_does_not_block_the_next_command(gsgd_train,
+                                                                            tmp_path):
+    args = [sys.executable, "-m", "gsgd_cli", "train", *SYNTH, "train.iterations=6",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=120,
+                          preexec_fn=_limited(20000), cwd=tmp_path)
+    assert "file-size limit" in one_line(proc.returncode, proc.stdout, proc.stderr)
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    proc = gsgd_train(*SYNTH, "train.iterations=6", "overwrite=true")
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("setup, needle", [
@@ -314,14 +328,14 @@ def test_bad_run_dirs_are_one_line(gsgd_train, tmp_path, setup, needle):
 def test_a_read_only_parent_and_a_too_long_path_are_one_line(gsgd_train, tmp_path):
     long_dir = tmp_path / ("x" * 300)
     proc = gsgd_train(*SYNTH, "train.iterations=6", f"hydra.run.dir={long_dir}")
-    assert "cannot write into the run directory" in one_line(
+    assert "the path is too long for the file system" in one_line(
         proc.returncode, proc.stdout, proc.stderr)
     if os.geteuid() == 0:
         return   # root writes into read-only folders
     parent = tmp_path / "ro"
     parent.mkdir(mode=0o555)
     proc = gsgd_train(*SYNTH, "train.iterations=6", f"hydra.run.dir={parent / 'run'}")
-    assert "cannot write into the run directory" in one_line(
+    assert "is not writable" in one_line(
         proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -84,8 +84,8 @@ class _PlainLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            raise RunFileError("it uses a YAML alias (*name); a config written by gsgd train "
-                               "has none")
+            raise RunFileError("uses a YAML alias (*name), which a config written by gsgd "
+                               "train never has")
         return super().compose_node(parent, index)
 
 
@@ -94,7 +94,7 @@ def read_yaml(path: Path) -> Any:
     try:
         value = yaml.load(text, Loader=_PlainLoader)   # noqa: S506 (a safe loader)
     except RunFileError as exc:
-        raise RunFileError(f"cannot read {path}: {exc}") from None
+        raise RunFileError(f"{path} {exc}") from None
     except RecursionError:
         raise RunFileError(f"{path} nests deeper than {MAX_DEPTH} levels; no run file "
                            "does") from None

@@ -43,10 +43,11 @@ from gsgd_cli import safe_files
 from gsgd_cli.data import describe, fingerprint, load_data
 from gsgd_cli.models import build_model
 from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError, distributed
-from gsgd_cli.train.checkpoint import load as load_checkpoint, write_text_atomic
+from gsgd_cli.train.checkpoint import load as load_checkpoint, raise_disk_full
 from gsgd_cli.train.distributed import SINGLE, Ranks
 from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_configured_dir,
-                                   check_resume_config, new_run_id, restrict_umask)
+                                   check_dir_arguments, check_resume_config, is_run_dir_of_ours,
+                                   new_run_id, restrict_umask)
 from gsgd_cli.train import preemption, runlock, signals
 from gsgd_cli.train.signals import (Interrupted, exit_code, raise_on_sigterm, signal_name,
                                     wait_for_workers_on_signal)
@@ -281,9 +282,14 @@ def _save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
     folder = run_dir / HYDRA_DIR
     safe_files.make_dir(folder)
     hydra_cfg = HydraConfig.instance().cfg
-    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
-                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
-        write_text_atomic(OmegaConf.to_yaml(node), folder / name)   # disk full: one line
+    files = {folder / name: OmegaConf.to_yaml(node)
+             for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+                                ("overrides.yaml", hydra_cfg.hydra.overrides.task))}
+    try:   # all three or none of them
+        safe_files.write_all_or_none(files)
+    except OSError as exc:
+        raise_disk_full(exc, folder)   # one line
+        raise
 
 
 def _check_complete(cfg: DictConfig) -> None:
@@ -410,7 +416,11 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
     if ranks.writer:
         directory.claim(remove_old=action == "new")
         if on_claim is not None:
-            on_claim()
+            try:
+                on_claim()
+            except Exception as exc:   # a resumed run is still its checkpoint: put it back
+                exc.run_kept = action == "resume" and trainer.put_back()
+                raise
     return trainer.fit(resume=action == "resume", state=state)
 
 
@@ -474,6 +484,7 @@ def main() -> Any:
     previous = raise_on_sigterm()
     try:
         try:
+            check_dir_arguments(sys.argv[1:])   # before Hydra creates the folder
             launch = distributed.from_environment()
             if launch is None or launch.launcher == "submitit":   # submitit: see `_job_ranks`
                 return train_app()
@@ -634,8 +645,8 @@ def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: R
         sys.exit(2)
     try:
         return _train_locked(cfg, hc, multirun, run_dir, ranks, per_job)
-    finally:
-        held.release()
+    finally:   # a folder refused as not a run directory keeps no lock file of ours
+        held.release(remove_file=not is_run_dir_of_ours(run_dir))
 
 
 def _train_locked(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: Ranks,

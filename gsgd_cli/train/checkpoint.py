@@ -47,9 +47,12 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 def raise_disk_full(exc: OSError, path: Path) -> None:
     """A full disk, a quota or the file-size limit while writing `path`: one line."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise DiskFullError(f"the disk is full: could not write {path} "
                             f"({exc.strerror or 'no space left'})") from None
+    if exc.errno == errno.EFBIG:
+        raise DiskFullError(f"could not write {path}: it would pass the file-size limit "
+                            "(`ulimit -f`)") from None
 
 
 def write_text_atomic(text: str, path: str | Path) -> None:

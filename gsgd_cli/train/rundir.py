@@ -249,3 +249,45 @@ def check_configured_dir(value: Any, key: str = "hydra.run.dir") -> None:
         raise UserError(f"{key} is empty (an unset shell variable?); it would make the current "
                         f"directory the run directory. Pass {key}=PATH, or leave it out for "
                         "outputs/<date>/<time>_<id>.")
+
+
+def is_run_dir_of_ours(path: Path) -> bool:
+    """Does `path` hold only files `gsgd train` writes, at least one of them a run file?"""
+    try:
+        names = [child.name for child in Path(path).iterdir()]
+    except OSError:
+        return False
+    return all(_own(name) for name in names) and any(name in RUN_FILES for name in names)
+
+
+def check_dir_arguments(argv: list[str]) -> None:
+    """`hydra.run.dir=` / `hydra.sweep.dir=` given on the command line, checked before Hydra
+    creates the folder (its own errors would be tracebacks): not empty, not a file, not a path
+    too long for the file system, inside a folder this user may write to."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key.lstrip("+~") not in ("hydra.run.dir", "hydra.sweep.dir"):
+            continue
+        key = key.lstrip("+~")
+        check_configured_dir(value, key)
+        path = Path(value).expanduser()
+        if "${" in value:
+            continue   # composed by Hydra: checked when the job starts
+        try:
+            too_long = (len(os.fsencode(path.absolute())) >= os.pathconf("/", "PC_PATH_MAX")
+                        or any(len(os.fsencode(part)) > os.pathconf("/", "PC_NAME_MAX")
+                               for part in path.parts))
+        except (OSError, ValueError):
+            too_long = False
+        if too_long:
+            raise UserError(f"{key}={value}: the path is too long for the file system; choose "
+                            "a shorter one.")
+        existing = path
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        if existing == path and not path.is_dir():
+            raise UserError(f"{key}={value} exists and is not a directory; choose another "
+                            f"{key}.")
+        if existing != path and not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{key}={value}: cannot create it, {existing} is not writable; "
+                            f"choose a writable {key}.")

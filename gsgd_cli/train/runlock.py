@@ -23,11 +23,19 @@ LOCK_FILE = ".gsgd.lock"
 class RunLock:
     """A held lock; `release()` (or the end of the process) lets the next command in."""
 
-    def __init__(self, path: Path, fd: int):
+    def __init__(self, path: Path, fd: int, created: bool):
         self.path, self._fd = path, fd
+        self.created = created   # this command created the lock file
 
-    def release(self) -> None:
+    def release(self, *, remove_file: bool = False) -> None:
+        """Let the next command in; `remove_file`: also delete the lock file (when this
+        command created it in a folder it then refused to use as a run directory)."""
         if self._fd is not None:
+            if remove_file and self.created:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
             os.close(self._fd)   # closing the descriptor releases the flock
             self._fd = None
 
@@ -37,9 +45,14 @@ def lock(run_dir: str | Path) -> RunLock:
     run_dir = Path(run_dir)
     safe_files.make_dir(run_dir)
     path = run_dir / LOCK_FILE
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    created = True
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                     0o666)
+        try:
+            fd = os.open(path, flags | os.O_EXCL, 0o666)
+        except FileExistsError:
+            created = False
+            fd = os.open(path, flags, 0o666)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UserError(f"{path} is a symbolic link; gsgd never writes through a link: "
@@ -56,7 +69,7 @@ def lock(run_dir: str | Path) -> RunLock:
     except BaseException:
         os.close(fd)
         raise
-    return RunLock(path, fd)
+    return RunLock(path, fd, created)
 
 
 def holder_pid(fd: int) -> str | None:

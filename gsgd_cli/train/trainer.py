@@ -84,6 +84,7 @@ def _divergence_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
 METRICS_LIMIT = 1 << 30   # bytes of metrics.jsonl read on resume (a line is ~300 bytes)
 METRIC_KEYS = ("iteration", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                "elapsed_s")
@@ -173,6 +174,7 @@ class Trainer:
         self.message = ""
         self.checkpoint_iteration: int | None = None
         self.restored = False
+        self._before: dict[str, bytes | None] | None = None   # files a resume may put back
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _reset_running(self) -> None:
@@ -304,12 +306,14 @@ class Trainer:
         self.elapsed_before = state["elapsed_s"]
         self.checkpoint_iteration = self.iteration
         self._metrics_to_keep = self._metrics_up_to_checkpoint() if self.ranks.writer else None
+        self._before = self._files_before() if self.ranks.writer else None
         self.restored = True
 
     def _files_before(self) -> dict[str, bytes | None]:
-        """summary.json and metrics.jsonl as they are before a resume writes (`_put_back`)."""
+        """The run's summary, metrics and .hydra files as they are before a resume writes
+        (`put_back`)."""
         out: dict[str, bytes | None] = {}
-        for name in (SUMMARY, METRICS):
+        for name in (SUMMARY, METRICS, *HYDRA_FILES):
             try:
                 out[name] = safe_files.read_bytes(self.run_dir / name, METRICS_LIMIT)
             except FileNotFoundError:
@@ -318,18 +322,26 @@ class Trainer:
                 return {}
         return out
 
-    def _put_back(self, before: dict[str, bytes | None]) -> bool:
-        """Restore summary.json and metrics.jsonl of a resume that failed before writing a
+    def put_back(self) -> bool:
+        """Restore the files `_files_before` read, after a resume failed before writing a
         checkpoint (they then match the checkpoint again); whether that worked."""
-        try:
-            for name, data in before.items():
-                if data is None:
-                    safe_files.remove(self.run_dir / name)
-                else:
-                    safe_files.write_atomic(self.run_dir / name, data)
-        except OSError:
-            return False
-        return bool(before)
+        before = getattr(self, "_before", None) or {}
+        kept = bool(before)
+        for name, data in before.items():
+            path = self.run_dir / name
+            try:
+                now = safe_files.read_bytes(path, METRICS_LIMIT)
+            except FileNotFoundError:
+                now = None
+            except OSError:
+                now = b""
+            if now == data:
+                continue   # unchanged (a file the size limit would not let us write again)
+            try:
+                safe_files.remove(path) if data is None else safe_files.write_atomic(path, data)
+            except OSError:
+                kept = False
+        return kept
 
     def _metrics_up_to_checkpoint(self) -> list[str] | None:
         """The lines of metrics.jsonl to keep on resume: those up to the checkpoint (later
@@ -523,7 +535,7 @@ class Trainer:
         if resume:
             if not self.restored:
                 self.restore(state)
-            before = self._files_before() if writes else None
+            before = self._before
             try:
                 if self._metrics_to_keep is not None:
                     write_text_atomic("".join(line + "\n" for line in self._metrics_to_keep),
@@ -533,7 +545,7 @@ class Trainer:
                     self.message = f"resumed from the checkpoint at iteration {self.iteration}"
                     self.write_summary()
             except Exception as exc:
-                exc.run_kept = self._put_back(before)
+                exc.run_kept = self.put_back()
                 raise
         elif writes:
             safe_files.remove(self.run_dir / METRICS)
@@ -621,7 +633,7 @@ class Trainer:
             self.message = f"{type(exc).__name__}: {exc}"
             if before is not None and self.checkpoint_iteration == self._fit_start:
                 # a resume that failed before its first checkpoint: the run is as it was
-                exc.run_kept = self._put_back(before)
+                exc.run_kept = self.put_back()
             raise
         finally:
             stop.uninstall()
