@@ -762,8 +762,11 @@ class MultirunReport(Callback):
         records = []
         for path in sweep_dir.glob(JOB_RECORD.format("*")):
             try:
-                records.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
+                record = json.loads(safe_files.read_text(path, 1 << 20))
+                if not isinstance(record, dict) or not isinstance(record.get("num"), int):
+                    raise ValueError(path)
+                records.append(record)
+            except (OSError, ValueError, RecursionError):
                 records.append({"num": -1, "run_dir": str(path), "status": "unreadable record"})
         records.sort(key=lambda r: r["num"])
         done = [r for r in records if r["status"] == "completed"]
