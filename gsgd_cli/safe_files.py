@@ -132,9 +132,10 @@ def _create_tmp(path: Path) -> tuple[Path, int]:
     raise FileExistsError(errno.EEXIST, f"could not create a temporary file next to {path}")
 
 
-def write_atomic(path: str | Path, data: bytes | str) -> None:
+def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = False) -> None:
     """Replace `path` by `data` in one rename (readers see the old or the new file, never half
-    of one); the temporary file is removed on any failure."""
+    of one); the temporary file is removed on any failure. `fsync=True` also waits until the
+    data are on the disk before the rename (checkpoints)."""
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
@@ -144,7 +145,8 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

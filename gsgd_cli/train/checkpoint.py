@@ -39,7 +39,7 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     try:
-        safe_files.write_atomic(path, buffer.getbuffer())
+        safe_files.write_atomic(path, buffer.getbuffer(), fsync=True)
     except OSError as exc:
         raise_disk_full(exc, path)
         raise
@@ -69,7 +69,7 @@ def write_text_atomic(text: str, path: str | Path) -> None:
 # (INST, OBJ, EXT1/2/4, ...) or any other real pickle instruction it does not run (protocol 0's
 # DICT, protocol 4's FRAME: a pickle torch.save does not write). Bytes that are no pickle
 # instruction at all are a damaged file.
-_REFUSALS = (r"unsupported GLOBAL ([\w.]+)", r"Can only create new object for [^\n]*? got (.+)",
+_REFUSALS = (r"unsupported (?:global: )?GLOBAL ([\w.]+)", r"Can only create new object for [^\n]*? got (.+)",
              r"Can only build [^\n]*?, but got (.+)", r"(\S+) must be imported to load",
              r"call reduce for unrecognized function (.+)", r"(persistent_load[^\n]*)")
 _PICKLE_OPCODES = {ord(op.code): op.name for op in pickletools.opcodes}
