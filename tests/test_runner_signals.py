@@ -98,7 +98,7 @@ def test_no_resume_hint_without_a_checkpoint(gsgd_train_inproc, tmp_path, monkey
 
 def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous(
         gsgd_train_inproc, tmp_path, monkeypatch):
-    import gsgd_cli.train.checkpoint as checkpoint
+    import gsgd_cli.safe_files as checkpoint   # checkpoints are written through safe_files
 
     real_fsync, calls = checkpoint.os.fsync, []
 

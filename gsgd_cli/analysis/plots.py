@@ -16,14 +16,21 @@ Each function writes `<out>/<name>.png` and `.pdf` and returns the paths.
 """
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
+from gsgd_cli import safe_files
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+# Labels carry values read from run directories: `$` in them is text, not TeX math (a value
+# with an odd number of `$` would otherwise stop the drawing).
+plt.rcParams["text.parse_math"] = False
 
 from .gap import gap_se, width_pairs  # noqa: E402
 from .table import (OPTIMIZER_ORDER, SELECTION_LABELS, Row, _fmt_value, best_lr_rows,  # noqa: E402
@@ -40,11 +47,14 @@ SHORT_KEYS = {"model.width": "h", "optimizer.lr": "lr", "optimizer.weight_decay"
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    """`<out>/<name>.png` and `.pdf`, each written atomically and never through a link."""
+    safe_files.make_dir(out)
     paths = []
     for ext in ("png", "pdf"):
         path = out / f"{name}.{ext}"
-        fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=ext, dpi=150 if ext == "png" else None, bbox_inches="tight")
+        safe_files.write_atomic(path, buffer.getvalue())
         paths.append(path)
     plt.close(fig)
     return paths

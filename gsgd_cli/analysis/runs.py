@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from . import run_files
 
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
@@ -30,7 +30,8 @@ class ReportError(Exception):
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / HYDRA_CONFIG).is_file() or (path / SUMMARY).is_file()
+    return any((path / name).is_file() or (path / name).is_symlink()
+               for name in (HYDRA_CONFIG, SUMMARY))
 
 
 def find_run_dirs(paths: list[str | Path]) -> list[Path]:
@@ -153,59 +154,20 @@ class Run:
         return Run(self.path, self.config, summary, kept, self.overrides)
 
 
-def _keep_env_as_text(tree: Any) -> Any:
-    """Escape `${oc.env:...}`: a run directory is someone else's file, and resolving it would
-    put the reader's environment variables (which may hold secrets) into the report."""
-    if isinstance(tree, dict):
-        return {k: _keep_env_as_text(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_keep_env_as_text(v) for v in tree]
-    if isinstance(tree, str):
-        return tree.replace("${oc.env:", "\\${oc.env:")
-    return tree
-
-
-def _resolved(tree: dict) -> dict:
-    """The config with interpolations (`${lambda_wd}`) resolved where they can be outside the
-    run; one that cannot, and `${oc.env:...}` (see `_keep_env_as_text`), stays as its text."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    tree = _keep_env_as_text(tree)
-    try:
-        return OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
-    except OmegaConfBaseException:
-        pass
-    cfg = OmegaConf.create(tree)
-    out = {}
-    for key, value in flatten(OmegaConf.to_container(cfg, resolve=False)).items():
-        try:
-            out[key] = OmegaConf.select(cfg, key, throw_on_missing=False)
-            if OmegaConf.is_config(out[key]):
-                out[key] = OmegaConf.to_container(out[key], resolve=True)
-        except OmegaConfBaseException:
-            out[key] = value
-    return _unflatten(out)
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+METRIC_ROW_KEYS = ("iteration", "epoch", "train_loss", "test_acc")   # every row has them
+SUMMARY_NUMBERS = ("final_test_acc", "best_test_acc", "final_test_loss", "final_train_loss",
+                   "final_train_acc", "final_val_acc", "best_val_acc", "final_val_loss",
+                   "iterations", "epochs", "wall_time_s")
 
 
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    text = run_files.read_text(path, run_files.METRICS_LIMIT)
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = run_files.parse_json(line, path, f" line {number}")
         except json.JSONDecodeError as exc:
             raise ReportError(f"cannot read {path} line {number}: {exc.msg}; the run was "
                               "probably killed mid-write: rerun it or delete that line.") from None
@@ -215,15 +177,56 @@ def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _metrics_problem(rows: list[dict[str, Any]]) -> str | None:
+    """Why these metrics rows cannot be used (a key missing, a value that is no number)."""
+    for number, row in enumerate(rows, 1):
+        for key in METRIC_ROW_KEYS + tuple(k for k in ("val_acc", "test_loss") if k in row):
+            if key not in row:
+                return f"metrics.jsonl row {number} has no {key}"
+            bad = run_files.number_problem(row[key])
+            if bad is None and row[key] is None and key in ("iteration", "epoch"):
+                bad = "is null"
+            if bad:
+                return f"metrics.jsonl row {number}: {key} {bad}"
+    return None
+
+
+def _summary_problem(summary: dict[str, Any]) -> str | None:
+    """Why this summary cannot be used (a metric that is no number, `config` not a mapping)."""
+    for key in SUMMARY_NUMBERS:
+        bad = run_files.number_problem(summary.get(key))
+        if bad:
+            return f"summary.json: {key} {bad}"
+    config = summary.get("config")
+    if config is not None and not (isinstance(config, dict) and all(
+            isinstance(v, (str, type(None))) for v in config.values())):
+        return "summary.json: config is not a mapping of config groups to names"
+    for key in ("status", "message"):
+        if summary.get(key) is not None and not isinstance(summary[key], str):
+            return f"summary.json: {key} is not text"
+    seed = summary.get("seed")
+    if seed is not None and not isinstance(seed, (int, str)):
+        return "summary.json: seed is not an integer"
+    return None
+
+
 def load_run(path: Path) -> Run:
-    """Read one run directory. Raises `ReportError` for unreadable files of a finished run."""
+    """Read one run directory. Raises `ReportError` for unreadable JSON or YAML of a run; a file
+    that is unsafe to read (a link, a special or oversized file) or of the wrong shape leaves
+    the run out of the means with the reason (`Run.problem`)."""
+    try:
+        return _load_run(path)
+    except run_files.RunFileError as exc:
+        return Run(path=path, config={}, summary=None, metrics=[], problem=f"skipped: {exc}")
+
+
+def _load_run(path: Path) -> Run:
     summary = None
     summary_path = path / SUMMARY
-    if summary_path.is_file():
+    if _present(summary_path):
         try:
-            summary = json.loads(summary_path.read_text())
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ReportError(f"cannot read {summary_path}: {exc}") from None
+            summary = run_files.parse_json(
+                run_files.read_text(summary_path, run_files.JSON_LIMIT), summary_path)
         except json.JSONDecodeError as exc:
             raise ReportError(f"cannot read {summary_path}: invalid JSON ({exc.msg}); rerun "
                               "that job or move the directory away.") from None
@@ -233,33 +236,45 @@ def load_run(path: Path) -> Run:
     overrides: list[str] = []
     for rel, target in ((HYDRA_CONFIG, "config"), (HYDRA_OVERRIDES, "overrides")):
         file = path / rel
-        if not file.is_file():
+        if not _present(file):
             continue
         try:
-            data = yaml.safe_load(file.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ReportError(f"cannot read {file}: {str(exc).splitlines()[0]}") from None
+            data = run_files.read_yaml(file)
+        except run_files.RunFileError as exc:
+            if "cannot read" in str(exc):
+                raise ReportError(str(exc)) from None
+            raise
         if target == "config":
-            config = flatten(_resolved(data or {}))
+            if data is not None and not isinstance(data, dict):
+                raise run_files.RunFileError(f"{file} is not a mapping")
+            config = run_files.resolve_references(flatten(data or {}))
         else:
+            if data is not None and not isinstance(data, list):
+                raise run_files.RunFileError(f"{file} is not a list of overrides")
             overrides = [str(x) for x in (data or [])]
     metrics: list[dict[str, Any]] = []
     problem = None
     if summary is None:
         problem = "no summary.json (still running, or killed)"
-    elif summary.get("status") != "completed":
-        message = summary.get("message")
-        problem = f"status {summary.get('status')}" + (f": {message}" if message else "")
+    else:
+        problem = _summary_problem(summary)
+        if problem is None and summary.get("status") != "completed":
+            message = summary.get("message")
+            problem = f"status {summary.get('status')}" + (f": {message}" if message else "")
     metrics_path = path / METRICS
-    if metrics_path.is_file():
+    if _present(metrics_path):
         try:
             metrics = _read_json_lines(metrics_path)
         except ReportError:
             if problem is None:
                 raise
             metrics = []
+        problem = problem or _metrics_problem(metrics)
     elif problem is None:
         problem = "no metrics.jsonl"
+    if problem is not None and problem.startswith(("summary.json:", "metrics.jsonl")):
+        summary, metrics = None, []   # neither is used for a skipped run
+        problem = f"skipped: {problem}"
     run = Run(path=path, config=config, summary=summary, metrics=metrics, overrides=overrides,
               problem=problem)
     if run.problem is None:
@@ -268,6 +283,11 @@ def load_run(path: Path) -> Run:
         if missing:
             run.problem = f"completed but without {', '.join(missing)}"
     return run
+
+
+def _present(path: Path) -> bool:
+    """Exists, or is a link (read, and refused, rather than silently ignored)."""
+    return path.exists() or path.is_symlink()
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:

@@ -331,10 +331,22 @@ def to_csv(rows: list[Row], keys: list[str]) -> str:
 
     for row in rows:
         stats = [num(part) for name, _ in metrics for part in row.stats[name]]
-        writer.writerow([row.data, row.model, row.optimizer,
-                         *[_fmt_value(row.swept[k]) for k in keys], len(row.seeds),
-                         " ".join(str(s) for s in row.seeds), len(row.runs),
+        writer.writerow([_cell(row.data), _cell(row.model), _cell(row.optimizer),
+                         *[_cell(row.swept[k]) for k in keys], len(row.seeds),
+                         _cell(" ".join(str(s) for s in row.seeds)), len(row.runs),
                          "" if row.num_parameters is None else row.num_parameters,
                          "" if row.ratio is None else repr(row.ratio[2]), *stats,
                          row.paper, num(row.paper_error)])
     return out.getvalue()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell from a value read from a run: text that a spreadsheet would take for a
+    formula (`=`, `+`, `-`, `@` first) gets a leading `'`; numbers stay numbers."""
+    text = _fmt_value(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return text
+    return "'" + text if text.startswith(FORMULA_STARTS) else text

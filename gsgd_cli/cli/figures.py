@@ -21,6 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gsgd_cli import safe_files
 from gsgd_cli.analysis import ReportError, build_rows, load_runs
 from gsgd_cli.cli.report import OneLineParser
 
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             written += plots.plot_curves(rows, keys, out)
     except ReportError as exc:
         print(f"gsgd figures: error: {exc}", file=sys.stderr)
+        return 2
+    except safe_files.UnsafeFileError as exc:
+        print(f"gsgd figures: error: not writing the figures: {exc}; or pass --out with "
+              "another folder.", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"gsgd figures: error: cannot write into {args.out}: {exc.strerror}; pass --out "

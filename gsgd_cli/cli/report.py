@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gsgd_cli import safe_files
 from gsgd_cli.analysis import ReportError, build_rows, load_runs, markdown, to_csv
 from gsgd_cli.analysis.gap import width_gap_markdown
 from gsgd_cli.analysis.table import best_markdown, refused_before_training
@@ -90,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.csv != "-":
             csv_path = Path(args.csv) if args.csv else Path(args.run_dirs[0]) / "report.csv"
             try:
-                csv_path.parent.mkdir(parents=True, exist_ok=True)
-                csv_path.write_text(to_csv(rows, keys))
+                safe_files.make_dir(csv_path.parent)
+                safe_files.write_atomic(csv_path, to_csv(rows, keys))
+            except safe_files.UnsafeFileError as exc:
+                raise ReportError(f"not writing the CSV: {exc}; or pass --csv with another "
+                                  "path (--csv - for none).") from None
             except OSError as exc:
                 raise ReportError(f"cannot write {csv_path}: {exc.strerror}; pass --csv "
                                   "with a writable path.") from None

@@ -39,15 +39,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
+from gsgd_cli import safe_files
 from gsgd_cli.cli import console
-from gsgd_cli.data import describe, load_data
+from gsgd_cli.data import describe, fingerprint, load_data
 from gsgd_cli.models import build_model
 from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError, distributed
-from gsgd_cli.train.checkpoint import load as load_checkpoint
+from gsgd_cli.train.checkpoint import load as load_checkpoint, raise_disk_full
 from gsgd_cli.train.distributed import SINGLE, Ranks
-from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_resume_config, new_run_id,
-                                   restrict_umask)
-from gsgd_cli.train import preemption, signals
+from gsgd_cli.train.rundir import (HYDRA_DIR, RunDirectory, check_configured_dir,
+                                   check_dir_arguments, check_resume_config, is_run_dir_of_ours,
+                                   new_run_id, restrict_umask)
+from gsgd_cli.train import preemption, runlock, signals
 from gsgd_cli.train.signals import (Interrupted, exit_code, raise_on_sigterm, signal_name,
                                     wait_for_workers_on_signal)
 
@@ -183,7 +185,7 @@ def settings_from_cfg(cfg: DictConfig, progress: bool | None) -> TrainSettings:
     return TrainSettings(epochs=t.epochs, iterations=t.iterations, batch_size=t.batch_size,
                          eval_every=t.eval_every, eval_batch_size=t.eval_batch_size,
                          checkpoint_every=t.checkpoint_every, seed=cfg.seed, progress=progress,
-                         tensorboard=bool(t.tensorboard), dtype=DTYPES[cfg.dtype],
+                         tensorboard=_flag("train.tensorboard", t.tensorboard), dtype=DTYPES[cfg.dtype],
                          sync_every=t.get("sync_every", 1000),
                          cuda_graphs=_flag("train.cuda_graphs", t.get("cuda_graphs", False)),
                          keep_best=t.get("keep_best"))
@@ -220,12 +222,14 @@ def _plan(directory: RunDirectory, cfg: DictConfig, config: dict[str, Any],
     if resume and overwrite:
         raise UserError("resume=true and overwrite=true contradict each other: resume=true "
                         "continues the run, overwrite=true deletes it. Pass one of them.")
+    directory.check()
     if not resume and not overwrite and _requeued(directory):
         # this scheduler job, requeued after a preemption or its time limit: continue it (or
         # start again if it never reached a checkpoint)
         if not directory.checkpoint.is_file():
             print(f"gsgd train: this job was requeued before its first checkpoint; starting "
                   f"{where} again")
+            directory.check_new()
             return "new", None
         requeued = resume = True
     else:
@@ -235,9 +239,11 @@ def _plan(directory: RunDirectory, cfg: DictConfig, config: dict[str, Any],
             raise UserError(f"{where} already holds a run ({', '.join(directory.existing())}). "
                             "Continue it with resume=true, choose another hydra.run.dir, or "
                             "pass overwrite=true to delete its files and start again.")
+        directory.check_new()
         return "new", None
     if not directory.checkpoint.is_file():
         if multirun:   # a job of the sweep that never started, or never reached a checkpoint
+            directory.check_new()
             return "new", None
         if directory.status == "diverged":
             raise UserError(
@@ -279,11 +285,16 @@ def _requeued(directory: RunDirectory) -> bool:
 def _save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
     """`.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`, as Hydra itself would write them."""
     folder = run_dir / HYDRA_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    safe_files.make_dir(folder)
     hydra_cfg = HydraConfig.instance().cfg
-    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
-                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
-        (folder / name).write_text(OmegaConf.to_yaml(node))
+    files = {folder / name: OmegaConf.to_yaml(node)
+             for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+                                ("overrides.yaml", hydra_cfg.hydra.overrides.task))}
+    try:   # all three or none of them
+        safe_files.write_all_or_none(files)
+    except OSError as exc:
+        raise_disk_full(exc, folder)   # one line
+        raise
 
 
 def _check_complete(cfg: DictConfig) -> None:
@@ -326,8 +337,8 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
     (picks its GPU); `parallel`: jobs running at once on this node (divides the CPU threads).
     """
     _check_complete(cfg)
-    if not isinstance(cfg.seed, int):
-        raise UserError(f"Invalid seed={cfg.seed!r}. Must be an integer.")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**63:
+        raise UserError(f"Invalid seed={cfg.seed!r}. Must be an integer from 0 to 2**63-1.")
     settings = settings_from_cfg(cfg, _progress(cfg, multirun))
     schedule = schedule_from_cfg(cfg)
     settings.validate()
@@ -348,17 +359,25 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
     if action == "skip":
         return {**old_summary, "skipped": True}
     torch.manual_seed(cfg.seed)
-    if ranks.distributed:   # read on one rank per node, sent to the others
-        data = distributed.share_within_node(ranks, lambda: load_data(cfg.data, "cpu"))
-        data = data.to(device)
-    else:
-        data = load_data(cfg.data, device)
+    with fingerprint.collect() as data_files:   # what files were read, hashed as read
+        if ranks.distributed:   # read on one rank per node, sent to the others
+            data = distributed.share_within_node(ranks, lambda: load_data(cfg.data, "cpu"))
+            data = data.to(device)
+        else:
+            data = load_data(cfg.data, device)
+    if action == "resume":
+        ranks.agree(lambda: fingerprint.check_same(run_dir, state.get("data_files"), data_files)
+                    if ranks.writer else None)
 
     def build():
         try:
             return build_model(cfg.model, data.in_shape, data.num_classes)
         except ValueError as exc:
             raise UserError(f"model: {exc}") from None
+        except (RuntimeError, MemoryError, OverflowError) as exc:   # e.g. model.width=10**9
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise UserError(f"model: cannot build it ({first}); is a width or size too "
+                            "large?") from None
 
     model = ranks.agree(build).to(device=device, dtype=settings.dtype)
     set_cpu_threads(cfg.cpu_threads, device, sum(p.numel() for p in model.parameters()),
@@ -398,6 +417,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
         "world_size": ranks.world_size,
         "distributed_backend": ranks.backend,
         "scheduler_job": preemption.scheduler_job_id(),
+        "data_files": data_files or None,   # name: [size, sha256] (also in the checkpoint)
     }
     trainer = ranks.agree(lambda: Trainer(model, optimizer, data, run_dir, settings, schedule,
                                           extra_summary=extra, config=config, ranks=ranks))
@@ -408,7 +428,11 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False,
     if ranks.writer:
         directory.claim(remove_old=action == "new")
         if on_claim is not None:
-            on_claim()
+            try:
+                on_claim()
+            except Exception as exc:   # a resumed run is still its checkpoint: put it back
+                exc.run_kept = action == "resume" and trainer.put_back()
+                raise
     return trainer.fit(resume=action == "resume", state=state)
 
 
@@ -426,14 +450,11 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 def _write_failed_summary(run_dir: Path, message: str) -> None:
     path = run_dir / SUMMARY
-    try:
-        summary = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        summary = {}
+    summary = RunDirectory(run_dir).summary or {}
     summary.update(status="failed", message=message, run_dir=str(run_dir))
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+    try:   # never through a link; a full disk leaves the old file (or none), not an empty one
+        safe_files.make_dir(run_dir)
+        safe_files.write_atomic(path, json.dumps(summary, indent=2) + "\n")
     except OSError:   # e.g. the disk is full: the error line on stderr says what happened
         pass
 
@@ -448,10 +469,13 @@ def _record_job(status: str, run_dir: Path, message: str | None, skipped: bool) 
     """One file per sweep job, `<sweep dir>/.gsgd_job.<num>.json`, read by `MultirunReport`."""
     hc = HydraConfig.get()
     folder = Path(hc.runtime.cwd) / hc.sweep.dir   # the cwd may be the job dir (job.chdir)
-    folder.mkdir(parents=True, exist_ok=True)
     record = {"num": hc.job.num, "run_dir": str(run_dir), "status": status,
               "message": message, "skipped": skipped}
-    (folder / JOB_RECORD.format(hc.job.num)).write_text(json.dumps(record) + "\n")
+    try:
+        safe_files.make_dir(folder)
+        safe_files.write_atomic(folder / JOB_RECORD.format(hc.job.num), json.dumps(record) + "\n")
+    except OSError as exc:   # the end-of-sweep line then counts this job as without a record
+        _say(f"gsgd train: could not record job {hc.job.num} in {folder}: {exc}")
     print("gsgd train: " + console.jobs_done_line(folder, JOB_RECORD.format("*"), hc.job.num,
                                                   status), flush=True)
 
@@ -474,6 +498,7 @@ def main() -> Any:
     previous = raise_on_sigterm()
     try:
         try:
+            check_dir_arguments(sys.argv[1:])   # before Hydra creates the folder
             launch = distributed.from_environment()
             if launch is None or launch.launcher == "submitit":   # submitit: see `_job_ranks`
                 return train_app()
@@ -617,6 +642,29 @@ def train_app(cfg: DictConfig) -> float | None:
 
 def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: Ranks,
                per_job: bool) -> float | None:
+    """One job on rank 0 (or the only process), holding the run directory's lock
+    (`runlock`: one command per run directory at a time)."""
+    try:
+        check_configured_dir(hc.sweep.dir if multirun else hc.run.dir,
+                             "hydra.sweep.dir" if multirun else "hydra.run.dir")
+        held = runlock.lock(run_dir)
+    except (UserError, OSError) as exc:
+        if type(exc) is not UserError and not isinstance(exc, safe_files.UnsafeFileError):
+            exc = UserError(f"cannot write into the run directory {run_dir} "
+                            f"({exc.strerror or exc}); choose a writable hydra.run.dir.")
+        _say(f"gsgd train: error: {exc}")
+        if multirun:
+            _record_job("refused", run_dir, str(exc), False)
+            return None
+        sys.exit(2)
+    try:
+        return _train_locked(cfg, hc, multirun, run_dir, ranks, per_job)
+    finally:   # a folder refused as not a run directory keeps no lock file of ours
+        held.release(remove_file=not is_run_dir_of_ours(run_dir))
+
+
+def _train_locked(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: Ranks,
+                  per_job: bool) -> float | None:
     """One job on rank 0 (or the only process): run it, report it, record it in the sweep."""
     directory = RunDirectory(run_dir)
     status, message, skipped = "failed", None, False
@@ -641,10 +689,12 @@ def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: R
                            **_job_options(hc, multirun))
         status, message = summary["status"], summary.get("message")
         skipped = bool(summary.get("skipped"))
-    except UserError as exc:
+    except (UserError, safe_files.UnsafeFileError) as exc:
         message = str(exc)
         _say(f"gsgd train: error: {exc}")
-        if ours():
+        if getattr(exc, "run_kept", False):   # a resume that failed put the run back as it was
+            pass
+        elif ours():
             _write_failed_summary(run_dir, message)
             if not directory.claimed:
                 _save_hydra_files(run_dir, cfg)
@@ -680,7 +730,7 @@ def _train_job(cfg: DictConfig, hc: Any, multirun: bool, run_dir: Path, ranks: R
         sys.exit(exit_code(exc))
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
-        if ours():
+        if ours() and not getattr(exc, "run_kept", False):
             _write_failed_summary(run_dir, message)
         if not multirun:
             raise
@@ -730,8 +780,11 @@ class MultirunReport(Callback):
         records = []
         for path in sweep_dir.glob(JOB_RECORD.format("*")):
             try:
-                records.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
+                record = json.loads(safe_files.read_text(path, 1 << 20))
+                if not isinstance(record, dict) or not isinstance(record.get("num"), int):
+                    raise ValueError(path)
+                records.append(record)
+            except (OSError, ValueError, RecursionError):
                 records.append({"num": -1, "run_dir": str(path), "status": "unreadable record"})
         records.sort(key=lambda r: r["num"])
         done = [r for r in records if r["status"] == "completed"]

@@ -21,9 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gsgd_cli import safe_files
 from gsgd_cli.train.errors import DataNotFoundError, UserError
 
+from . import fingerprint
 from .datasets import check_labels
+
+MAX_BATCH_BYTES = 1 << 30   # CIFAR-100's training file, the largest, is 155 MB
 
 LAYOUT = {   # folder, training files, test files, label key, classes
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
@@ -56,8 +60,18 @@ def _latin1_encode(text, encoding="utf-8"):
     return text.encode("latin-1")
 
 
+def _empty_bytes(*args):
+    """`bytes()` as protocol-2 pickles write an empty byte string (e.g. an empty array's data);
+    nothing else (`bytes(n)` would allocate n bytes)."""
+    if args:
+        raise pickle.UnpicklingError("bytes(...) with arguments is not allowed")
+    return b""
+
+
 # What numpy arrays pickle into (protocols 2 to 5, numpy 1 and 2 module names).
 _ALLOWED = {
+    ("__builtin__", "bytes"): lambda: _empty_bytes,
+    ("builtins", "bytes"): lambda: _empty_bytes,
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy.core.numeric", "_frombuffer"): _frombuffer,
@@ -87,8 +101,13 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[torch.Tens
     fix = ("replace it with the original file (data.download=true downloads the originals and "
            "checks their md5)")
     try:
-        with open(path, "rb") as f:
-            entry = BatchUnpickler(f, encoding="latin1").load()
+        stored = safe_files.read_bytes(path, MAX_BATCH_BYTES, follow_links=True)
+    except OSError as exc:
+        reason = exc if isinstance(exc, safe_files.UnsafeFileError) else exc.strerror
+        raise UserError(f"cannot read {path}: {reason}; {fix}.") from None
+    fingerprint.note(path, stored)
+    try:
+        entry = BatchUnpickler(io.BytesIO(stored), encoding="latin1").load()
     except NotAllowed as exc:
         raise UserError(f"refusing to read {path}: it contains objects that are not allowed in "
                         f"a CIFAR batch ({exc}), which could run code when loaded; {fix}.") from None
@@ -107,6 +126,9 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[torch.Tens
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise UserError(f"{path} holds 'data' of shape {list(data.shape)} and type {data.dtype}, "
                         f"not uint8 [N, 3072] (N images of 3x32x32); {fix}.")
+    if not _integer_labels(labels):
+        raise UserError(f"{path}: '{label_key}' is not a list of integers (found "
+                        f"{_first_odd(labels)}); {fix}.")
     try:
         y = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
     except (TypeError, ValueError, OverflowError):
@@ -116,6 +138,23 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[torch.Tens
     check_labels(y, num_classes, path, fix)
     x = torch.from_numpy(np.ascontiguousarray(data)).reshape(-1, 3, 32, 32)
     return x, y
+
+
+def _integer_labels(labels) -> bool:
+    """A list of Python ints (not bools, floats or strings) or an integer numpy array."""
+    if isinstance(labels, np.ndarray):
+        return labels.dtype.kind in "iu"
+    return isinstance(labels, list) and all(type(v) is int or isinstance(v, np.integer)
+                                            for v in labels)
+
+
+def _first_odd(labels) -> str:
+    if not isinstance(labels, (list, np.ndarray)):
+        return f"a {type(labels).__name__}"
+    if isinstance(labels, np.ndarray):
+        return f"an array of {labels.dtype}"
+    odd = next(v for v in labels if not (type(v) is int or isinstance(v, np.integer)))
+    return f"{odd!r}"
 
 
 def _download(name: str, root: Path) -> None:

@@ -160,6 +160,11 @@ def load_data(data_cfg: Any, device: torch.device | str = "cpu") -> DeviceData:
     name = data_name(data_cfg)
     in_shape, num_classes = describe(data_cfg)
     train_x, train_y, test_x, test_y = load_raw(data_cfg)
+    for split, y in (("training", train_y), ("test", test_y)):
+        if len(y) == 0:   # else: a ZeroDivisionError at the first evaluation, or odd messages
+            raise UserError(f"the {split} split of data.name={name} holds no examples; check "
+                            "the data files (for synthetic data: data.train_size, "
+                            "data.test_size).")
     for split, y in (("training", train_y), ("test", test_y)):   # every reader checks its files
         check_labels(y, num_classes, f"the {split} split of data.name={name}",
                      "check the data files (labels must be 0..num_classes-1)")

@@ -6,6 +6,7 @@ depends only on `data.seed`, not on the training seed.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from gsgd_cli.train.errors import UserError
 
 from .datasets import cfg_get
+
+MAX_VALUES = 1 << 31   # bytes of uint8 images (2 GiB; generated in float32, 4x that)
 
 
 def synthetic_shape(cfg: Any) -> tuple[tuple[int, int, int], int]:
@@ -33,7 +36,14 @@ def make_synthetic(cfg: Any):
     for key, value in sizes.items():
         if not isinstance(value, int) or value < 1:
             raise UserError(f"Invalid data.{key}={value!r}. Must be a positive integer.")
-    noise = float(cfg_get(cfg, "noise", 0.25))
+    noise = cfg_get(cfg, "noise", 0.25)
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < 1e6:
+        raise UserError(f"Invalid data.noise={noise!r}. Must be a finite number >= 0.")
+    values = (sizes["train_size"] + sizes["test_size"]) * math.prod(shape)
+    if values > MAX_VALUES:
+        raise UserError(f"data.shape={list(shape)} with {sizes['train_size']} + "
+                        f"{sizes['test_size']} examples would take {values / 2**30:.1f} GiB; "
+                        f"keep it under {MAX_VALUES / 2**30:.0f} GiB (smaller shape or sizes).")
     gen = torch.Generator().manual_seed(int(cfg_get(cfg, "seed", 0)))
     prototypes = torch.rand((num_classes, *shape), generator=gen)
     out = []

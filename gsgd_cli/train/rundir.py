@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
+from gsgd_cli import safe_files
 from gsgd_cli.analysis.runs import flatten
 
 from .errors import UserError
+from .runlock import LOCK_FILE
 
 RUN_ID_ENV = "GSGD_RUN_ID"
 
@@ -34,6 +36,9 @@ RUN_FILES = (SUMMARY, METRICS, CHECKPOINT, TB_DIR, HYDRA_DIR, BEST)
 # Temporary files of the atomic writers (`.checkpoint.pt.<random>.tmp`, `.summary.json.tmp`,
 # ...); a kill between writing and renaming leaves them behind.
 TMP_PATTERNS = (".*.tmp",)
+# What else may be in a run directory: the lock (`runlock`) and `gsgd report`'s default CSV.
+OTHER_OWN_FILES = (LOCK_FILE, "report.csv")
+SUMMARY_LIMIT = 1 << 20    # bytes: a summary is a few hundred
 
 # Keys of the composed config that `resume=true` may change: the budget (an extended budget
 # gives the same result as a run started with it: the schedule's milestones are absolute),
@@ -111,13 +116,67 @@ class RunDirectory:
         self.path = Path(path)
         self.summary = self._read_summary()
         self.claimed = False
+        self.refused = False   # a check refused it: this command writes nothing there
 
     def _read_summary(self) -> dict[str, Any] | None:
         try:
-            summary = json.loads((self.path / SUMMARY).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            summary = json.loads(safe_files.read_text(self.path / SUMMARY, SUMMARY_LIMIT))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             return None
         return summary if isinstance(summary, dict) else None
+
+    def check(self) -> None:
+        """Refuse (one `UserError` line) a directory this command must not write into: one
+        whose run files are links (they could point anywhere) or of the wrong kind (a FIFO, a
+        device, a folder named summary.json). A refused directory is never written to."""
+        try:
+            self._check()
+        except UserError:
+            self.refused = True
+            raise
+
+    def check_new(self) -> None:
+        """For a new run (`overwrite=true` included): refuse a folder holding files `gsgd
+        train` did not write, so that nothing else is removed or mixed with the run."""
+        if not self.path.is_dir():
+            return
+        foreign = sorted(child.name for child in self.path.iterdir() if not _own(child.name))
+        if foreign:
+            self.refused = True
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise UserError(f"{self.path} is not a run directory: it holds files gsgd train "
+                            f"did not write ({shown}), which a run would mix with (or "
+                            "overwrite=true delete) its own. Choose a new or empty "
+                            "hydra.run.dir.")
+
+    def _check(self) -> None:
+        where = self.path
+        try:
+            info = os.stat(where)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(info.st_mode):
+            raise UserError(f"the run directory {where} exists and is not a directory; choose "
+                            "another hydra.run.dir.")
+        hydra = where / HYDRA_DIR
+        names = [*RUN_FILES, LOCK_FILE]
+        if hydra.is_dir() and not safe_files.is_link(hydra):
+            names += [f"{HYDRA_DIR}/{child.name}" for child in hydra.iterdir()]
+        links = safe_files.links_among(where, names)
+        if links:
+            raise UserError(f"{where} holds symbolic links ({', '.join(links)}); gsgd never "
+                            "writes through a link, which could point anywhere: remove them, or "
+                            "choose another hydra.run.dir.")
+        for name, want_dir in ((SUMMARY, False), (METRICS, False), (CHECKPOINT, False),
+                               (TB_DIR, True), (HYDRA_DIR, True), (LOCK_FILE, False)):
+            try:
+                mode = os.lstat(where / name).st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(mode) != want_dir or not (want_dir or stat.S_ISREG(mode)):
+                raise UserError(f"{where / name} is {safe_files._kind(mode)}, not the "
+                                f"{'folder' if want_dir else 'file'} gsgd train writes there; "
+                                "move it away, or choose another hydra.run.dir.")
 
     @property
     def checkpoint(self) -> Path:
@@ -128,6 +187,8 @@ class RunDirectory:
         return [name for name in RUN_FILES if (self.path / name).exists()]
 
     def holds_run(self) -> bool:
+        if self.refused:   # not ours to write to, whatever it holds
+            return True
         if any((self.path / name).exists() for name in (CHECKPOINT, METRICS, TB_DIR)):
             return True
         if (self.path / SUMMARY).exists():
@@ -142,16 +203,18 @@ class RunDirectory:
     def claim(self, *, remove_old: bool) -> None:
         """This command now writes here: remove the old run's files first when asked, and
         always the temporary files a killed writer left behind."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        safe_files.make_dir(self.path)
         if remove_old:
             for name in RUN_FILES:
-                target = self.path / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
+                safe_files.remove(self.path / name)
         remove_orphaned_tmp(self.path)
         self.claimed = True
+
+
+def _own(name: str) -> bool:
+    """Is `name` a file `gsgd train` (or `gsgd report`) writes into a run directory?"""
+    return (name in RUN_FILES or name in OTHER_OWN_FILES
+            or (name.startswith(".") and name.endswith(".tmp")))
 
 
 def remove_orphaned_tmp(folder: Path) -> list[Path]:
@@ -159,8 +222,8 @@ def remove_orphaned_tmp(folder: Path) -> list[Path]:
     removed = []
     for pattern in TMP_PATTERNS:
         for tmp in folder.glob(pattern):
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)
+            if tmp.is_file() or safe_files.is_link(tmp):   # a link: removed, not followed
+                safe_files.remove(tmp)
                 removed.append(tmp)
     return removed
 
@@ -179,3 +242,54 @@ def check_resume_config(checkpoint: Path, recorded: dict[str, Any] | None,
                         f"checkpoint's run ({'; '.join(diffs)}). Resume with the original "
                         f"values (only {allowed} may change), or start a new run in another "
                         "hydra.run.dir.")
+
+
+def check_configured_dir(value: Any, key: str = "hydra.run.dir") -> None:
+    """An empty `hydra.run.dir=` (e.g. an unset shell variable) would make the current
+    directory the run directory: refuse it."""
+    if value is None or not str(value).strip():
+        raise UserError(f"{key} is empty (an unset shell variable?); it would make the current "
+                        f"directory the run directory. Pass {key}=PATH, or leave it out for "
+                        "outputs/<date>/<time>_<id>.")
+
+
+def is_run_dir_of_ours(path: Path) -> bool:
+    """Does `path` hold only files `gsgd train` writes, at least one of them a run file?"""
+    try:
+        names = [child.name for child in Path(path).iterdir()]
+    except OSError:
+        return False
+    return all(_own(name) for name in names) and any(name in RUN_FILES for name in names)
+
+
+def check_dir_arguments(argv: list[str]) -> None:
+    """`hydra.run.dir=` / `hydra.sweep.dir=` given on the command line, checked before Hydra
+    creates the folder (its own errors would be tracebacks): not empty, not a file, not a path
+    too long for the file system, inside a folder this user may write to."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key.lstrip("+~") not in ("hydra.run.dir", "hydra.sweep.dir"):
+            continue
+        key = key.lstrip("+~")
+        check_configured_dir(value, key)
+        path = Path(value).expanduser()
+        if "${" in value:
+            continue   # composed by Hydra: checked when the job starts
+        try:
+            too_long = (len(os.fsencode(path.absolute())) >= os.pathconf("/", "PC_PATH_MAX")
+                        or any(len(os.fsencode(part)) > os.pathconf("/", "PC_NAME_MAX")
+                               for part in path.parts))
+        except (OSError, ValueError):
+            too_long = False
+        if too_long:
+            raise UserError(f"{key}={value}: the path is too long for the file system; choose "
+                            "a shorter one.")
+        existing = path
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        if existing == path and not path.is_dir():
+            raise UserError(f"{key}={value} exists and is not a directory; choose another "
+                            f"{key}.")
+        if existing != path and not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{key}={value}: cannot create it, {existing} is not writable; "
+                            f"choose a writable {key}.")

@@ -50,7 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import DiskFullError, load, save_atomic, write_text_atomic
+from gsgd_cli import safe_files
+
+from .checkpoint import DiskFullError, append_text, load, save_atomic, write_text_atomic
 from .distributed import SINGLE, Ranks, StopVote
 from .preemption import preemption_signal
 from .best import BestModel
@@ -85,6 +87,8 @@ def _divergence_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
+METRICS_LIMIT = 1 << 30   # bytes of metrics.jsonl read on resume (a line is ~300 bytes)
 METRIC_KEYS = ("iteration", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                "elapsed_s")
 VAL_KEYS = ("val_loss", "val_acc")   # also logged when data.val_size > 0
@@ -179,6 +183,7 @@ class Trainer:
         self._estimate: EarlyEstimate | None = None
         self._writer = None   # TensorBoard, set by fit() when train.tensorboard
         self.best_model = BestModel(self.settings.keep_best, self.run_dir, data.has_val)
+        self._before: dict[str, bytes | None] | None = None   # files a resume may put back
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _reset_running(self) -> None:
@@ -218,6 +223,7 @@ class Trainer:
             "world_size": self.ranks.world_size,
             "rng_ranks": rng_ranks,      # [(torch, cuda) per rank] of a data-parallel run
             "scheduler_job": self.extra_summary.get("scheduler_job"),   # see preemption.py
+            "data_files": self.extra_summary.get("data_files"),   # data.fingerprint
         }
 
     def save_checkpoint(self) -> None:
@@ -286,9 +292,15 @@ class Trainer:
             raise UserError(f"The checkpoint at {path} does not fit this model/optimizer ({first}); "
                             "resume with the same model and optimizer settings as the "
                             "original run.") from None
+        perm, n = state["perm"], len(self.data.train_y)
+        if perm is not None and not (isinstance(perm, torch.Tensor) and perm.shape == (n,)
+                                     and torch.equal(perm.sort().values, torch.arange(n))):
+            raise UserError(f"The checkpoint at {path} holds a data order that is not a "
+                            f"permutation of the {n} training examples; it does not belong to "
+                            "this run's data (or is damaged): resume on the original data.")
         self.base_lrs = list(state["schedule"]["base_lrs"])
         self.iteration = state["iteration"]
-        self.perm = state["perm"]
+        self.perm = perm
         self.generator.set_state(state["data_rng"])
         torch_rng, cuda_rng = state["torch_rng"], state["cuda_rng"]
         if state.get("rng_ranks") is not None:
@@ -303,21 +315,62 @@ class Trainer:
         self.elapsed_before = state["elapsed_s"]
         self.checkpoint_iteration = self.iteration
         self._metrics_to_keep = self._metrics_up_to_checkpoint() if self.ranks.writer else None
+        self._before = self._files_before() if self.ranks.writer else None
         self.restored = True
+
+    def _files_before(self) -> dict[str, bytes | None]:
+        """The run's summary, metrics and .hydra files as they are before a resume writes
+        (`put_back`)."""
+        out: dict[str, bytes | None] = {}
+        for name in (SUMMARY, METRICS, *HYDRA_FILES):
+            try:
+                out[name] = safe_files.read_bytes(self.run_dir / name, METRICS_LIMIT)
+            except FileNotFoundError:
+                out[name] = None
+            except OSError:   # unreadable: leave it to the resume's own checks
+                return {}
+        return out
+
+    def put_back(self) -> bool:
+        """Restore the files `_files_before` read, after a resume failed before writing a
+        checkpoint (they then match the checkpoint again); whether that worked."""
+        before = getattr(self, "_before", None) or {}
+        kept = bool(before)
+        for name, data in before.items():
+            path = self.run_dir / name
+            try:
+                now = safe_files.read_bytes(path, METRICS_LIMIT)
+            except FileNotFoundError:
+                now = None
+            except OSError:
+                now = b""
+            if now == data:
+                continue   # unchanged (a file the size limit would not let us write again)
+            try:
+                safe_files.remove(path) if data is None else safe_files.write_atomic(path, data)
+            except OSError:
+                kept = False
+        return kept
 
     def _metrics_up_to_checkpoint(self) -> list[str] | None:
         """The lines of metrics.jsonl to keep on resume: those up to the checkpoint (later
         evaluations will be redone), without a partial last line (the run was killed while
         writing it). Reads only; `fit` writes the result."""
         metrics = self.run_dir / METRICS
-        if not metrics.is_file():
+        if not metrics.exists() and not safe_files.is_link(metrics):
             return None
-        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        try:
+            text = safe_files.read_text(metrics, METRICS_LIMIT)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read {metrics}: {exc}; move it away (the resumed run then "
+                            "logs only its new evaluations) or restore it.") from None
+        lines = [line for line in text.splitlines() if line.strip()]
         kept = []
         for number, line in enumerate(lines, 1):
             try:
                 iteration = json.loads(line)["iteration"]
-            except (json.JSONDecodeError, TypeError, KeyError):
+                iteration + 0   # a number, not a string or a list
+            except (ValueError, TypeError, KeyError, RecursionError):
                 if number == len(lines):
                     self.log(f"gsgd train: dropped the partial last line of {metrics} (the run "
                              "was stopped while writing it).")
@@ -389,8 +442,7 @@ class Trainer:
             if self.best_val_acc is None or metrics["val_acc"] > self.best_val_acc:
                 self.best_val_acc = metrics["val_acc"]
         if self.ranks.writer:
-            with open(self.run_dir / METRICS, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            append_text(self.run_dir / METRICS, json.dumps(metrics) + "\n")
             self.best_model.offer(metrics, self.model)
         if writer is not None:
             for key in METRIC_KEYS[1:] + (VAL_KEYS if self.data.has_val else ()):
@@ -496,16 +548,26 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_orphaned_tmp(self.run_dir)
         self._t0 = time.perf_counter()
+        before = None
         if resume:
             if not self.restored:
                 self.restore(state)
-            if writes:
-                self.best_model.load_previous()
-            if self._metrics_to_keep is not None:
-                write_text_atomic("".join(line + "\n" for line in self._metrics_to_keep),
-                                  self.run_dir / METRICS)
-        elif writes and (self.run_dir / METRICS).exists():
-            (self.run_dir / METRICS).unlink()
+            before = self._before
+            try:
+                if writes:
+                    self.best_model.load_previous()
+                if self._metrics_to_keep is not None:
+                    write_text_atomic("".join(line + "\n" for line in self._metrics_to_keep),
+                                      self.run_dir / METRICS)
+                if writes:   # until it ends, the summary says the run goes on from the checkpoint
+                    self.status = "running"
+                    self.message = f"resumed from the checkpoint at iteration {self.iteration}"
+                    self.write_summary()
+            except Exception as exc:
+                exc.run_kept = self.put_back()
+                raise
+        elif writes:
+            safe_files.remove(self.run_dir / METRICS)
         # DistributedDataParallel in a data-parallel run (after restore: its constructor
         # copies rank 0's weights to every rank, which hold the same ones by then anyway)
         self.train_model = self.ranks.wrap(self.model, self.data.device)
@@ -601,6 +663,9 @@ class Trainer:
         except Exception as exc:
             self.status = "failed"
             self.message = f"{type(exc).__name__}: {exc}"
+            if before is not None and self.checkpoint_iteration == self._fit_start:
+                # a resume that failed before its first checkpoint: the run is as it was
+                exc.run_kept = self.put_back()
             raise
         finally:
             stop.uninstall()
@@ -610,7 +675,11 @@ class Trainer:
                 writer.close()
                 self._writer = None
             try:
-                self.summary = self.write_summary()
+                if self.status == "failed" and before is not None and (
+                        self.checkpoint_iteration == self._fit_start):
+                    self.summary = {"status": self.status, "message": self.message}
+                else:
+                    self.summary = self.write_summary()
             except OSError as exc:   # e.g. the disk is full: keep the exception that stopped us
                 self.log(f"gsgd train: could not write {self.run_dir / SUMMARY} ({exc.strerror})")
                 self.summary = {"status": self.status, "message": self.message}
