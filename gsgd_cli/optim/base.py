@@ -28,7 +28,24 @@ from ._common import unwrap_model
 from .errors import StepError
 from .step_record import StepRecord
 
-__all__ = ["ModelOptimizer"]
+__all__ = ["ModelOptimizer", "why_not_in_gspace"]
+
+
+def why_not_in_gspace(params) -> Optional[str]:
+    """Why a block of `params` cannot take a G-space step now, or None.
+
+    `"frozen"`: a parameter has `requires_grad=False` (the step would rescale it);
+    `"no gradient"`: some parameters have a gradient and others' `.grad` is None (torch.optim
+    leaves such a parameter unchanged, a G-space step of the block would move it: its paths'
+    values change with the others'). A block where no parameter has a gradient is not stepped
+    at all, as torch.optim skips every such parameter, so it is no reason."""
+    params = list(params)
+    if not all(p.requires_grad for p in params):
+        return "frozen"
+    with_grad = sum(p.grad is not None for p in params)
+    if 0 < with_grad < len(params):
+        return "no gradient"
+    return None
 
 
 class ModelOptimizer(Optimizer):

@@ -47,10 +47,10 @@ from ..gspace.skeleton import build_skeleton
 from ..gspace.skeleton_init import SKELETON_INITS, init_skeleton
 from ..gspace.update import StepOptions
 from ._common import SGD_NEUTRAL, check_group_keys
-from .base import ModelOptimizer
+from .base import ModelOptimizer, why_not_in_gspace
 from .errors import GSGDStepError, GSGDWarning
-from .gsgd_blocks import (BlockPlan, BlockRecord, check_record, momentum_buffer,
-                          step_range_problems)
+from .gsgd_blocks import (BlockPlan, BlockRecord, check_record, left_to_sgd_messages,
+                          momentum_buffer, step_range_problems)
 from .gsgd_diag import diagnose, step_error
 from .gsgd_eager import apply_all, plan_all, sgd_outside
 from .native.gsgd import FusedCPUStep, diag_size, fused_step
@@ -271,24 +271,23 @@ class GSGD(ModelOptimizer):
         """Refuse param-group keys that the step would ignore (e.g. SGD's nesterov)."""
         check_group_keys("GSGD", group, STEP_KEYS, SGD_NEUTRAL, self._structure)
 
-    def _leave_frozen_blocks_to_sgd(self) -> None:
-        """A layer frozen after construction (requires_grad=False): its block takes plain SGD
-        from now on, as for a layer frozen before construction (a G-SGD step would rescale
-        the frozen weights). Its G-space momentum buffers are dropped."""
-        if all(p.requires_grad for p in self._block_params):
+    def _leave_blocks_to_sgd(self) -> None:
+        """A block that cannot take a G-space step now (`base.why_not_in_gspace`: a layer
+        frozen after construction, or some parameters without a gradient) takes plain SGD
+        from now on, its G-space momentum buffers dropped."""
+        reasons = {plan.number: why_not_in_gspace(plan.params) for plan in self._plans}
+        left = [plan for plan in self._plans if reasons[plan.number]]
+        if not left:
             return
-        frozen = [plan for plan in self._plans if not all(p.requires_grad for p in plan.params)]
-        for plan in frozen:
+        for plan in left:
             for p in plan.params:
                 self.state.pop(p, None)      # v-space buffers mean nothing to SGD
         self.check_steps()                   # a pending failure refers to the current plans
-        self._demoted = sorted({*self._demoted, *(plan.number for plan in frozen)})
+        self._demoted = sorted({*self._demoted, *(plan.number for plan in left)})
         self._activate()
-        warnings.warn("GSGD leaves chain block(s) with layers frozen after construction to "
-                      "plain SGD from now on (a step would have to rescale the frozen weights; "
-                      "their G-space momentum is dropped): "
-                      + "; ".join(" -> ".join(plan.block.names) for plan in frozen),
-                      GSGDWarning, stacklevel=3)
+        names = dict(zip(map(id, self.param_groups[0]["params"]), self._param_names))
+        for message in left_to_sgd_messages(left, reasons, names):
+            warnings.warn(message, GSGDWarning, stacklevel=3)
 
     # -- torch.optim.Optimizer plumbing -------------------------------------------------------
     def __repr__(self) -> str:
@@ -361,7 +360,7 @@ class GSGD(ModelOptimizer):
         record = self._record_on(group["params"][0].device)
         if record.visible_failure():
             raise self._step_error()
-        self._leave_frozen_blocks_to_sgd()
+        self._leave_blocks_to_sgd()
         record = self._record_on(group["params"][0].device)   # anew if the blocks changed
         options = StepOptions(group["lr"], group["momentum"], group["weight_decay"],
                               group["bpr"], group["min_pivot_ratio"])
