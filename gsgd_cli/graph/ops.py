@@ -18,7 +18,7 @@ from torch import fx, nn
 
 __all__ = ["Op", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS", "module_op", "node_op",
            "METADATA_ATTRIBUTES", "SIZE_ARITHMETIC", "is_metadata", "data_users",
-           "NORM_OPS"]
+           "NORM_OPS", "hidden_behaviour", "global_hooks"]
 
 
 class Op(enum.Enum):
@@ -41,6 +41,8 @@ class Op(enum.Enum):
     ADD = "a sum of tensors: a join"
     MEAN = "a mean: average pooling"
     METADATA = "reads shapes only (size, dim)"
+    OPAQUE = ("a module that computes what torch.fx does not see (forward hooks, or a "
+              "forward replaced on the instance)")
     OTHER = "anything else"
 
 
@@ -91,15 +93,47 @@ METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
 SIZE_ARITHMETIC = {operator.getitem, operator.mul, operator.floordiv, operator.add}
 
 
+def hidden_behaviour(module: nn.Module) -> str | None:
+    """What `module` computes beyond what torch.fx records of it (a traced call of a leaf
+    module is only its class's name), or None: forward (pre-)hooks on it, or a `forward` /
+    `_conv_forward` replaced on the instance."""
+    if module._forward_pre_hooks or module._forward_hooks:
+        return "it has forward hooks (torch.fx does not trace them)"
+    replaced = [name for name in ("forward", "_conv_forward") if name in vars(module)]
+    if replaced:
+        return (f"its {replaced[0]} is replaced on the instance (torch.fx records the "
+                "class's)")
+    return None
+
+
+def global_hooks() -> str | None:
+    """The global forward hooks (`nn.modules.module.register_module_forward_hook` /
+    `_pre_hook`) that run around every module, torch.fx sees none of them; None if none."""
+    from torch.nn.modules import module as torch_module
+    found = [kind for kind, hooks in (("forward", torch_module._global_forward_hooks),
+                                      ("forward pre", torch_module._global_forward_pre_hooks))
+             if hooks]
+    if not found:
+        return None
+    return (f"global {' and '.join(found)} hooks are registered (register_module_forward_"
+            "hook / register_module_forward_pre_hook): they run around every layer and "
+            "activation, and torch.fx does not see what they do; remove them (call the "
+            "handle's .remove()) or register the hooks on modules outside the network")
+
+
 def module_op(module: nn.Module, exact: bool = False) -> Op:
     """The kind of `module`: by its exact type, or (default) by the first class of its class
-    hierarchy that the table names."""
+    hierarchy that the table names. A module other than a linear layer that computes what
+    torch.fx does not see (`hidden_behaviour`) is `Op.OPAQUE` (a layer's own facts say so:
+    `graph.layers`)."""
     if exact:
-        return MODULE_OPS.get(type(module), Op.OTHER)
-    for cls in type(module).__mro__:
-        if cls in MODULE_OPS:
-            return MODULE_OPS[cls]
-    return Op.OTHER
+        op = MODULE_OPS.get(type(module), Op.OTHER)
+    else:
+        op = next((MODULE_OPS[cls] for cls in type(module).__mro__ if cls in MODULE_OPS),
+                  Op.OTHER)
+    if op is not Op.LAYER and op is not Op.OTHER and hidden_behaviour(module):
+        return Op.OPAQUE
+    return op
 
 
 def node_op(node: fx.Node, modules: dict[str, nn.Module], exact: bool = False) -> Op:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from .ops import global_hooks
+
 __all__ = ["ModelNotTraceable", "trace"]
 
 
@@ -13,10 +15,13 @@ class ModelNotTraceable(ValueError):
 def trace(model: nn.Module, advice: str, who: str = "") -> fx.GraphModule:
     """`fx.symbolic_trace(model)`, or one `ModelNotTraceable` line: "[who ]cannot trace
     <Model> with torch.fx (<torch's first line>); <advice>"."""
+    prefix = f"{who} " if who else ""
+    hooks = global_hooks()
+    if hooks:
+        raise ModelNotTraceable(f"{prefix}cannot read {type(model).__name__}: {hooks}")
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:  # torch.fx raises many types; report them all the same way
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        prefix = f"{who} " if who else ""
         raise ModelNotTraceable(f"{prefix}cannot trace {type(model).__name__} with torch.fx "
                                 f"({first}); {advice}") from exc

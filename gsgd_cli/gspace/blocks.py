@@ -68,7 +68,8 @@ def _out_nodes(module: nn.Module) -> int:
 def layer_problem(facts: LayerFacts) -> str | None:
     """Why a layer (its `graph.layers` facts) cannot be a layer of a chain block (None: it can)."""
     if facts.forward_overridden:
-        return f"{facts.type_name} overrides forward"
+        return (f"{facts.type_name} overrides forward (its class, or forward / _conv_forward "
+                "replaced on the instance: torch.fx records the class's)")
     if facts.groups != 1:
         return f"a grouped convolution (groups={facts.groups})"
     if facts.padding_mode != "zeros":

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from ..graph.ops import Op, data_users, is_metadata, node_op
+from ..graph.ops import Op, data_users, hidden_behaviour, is_metadata, node_op
 
 __all__ = ["follow", "describe", "data_users", "is_metadata"]
 
@@ -58,7 +58,9 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module], bn: str) -> str:
 def describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     """A short name of what a node does, for notes ("cat", "LeakyReLU", "method 'sigmoid'")."""
     if node.op == "call_module":
-        return type(modules[node.target]).__name__
+        hidden = hidden_behaviour(modules[node.target])
+        name = type(modules[node.target]).__name__
+        return f"{name} '{node.target}' ({hidden})" if hidden else name
     if node.op == "call_method":
         return f"method '{node.target}'"
     return getattr(node.target, "__name__", str(node.target))

@@ -15,7 +15,9 @@ What the base class fixes for all of them: the model is unwrapped (`torch.compil
 `DataParallel`, DDP) and all its parameters form ONE param group (`add_param_group` refuses a
 second); the closure runs with gradients enabled; a failed step is raised by `check_steps()` or
 the next `step()` (the record of failures lives on the device of the parameters); the
-structure record travels in `state_dict()`."""
+structure record travels in `state_dict()`; a hook, instance forward or parametrization changed
+after construction refuses the step (`_check_model`); a block whose parameters are frozen or
+partly without a gradient cannot take a G-space step (`why_not_in_gspace`)."""
 from __future__ import annotations
 
 from typing import Callable, ClassVar, Optional
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..graph.watch import ModelWatch
 from ._common import unwrap_model
 from .errors import StepError
 from .step_record import StepRecord
@@ -56,10 +59,21 @@ class ModelOptimizer(Optimizer):
     step_error: ClassVar[type[StepError]]
     _step_record: Optional[StepRecord] = None
 
-    @staticmethod
-    def _unwrap(model: nn.Module) -> nn.Module:
-        """The model inside compile/DataParallel/DDP wrappers (they share its parameters)."""
-        return unwrap_model(model)
+    _watch: Optional[ModelWatch] = None     # None on copies (they hold no model)
+
+    def _unwrap(self, model: nn.Module) -> nn.Module:
+        """The model inside compile/DataParallel/DDP wrappers (they share its parameters);
+        what torch.fx cannot see of it is recorded, for `_check_model` at every step."""
+        model = unwrap_model(model)
+        self._watch = ModelWatch(model)
+        return model
+
+    def _check_model(self) -> None:
+        """Refuse a step (before any write) when a hook, an instance forward or a
+        parametrization of the model changed since construction, or global forward hooks
+        are registered (`graph.watch`)."""
+        if self._watch is not None:
+            self._watch.check(self.name)
 
     # -- one param group ------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:

@@ -357,6 +357,7 @@ class GSGD(ModelOptimizer):
         loss = self._run_closure(closure)
         group = self.param_groups[0]
         self._check_group(group)
+        self._check_model()
         record = self._record_on(group["params"][0].device)
         if record.visible_failure():
             raise self._step_error()

@@ -256,6 +256,7 @@ class PathSGD(ModelOptimizer):
         loss = self._run_closure(closure)
         group = self.param_groups[0]
         self._check_group(group)
+        self._check_model()
         params = group["params"]
         record = self._record_on(params[0].device)
         if record.visible_failure():

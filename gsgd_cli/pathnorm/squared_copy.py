@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..graph.layers import read_layers
-from ..graph.ops import FUNCTION_OPS, METHOD_OPS, NORM_OPS, Op, module_op
+from ..graph.ops import FUNCTION_OPS, METHOD_OPS, NORM_OPS, Op, hidden_behaviour, module_op
 from ..graph.trace import trace
 from .pooling import (SquaredAdaptiveAvgPool2d, SquaredAvgPool2d, sq_adaptive_avg_pool2d,
                       sq_avg_pool2d, sq_mean)
@@ -138,6 +138,11 @@ def _check_and_square_pools(gm: fx.GraphModule,
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             kind, exact = module_op(mod), module_op(mod, exact=True)
+            hidden = hidden_behaviour(mod)
+            if kind is Op.OPAQUE or exact is Op.LAYER and hidden:
+                raise _unsupported(f"module '{node.target}' ({type(mod).__name__})",
+                                   f"{hidden}, so kappa would not be the path norm of what "
+                                   "the model computes; remove that or use another optimizer")
             if kind in NORM_OPS:
                 raise _unsupported(
                     f"normalisation: module '{node.target}' ({type(mod).__name__})",

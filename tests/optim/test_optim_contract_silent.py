@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsgd_cli.optim import GSGDWarning
+from gsgd_cli.optim import GSGDWarning, PathSGD
 from gsgd_cli.testing.helpers import mlp, randomise
 from gsgd_cli.testing.optim_db import OPTIM_DB
 
@@ -115,3 +115,129 @@ def test_gsgd_leaves_a_block_with_missing_gradients_to_torch_sgd_and_says_so():
     assert opt.blocks == []
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------
+# points 2 and 4: what torch.fx never sees is never trusted, at construction or later
+# ------------------------------------------------------------------------------------------
+def _double(module, args, output):
+    return output * 2
+
+
+def _conv_model(pool=nn.MaxPool2d):
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), pool(2),
+                          nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Dropout(0.0), nn.Linear(12, 3)).double()
+    return randomise(model, torch.Generator().manual_seed(3), low=0.3, high=0.9)
+
+
+HOOKED = pytest.mark.parametrize("index,kind", [(1, "post"), (1, "pre"), (2, "post"),
+                                                (5, "post"), (6, "pre")],
+                                 ids=["relu", "relu-pre", "maxpool", "flatten", "dropout"])
+
+
+def _hook(module, kind):
+    if kind == "post":
+        return module.register_forward_hook(_double)
+    return module.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+
+
+@HOOKED
+def test_gsgd_ends_the_chain_at_a_hooked_module_between_layers(index, kind):
+    model = _conv_model()
+    whole = _quiet(lambda: [b.names for b in
+                            OPTIM_DB[0].make(copy.deepcopy(model), input_shape=(2, 4, 4)).blocks])
+    assert whole == [["0", "3", "7"]]
+    _hook(model[index], kind)
+    with pytest.warns(GSGDWarning):
+        opt = OPTIM_DB[0].make(model, input_shape=(2, 4, 4))
+    assert all(len(b.names) < 3 for b in opt.blocks)
+    assert "forward hooks" in opt.describe()
+
+
+@HOOKED
+def test_path_sgd_refuses_a_hooked_module(index, kind):
+    model = _conv_model(nn.AvgPool2d)      # Path-SGD refuses max pooling anyway
+    _hook(model[index], kind)
+    with pytest.raises(ValueError, match=rf"module '{index}' .*forward hooks"):
+        PathSGD(model, lr=0.05, input_shape=(2, 4, 4))
+
+
+def test_a_relu_whose_forward_is_replaced_on_the_instance_is_not_trusted():
+    model = _conv_model()
+    model[4].forward = F.relu6
+    opt = _quiet(lambda: OPTIM_DB[0].make(model, input_shape=(2, 4, 4)))
+    assert all(len(b.names) < 3 for b in opt.blocks)
+    assert "replaced on the instance" in opt.describe()
+    model = _conv_model(nn.AvgPool2d)
+    model[4].forward = F.relu6
+    with pytest.raises(ValueError, match="forward is replaced on the instance"):
+        PathSGD(model, lr=0.05, input_shape=(2, 4, 4))
+
+
+def test_a_conv_whose_conv_forward_is_replaced_on_the_instance_is_not_trusted():
+    model = _conv_model()
+    conv = model[3]
+    conv._conv_forward = lambda x, w, b: nn.Conv2d._conv_forward(
+        conv, x, w - w.mean(), b)            # weight standardisation patched into one conv
+    opt = _quiet(lambda: OPTIM_DB[0].make(model, input_shape=(2, 4, 4)))
+    assert all("3" not in b.names for b in opt.blocks)
+    model = _conv_model(nn.AvgPool2d)
+    model[3]._conv_forward = conv._conv_forward
+    with pytest.raises(ValueError, match="_conv_forward is replaced on the instance"):
+        PathSGD(model, lr=0.05, input_shape=(2, 4, 4))
+
+
+@DB
+@pytest.mark.parametrize("kind", ["forward", "pre"])
+def test_global_forward_hooks_are_refused_at_construction_and_at_a_step(info, kind):
+    from torch.nn.modules.module import (register_module_forward_hook,
+                                         register_module_forward_pre_hook)
+    register = (register_module_forward_hook if kind == "forward"
+                else register_module_forward_pre_hook)
+    model = randomise(mlp([4, 5, 5, 3], bias=True), torch.Generator().manual_seed(1))
+    handle = register(lambda *a: None)
+    try:
+        with pytest.raises(ValueError, match="global forward .*hooks are registered"):
+            _quiet(lambda: info.make(model))
+    finally:
+        handle.remove()
+    opt = _quiet(lambda: info.make(model))
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    handle = register(lambda *a: None)
+    try:
+        with pytest.raises(RuntimeError, match="global forward .*hooks are registered"):
+            opt.step()
+    finally:
+        handle.remove()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)
+    opt.step()
+
+
+def _orthogonal(model):
+    torch.nn.utils.parametrizations.orthogonal(model[2])
+
+
+@DB
+@pytest.mark.parametrize("change", ["hook", "pre-hook", "forward", "parametrization"])
+def test_a_change_after_construction_refuses_the_next_step_before_any_write(info, change):
+    model = randomise(mlp([4, 5, 5, 3], bias=True), torch.Generator().manual_seed(1))
+    opt = _quiet(lambda: info.make(model))
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    if change == "hook":
+        model[1].register_forward_hook(_double)
+    elif change == "pre-hook":
+        model[2].register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    elif change == "forward":
+        model[3].forward = F.relu6
+    else:
+        _orthogonal(model)
+    before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    with pytest.raises(RuntimeError, match=r"module '\d' \(\w+\) changed after \w+ was built"):
+        opt.step()
+    for p, q in zip(opt.param_groups[0]["params"], before):
+        assert torch.equal(p.detach(), q)
