@@ -60,20 +60,48 @@ class ModelOptimizer(Optimizer):
     _step_record: Optional[StepRecord] = None
 
     _watch: Optional[ModelWatch] = None     # None on copies (they hold no model)
+    _held_params: Optional[list] = None      # param_groups[0]["params"] as built (copies:
+    _param_names: list[str]                  # as at their first step); the names, in order
 
     def _unwrap(self, model: nn.Module) -> nn.Module:
         """The model inside compile/DataParallel/DDP wrappers (they share its parameters);
         what torch.fx cannot see of it is recorded, for `_check_model` at every step."""
         model = unwrap_model(model)
+        for name, module in model.named_modules():
+            if getattr(module, "sparse", False) is True and any(
+                    p.requires_grad for p in module.parameters(recurse=False)):
+                raise ValueError(f"{self.name} does not support sparse gradients: module "
+                                 f"'{name}' ({type(module).__name__}) has sparse=True; build "
+                                 "it with sparse=False (dense gradients) or freeze it")
         self._watch = ModelWatch(model)
         return model
 
     def _check_model(self) -> None:
         """Refuse a step (before any write) when a hook, an instance forward or a
         parametrization of the model changed since construction, or global forward hooks
-        are registered (`graph.watch`)."""
+        are registered (`graph.watch`); when `param_groups` is no longer the one group of
+        the model's parameters found at construction; or when a gradient is sparse."""
         if self._watch is not None:
             self._watch.check(self.name)
+        groups = self.param_groups
+        if self._held_params is None:     # the first step (or the first after a copy)
+            self._held_params = list(groups[0]["params"])
+        if len(groups) != 1:
+            raise ValueError(f"{self.name}: a param group was added to opt.param_groups; "
+                             f"{self.name} keeps all parameters of its model in one group and "
+                             "would never step the new one: train those parameters with "
+                             "another optimizer")
+        params = groups[0]["params"]
+        if len(params) != len(self._held_params) or any(
+                p is not q for p, q in zip(params, self._held_params)):
+            raise ValueError(f"{self.name}: param_groups[0]['params'] was changed after "
+                             f"construction; {self.name} steps its model's blocks as found "
+                             "then: freeze a parameter (requires_grad_(False)) instead of "
+                             f"removing it, or build {self.name} again")
+        for k, p in enumerate(params):
+            if p.grad is not None and p.grad.is_sparse:
+                raise ValueError(f"{self.name} does not support sparse gradients (parameter "
+                                 f"'{self._param_names[k]}' has one); use dense gradients")
 
     # -- one param group ------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -82,6 +110,7 @@ class ModelOptimizer(Optimizer):
                              "(the step needs the model's structure); add_param_group is not "
                              f"supported: construct {self.name} from the whole model instead")
         super().add_param_group(param_group)
+        self._held_params = list(self.param_groups[0]["params"])
 
     # -- the step's frame -----------------------------------------------------------------------
     @staticmethod

@@ -241,3 +241,92 @@ def test_a_change_after_construction_refuses_the_next_step_before_any_write(info
         opt.step()
     for p, q in zip(opt.param_groups[0]["params"], before):
         assert torch.equal(p.detach(), q)
+
+
+# ------------------------------------------------------------------------------------------
+# point 5: param_groups itself is held to the one-group rule at every step
+# ------------------------------------------------------------------------------------------
+@DB
+@pytest.mark.parametrize("change", ["append", "remove", "replace"])
+def test_a_changed_param_groups_list_refuses_the_step_before_any_write(info, change):
+    model = randomise(mlp([4, 5, 5, 3], bias=True), torch.Generator().manual_seed(1))
+    opt = _quiet(lambda: info.make(model))
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    params = opt.param_groups[0]["params"]
+    if change == "append":
+        extra = nn.Parameter(torch.ones(2, dtype=torch.float64))
+        extra.grad = torch.ones(2, dtype=torch.float64)
+        opt.param_groups.append({**opt.param_groups[0], "params": [extra]})
+        match = "a param group was added"
+    elif change == "remove":
+        params.pop(0)
+        match = r"param_groups\[0\]\['params'\] was changed"
+    else:
+        params[0] = nn.Parameter(params[0].detach().clone())
+        match = r"param_groups\[0\]\['params'\] was changed"
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)
+
+
+# ------------------------------------------------------------------------------------------
+# point 6: sparse gradients are refused before anything is written
+# ------------------------------------------------------------------------------------------
+class EmbeddingNet(nn.Module):
+    def __init__(self, sparse):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, sparse=sparse).double()
+        self.body = mlp([4, 5, 5, 3], bias=True)
+
+    def forward(self, tokens):
+        return self.body(self.emb(tokens))
+
+
+@DB
+def test_an_embedding_with_sparse_gradients_is_refused_at_construction(info):
+    with pytest.raises(ValueError, match=r"sparse gradients: module 'emb' \(Embedding\) has "
+                                         r"sparse=True"):
+        _quiet(lambda: info.make(EmbeddingNet(sparse=True)))
+
+
+@DB
+@FUSED
+def test_a_sparse_gradient_at_a_step_is_refused_before_any_write(info, fused):
+    # GSGD: an embedding (outside the chain) feeding the chain; Path-SGD takes no embedding,
+    # so a chain layer's gradient is made sparse by hand
+    x, y = _data()
+    if info.outside_params:
+        model = randomise(EmbeddingNet(sparse=False), torch.Generator().manual_seed(2))
+        x = torch.tensor([1, 2, 3, 4, 5, 6])
+        y = y[:6]
+    else:
+        model = randomise(mlp([4, 5, 5, 3], bias=True), torch.Generator().manual_seed(2))
+    opt = _quiet(lambda: info.make(model, fused=fused))
+    F.cross_entropy(model(x), y).backward()
+    sparse = model.emb.weight if info.outside_params else model[0].weight
+    sparse.grad = sparse.grad.to_sparse()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="does not support sparse gradients"):
+        opt.step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)
+
+
+# ------------------------------------------------------------------------------------------
+# point 7: the state layout is torch's: no entry for a parameter without state
+# ------------------------------------------------------------------------------------------
+@DB
+@FUSED
+def test_a_stateless_step_leaves_the_state_empty_as_torch_does(info, fused):
+    model = randomise(mlp([4, 5, 5, 3], bias=True), torch.Generator().manual_seed(1))
+    opt = _quiet(lambda: info.make(model, fused=fused))
+    sgd = torch.optim.SGD(copy.deepcopy(model).parameters(), lr=0.1)
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    sgd.step()
+    assert sgd.state_dict()["state"] == {}
+    assert opt.state_dict()["state"] == {}
