@@ -194,8 +194,7 @@ class GSGD(ModelOptimizer):
         position = {id(p): k for k, p in enumerate(params)}
         names = {id(p): name for name, p in model.named_parameters()}
         self._param_names = [names.get(id(p), "?") for p in params]
-        self.fused = fused
-        self.strict = strict
+        self.fused, self.strict = fused, strict
         self._blocks = [BlockRecord(block.layout(), [position[id(m.weight)] for m in block.modules],
                                      [position[id(m.bias)] if m.bias is not None else None
                                       for m in block.modules]) for block in plan.blocks]
@@ -340,9 +339,10 @@ class GSGD(ModelOptimizer):
                 raise ValueError("this state_dict was not saved by GSGD (it has no G-SGD "
                                  "structure record); GSGD cannot use another optimizer's "
                                  "state: start GSGD afresh instead of loading it")
-            warnings.warn("this GSGD state_dict has no structure record (saved by an older "
-                          "version): its block layout cannot be checked", GSGDWarning,
-                          stacklevel=2)
+            warnings.warn("this GSGD state_dict has no structure record (it passed through "
+                          "a tool that keeps only 'state' and 'param_groups', e.g. torch."
+                          "distributed.checkpoint, or an older version saved it): its block "
+                          "layout cannot be checked", GSGDWarning, stacklevel=2)
         else:
             check_record(self._structure, self._blocks, record)
         super().load_state_dict(self._without_record(state_dict))
