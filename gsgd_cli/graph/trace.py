@@ -1,20 +1,39 @@
 """Tracing a model with torch.fx, written once: one exception, one message format."""
 from __future__ import annotations
 
+import contextlib
+
 from torch import fx, nn
 
 from .ops import global_hooks
 
-__all__ = ["ModelNotTraceable", "trace"]
+__all__ = ["ModelNotTraceable", "trace", "train_mode"]
 
 
 class ModelNotTraceable(ValueError):
     """torch.fx could not trace the model's forward."""
 
 
-def trace(model: nn.Module, advice: str, who: str = "") -> fx.GraphModule:
+@contextlib.contextmanager
+def train_mode(model: nn.Module):
+    """`model.train()` inside, every module's own `training` flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def trace(model: nn.Module, advice: str, who: str = "", train: bool = False) -> fx.GraphModule:
     """`fx.symbolic_trace(model)`, or one `ModelNotTraceable` line: "[who ]cannot trace
-    <Model> with torch.fx (<torch's first line>); <advice>"."""
+    <Model> with torch.fx (<torch's first line>); <advice>". `train`: traced in training mode
+    (code under `if self.training:` is what the steps run through), whatever mode the model
+    is in; its modules keep their modes."""
+    if train:
+        with train_mode(model):
+            return trace(model, advice, who)
     prefix = f"{who} " if who else ""
     hooks = global_hooks()
     if hooks:

@@ -191,7 +191,7 @@ class Discovery:
 
 def _trace(model: nn.Module) -> fx.GraphModule:
     return trace(model, "G-SGD finds chain blocks by tracing, so the forward must avoid "
-                        "data-dependent control flow")
+                        "data-dependent control flow", train=True)   # the steps' mode
 
 
 def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module,

@@ -100,10 +100,16 @@ def _check_tensor_sum(node: fx.Node) -> None:
                                             "or scaling by alpha")
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def _trace(model: nn.Module, train: bool = False) -> fx.GraphModule:
     return trace(model, "Path-SGD supports Linear/Conv2d layers joined by ReLU, flatten, average "
                         "pooling, dropout and residual sums, written without data-dependent "
-                        "control flow.", who="PathSGD")
+                        "control flow.", who="PathSGD", train=train)
+
+
+def _check_training_forward(shadow: nn.Module) -> None:
+    """Refuse what the forward runs only in training mode (code under `if self.training:`):
+    the steps run through it, while kappa is computed on the eval-mode copy."""
+    _check_and_square_pools(_trace(shadow, train=True), shadow)
 
 
 def _check_and_square_pools(gm: fx.GraphModule,
@@ -253,6 +259,7 @@ def _check_and_square_pools(gm: fx.GraphModule,
 def needs_input_shape(model: nn.Module) -> bool:
     """True when ``PathSGD(model, ...)`` needs an explicit ``input_shape`` (conv nets)."""
     shadow = copy.deepcopy(model).eval()
+    _check_training_forward(shadow)
     gm = _trace(shadow)
     _, inferred = _check_and_square_pools(gm, shadow)
     return inferred is None
@@ -262,6 +269,7 @@ def build_squared_copy(shadow: nn.Module) -> tuple[fx.GraphModule, Optional[tupl
     """Trace `shadow` (a private copy of the model; the traced module shares its parameters),
     check every node and square its poolings. Returns the traced copy and the inferred input
     shape (None when the model does not tell it)."""
+    _check_training_forward(shadow)
     gm = _trace(shadow)
     _, inferred = _check_and_square_pools(gm, shadow)
     return gm, inferred

@@ -370,3 +370,36 @@ def test_a_resume_through_torch_distributed_checkpoint_continues_bit_equal(info,
     steps(resumed, resumed_opt, 2, 2)
     for p, q in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(p.detach(), q.detach())
+
+
+# ------------------------------------------------------------------------------------------
+# point 2: control flow on self.training is read in training mode (the steps' mode)
+# ------------------------------------------------------------------------------------------
+class TrainingOnlyNoise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = mlp([4, 5, 5, 3], bias=True)
+
+    def forward(self, x):
+        x = self.body[1](self.body[0](x))
+        if self.training:
+            x = x + torch.randn_like(x)      # not positively homogeneous: ends the chain
+        return self.body[4](self.body[3](self.body[2](x)))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gsgd_sees_training_only_code_whatever_mode_it_is_built_in(mode):
+    model = randomise(TrainingOnlyNoise(), torch.Generator().manual_seed(0))
+    getattr(model, mode)()
+    opt = _quiet(lambda: OPTIM_DB[0].make(model))
+    assert [b.names for b in opt.blocks] == [["body.2", "body.4"]]
+    assert model.training == (mode == "train")          # the mode is kept
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_path_sgd_refuses_training_only_code_whatever_mode_it_is_built_in(mode):
+    model = randomise(TrainingOnlyNoise(), torch.Generator().manual_seed(0))
+    getattr(model, mode)()
+    with pytest.raises(ValueError, match="PathSGD does not support"):
+        PathSGD(model, lr=0.05)
+    assert model.training == (mode == "train")
