@@ -295,7 +295,9 @@ def find_chain_blocks(model: nn.Module, bn: str = "approx",
             last_users = data_users(chain[-1])      # batch norm right after the last layer
             bn_after[-1] = bn == "approx" and len(last_users) == 1 and (
                 last_users[0].op == "call_module"
-                and module_op(modules[last_users[0].target], exact=True) in _BN_OPS)
+                and module_op(modules[last_users[0].target], exact=True) in _BN_OPS
+                and modules[last_users[0].target].num_features   # over the layer's nodes
+                == _out_nodes(modules[chain[-1].target]))
             blocks.append(ChainBlock([c.target for c in chain], [modules[c.target] for c in chain],
                                      bn_after))
     in_block = {id(p) for b in blocks for m in b.modules for p in m.parameters()}

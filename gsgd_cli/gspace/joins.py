@@ -139,6 +139,8 @@ def follow(layer: fx.Node, axis: str, modules: dict[str, nn.Module], bn: str,
     call of an `nn.Linear`/`nn.Conv2d` module; the caller decides whether it may join."""
     seen_relu = seen_bn = False
     current = layer
+    this = modules[layer.target]
+    nodes = this.out_features if isinstance(this, nn.Linear) else this.out_channels
     while True:
         users = data_users(current)
         if len(users) != 1:
@@ -173,6 +175,10 @@ def follow(layer: fx.Node, axis: str, modules: dict[str, nn.Module], bn: str,
                 axis != "last" or shape_before is not None and len(shape_before) != 2):
             return None, False, (f"{describe(user, modules)} normalises another axis than "
                                  "the hidden nodes'")
+        elif kind in ("bn1d", "bn2d") and modules[user.target].num_features != nodes:
+            return None, False, (f"{describe(user, modules)} normalises "
+                                 f"{modules[user.target].num_features} features, not the "
+                                 f"layer's {nodes} nodes (another axis)")
         elif kind in ("bn1d", "bn2d"):
             seen_bn = True
         elif kind == "reshape":

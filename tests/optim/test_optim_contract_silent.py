@@ -403,3 +403,21 @@ def test_path_sgd_refuses_training_only_code_whatever_mode_it_is_built_in(mode):
     with pytest.raises(ValueError, match="PathSGD does not support"):
         PathSGD(model, lr=0.05)
     assert model.training == (mode == "train")
+
+
+class TokenBatchNorm(nn.Module):
+    """A Linear over tokens, then BatchNorm1d over the token axis (not the features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(4, 5), nn.BatchNorm1d(6), nn.Linear(5, 3)
+
+    def forward(self, x):                    # x: (batch, 6 tokens, 4 features)
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def test_batch_norm_over_another_axis_than_the_nodes_ends_the_chain_without_input_shape():
+    model = TokenBatchNorm().double()
+    opt = _quiet(lambda: OPTIM_DB[0].make(model))
+    assert opt.blocks == []
+    assert "normalises 6 features, not the layer's 5 nodes" in opt.describe()
