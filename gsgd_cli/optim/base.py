@@ -80,7 +80,13 @@ class ModelOptimizer(Optimizer):
         """Refuse a step (before any write) when a hook, an instance forward or a
         parametrization of the model changed since construction, or global forward hooks
         are registered (`graph.watch`); when `param_groups` is no longer the one group of
-        the model's parameters found at construction; or when a gradient is sparse."""
+        the model's parameters found at construction; when a gradient is sparse; or inside
+        `torch.inference_mode()`."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{self.name}.step() was called inside torch.inference_mode(): "
+                               "state made there (momentum buffers, ...) cannot be updated by "
+                               "a later step, and kappa needs autograd; call step() outside "
+                               "inference_mode (torch.no_grad() is fine)")
         if self._watch is not None:
             self._watch.check(self.name)
         groups = self.param_groups

@@ -421,3 +421,27 @@ def test_batch_norm_over_another_axis_than_the_nodes_ends_the_chain_without_inpu
     opt = _quiet(lambda: OPTIM_DB[0].make(model))
     assert opt.blocks == []
     assert "normalises 6 features, not the layer's 5 nodes" in opt.describe()
+
+
+# ------------------------------------------------------------------------------------------
+# point 8: a step under inference_mode is refused before anything is written
+# ------------------------------------------------------------------------------------------
+@DB
+@FUSED
+def test_a_step_inside_inference_mode_is_refused_and_the_next_step_works(info, fused):
+    model = randomise(mlp([4, 5, 5, 3], bias=True), torch.Generator().manual_seed(1))
+    opt = _quiet(lambda: info.make(model, fused=fused, **info.state_options))
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"step\(\) was called inside "
+                                               r"torch.inference_mode\(\)"):
+            opt.step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)
+    opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.check_steps()
