@@ -39,6 +39,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..graph.layers import LayerFacts, read_layers
@@ -194,6 +195,19 @@ def _trace(model: nn.Module) -> fx.GraphModule:
                         "data-dependent control flow", train=True)   # the steps' mode
 
 
+_INTEGER = dict(dtype=torch.long)
+_INDEX_READERS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _reads_indices(graph_module: fx.GraphModule, placeholder: fx.Node) -> bool:
+    """The input is integer indices: an embedding reads it first (its shape is still the
+    input's; only the dtype of the fake example differs)."""
+    modules = dict(graph_module.named_modules())
+    return any(u.op == "call_module" and isinstance(modules[u.target], _INDEX_READERS)
+               or u.op == "call_function" and u.target is F.embedding
+               for u in placeholder.users)
+
+
 def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module,
                      input_shape: tuple[int, ...]):
     """Shapes of every value for a batch of 2 inputs of `input_shape` (fake tensors: nothing
@@ -222,7 +236,8 @@ def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module,
     fake_log.setLevel(logging.CRITICAL)
     try:
         with mode, contextlib.redirect_stderr(io.StringIO()):
-            example = torch.zeros(2, *input_shape, **like)
+            example = torch.zeros(2, *input_shape, **(_INTEGER if _reads_indices(
+                graph_module, inputs[0]) else like))
             _Shapes(graph_module, fake_mode=mode).propagate(example)
     except Exception as exc:  # the model's own error, whatever its type
         cause = exc.__cause__ if exc.__cause__ is not None else exc

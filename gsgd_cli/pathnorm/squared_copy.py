@@ -137,6 +137,10 @@ def _check_and_square_pools(gm: fx.GraphModule,
                 raise _unsupported("this model", "its forward must return one tensor "
                                                  "(tuple/dict outputs are not supported)")
             continue
+        if node.op == "get_attr" and module_op(model, exact=True) is Op.LAYER:
+            raise _unsupported(f"a single {type(model).__name__} as the model",
+                               "Path-SGD reads a network through its traced layer calls; "
+                               "wrap the layer, e.g. PathSGD(nn.Sequential(layer), lr)")
         if node.op == "get_attr":
             raise _unsupported(
                 f"attribute '{node.target}'", "parameters or buffers used directly in forward "

@@ -445,3 +445,15 @@ def test_a_step_inside_inference_mode_is_refused_and_the_next_step_works(info, f
     F.cross_entropy(model(x), y).backward()
     opt.step()
     opt.check_steps()
+
+
+def test_path_sgd_on_a_single_layer_says_to_wrap_it():
+    with pytest.raises(ValueError, match=r"a single Linear as the model: .*nn\.Sequential"):
+        PathSGD(nn.Linear(6, 3), lr=0.05)
+
+
+def test_input_shape_describes_an_embedding_first_model_with_integer_indices():
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 5), nn.ReLU(),
+                          nn.Linear(5, 3)).double()
+    opt = _quiet(lambda: OPTIM_DB[0].make(model, input_shape=(3,)))
+    assert [b.names for b in opt.blocks] == [["1", "3"]]
