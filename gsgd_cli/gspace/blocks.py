@@ -170,8 +170,13 @@ class ChainBlock:
 
     @property
     def num_weights(self) -> int:
-        """m: weights and biases of the block."""
-        return sum(p.numel() for m in self.modules for p in m.parameters(recurse=False))
+        """m: weights and biases of the block (another parameter registered on a layer, e.g.
+        a `gain`, is not G-space: it takes plain SGD)."""
+        return sum(p.numel() for p in self.gspace_params())
+
+    def gspace_params(self) -> list[nn.Parameter]:
+        """The weights and biases of the block's layers, the parameters G-SGD steps."""
+        return [p for m in self.modules for p in (m.weight, m.bias) if p is not None]
 
     @property
     def num_hidden(self) -> int:

@@ -208,7 +208,7 @@ class GSGD(ModelOptimizer):
                           f"plain SGD step: {coverage_reasons(coverage)}. opt.describe() "
                           "lists them all",
                           GSGDWarning, stacklevel=2)
-        elif coverage.in_blocks < coverage.total:
+        elif coverage.in_blocks < coverage.total or coverage.approximate:
             warnings.warn(coverage_summary(coverage), GSGDWarning, stacklevel=2)
         for note in coverage.valleys:
             warnings.warn(f"GSGD: {note}", GSGDWarning, stacklevel=2)

@@ -427,8 +427,9 @@ class Mixed(nn.Module):
 
 
 def test_the_share_in_g_space_and_the_reasons_are_said_at_construction():
-    with pytest.warns(GSGDWarning, match=r"GSGD: \d+\.\d% of the trainable parameters of Mixed "
-                                         r"\(\d+ of \d+\) are in 2 G-space chain block") as rec:
+    with pytest.warns(GSGDWarning, match=r"GSGD: \d+\.\d% exact of the trainable parameters "
+                                         r"of Mixed \(\d+ exact, 0 approximate, of \d+\) are "
+                                         r"in 2 G-space chain block") as rec:
         opt = GSGD(Mixed().double(), lr=0.1)
     summary = next(str(w.message) for w in rec if "trainable parameters" in str(w.message))
     assert "LeakyReLU" in summary and "cat" in summary and "opt.describe()" in summary

@@ -457,3 +457,52 @@ def test_input_shape_describes_an_embedding_first_model_with_integer_indices():
                           nn.Linear(5, 3)).double()
     opt = _quiet(lambda: OPTIM_DB[0].make(model, input_shape=(3,)))
     assert [b.names for b in opt.blocks] == [["1", "3"]]
+
+
+# ------------------------------------------------------------------------------------------
+# point 3: approximate (through batch norm) is reported apart from exact
+# ------------------------------------------------------------------------------------------
+def _conv_bn_model(affine):
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=affine), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(64, 3)).double()
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_a_block_through_batch_norm_is_reported_approximate_not_exact(affine):
+    share = "98.3" if affine else "100.0"          # batch norm's own 8 parameters: SGD
+    with pytest.warns(GSGDWarning, match=rf"GSGD: {share}% approximate \(through batch norm: "
+                                         r"the paper's eq\. 39\) of the trainable parameters "
+                                         r"of Sequential \(0 exact, 455 approximate") as rec:
+        opt = OPTIM_DB[0].make(_conv_bn_model(affine), input_shape=(3, 8, 8))
+    assert not any("exact of the" in str(w.message) for w in rec)
+    assert f"455 in chain blocks ({share}%: 0 exact (0.0%), 455 approximate" in opt.describe()
+
+
+def test_a_block_without_batch_norm_is_reported_exact():
+    model = _conv_model()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        opt = OPTIM_DB[0].make(model, input_shape=(2, 4, 4))
+    assert not any("approximate" in str(w.message) for w in rec)    # all exact: no note
+    assert ", 0 approximate through batch norm (0.0%)" in opt.describe()
+
+
+class GainLinear(nn.Linear):
+    """A Linear with an extra parameter registered on it (its forward is nn.Linear's)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(()))
+
+
+def test_a_parameter_registered_on_a_chain_layer_is_not_counted_in_g_space():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(),
+                          nn.Linear(5, 3)).double()
+    model[2].register_parameter("gain", nn.Parameter(torch.ones((), dtype=torch.float64)))
+    opt = _quiet(lambda: OPTIM_DB[0].make(model))
+    assert [b.names for b in opt.blocks] == [["0", "2", "4"]]
+    table = opt.describe()
+    assert "outside: 2.gain (): registered on chain layer '2' beside its weight and bias" in table
+    m = sum(p.numel() for name, p in model.named_parameters() if name != "2.gain")
+    assert f"m = {m}," in table
