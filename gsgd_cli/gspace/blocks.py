@@ -141,10 +141,13 @@ class ChainBlock:
     names: list[str]              # qualified module names, e.g. "net.3"
     modules: list[nn.Module]
     bn_after: list[bool] = field(default_factory=list)   # batch norm follows layer i
+    norms: list[list[nn.Module]] = field(default_factory=list)  # those batch norms
 
     def __post_init__(self):
         if not self.bn_after:
             self.bn_after = [False] * len(self.modules)
+        if not self.norms:
+            self.norms = [[] for _ in self.modules]
 
     @property
     def views(self) -> list[LayerView]:
@@ -285,7 +288,7 @@ def find_chain_blocks(model: nn.Module, bn: str = "approx",
             problems[name] = why
     notes = [f"{name}: not a chain layer ({why})" for name, why in problems.items()]
     successor: dict[fx.Node, fx.Node] = {}
-    bn_between: dict[fx.Node, bool] = {}
+    bn_between: dict[fx.Node, list] = {}
     for n in layer_nodes:
         if n.target in problems:
             continue
@@ -301,7 +304,7 @@ def find_chain_blocks(model: nn.Module, bn: str = "approx",
                               f"features, not a multiple of {this.out_channels} channels")
         if nxt is not None:
             successor[n] = nxt
-            bn_between[n] = seen_bn
+            bn_between[n] = list(seen_bn or [])
         elif why != "its output is unused":
             notes.append(f"{n.target}: not joined to a next layer ({why})")
     has_predecessor = set(successor.values())
@@ -311,15 +314,18 @@ def find_chain_blocks(model: nn.Module, bn: str = "approx",
             chain = [n]
             while chain[-1] in successor:
                 chain.append(successor[chain[-1]])
-            bn_after = [bn_between.get(c, False) for c in chain]
+            norms = [bn_between.get(c, []) for c in chain]
+            bn_after = [bool(found) for found in norms]
             last_users = data_users(chain[-1])      # batch norm right after the last layer
             bn_after[-1] = bn == "approx" and len(last_users) == 1 and (
                 last_users[0].op == "call_module"
                 and module_op(modules[last_users[0].target], exact=True) in _BN_OPS
                 and modules[last_users[0].target].num_features   # over the layer's nodes
                 == _out_nodes(modules[chain[-1].target]))
+            if bn_after[-1]:
+                norms[-1] = [modules[last_users[0].target]]
             blocks.append(ChainBlock([c.target for c in chain], [modules[c.target] for c in chain],
-                                     bn_after))
+                                     bn_after, norms))
     in_block = {id(p) for b in blocks for m in b.modules for p in m.parameters()}
     outside = [(name, p) for name, p in model.named_parameters() if id(p) not in in_block]
     return Discovery(blocks, outside, notes)

@@ -104,7 +104,7 @@ def split_by_stage(block: ChainBlock) -> list[ChainBlock]:
 
 def _part(block: ChainBlock, start: int, stop: int) -> ChainBlock:
     return ChainBlock(block.names[start:stop], block.modules[start:stop],
-                      block.bn_after[start:stop])
+                      block.bn_after[start:stop], block.norms[start:stop])
 
 
 def valley_message(block: ChainBlock, exc: UnsupportedWidthProfile) -> str:

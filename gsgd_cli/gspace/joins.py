@@ -131,13 +131,13 @@ def _reshape_axis(axis: str, before, after) -> str | None:
 
 
 def follow(layer: fx.Node, axis: str, modules: dict[str, nn.Module], bn: str,
-           shapes: Shapes | None) -> tuple[fx.Node | None, bool, str]:
+           shapes: Shapes | None) -> tuple[fx.Node | None, list, str]:
     """From a layer's output to the next layer node.
 
     `axis`: "last" for a Linear, "channel" for a Conv2d. Returns (the next layer's node or
-    None, batch norm seen on the way, why there is no next layer). The next layer is any
+    None, the batch-norm modules on the way (falsy: none), why there is no next layer). The next layer is any
     call of an `nn.Linear`/`nn.Conv2d` module; the caller decides whether it may join."""
-    seen_relu = seen_bn = False
+    seen_relu, seen_bn = False, []       # the batch-norm modules on the way
     current = layer
     this = modules[layer.target]
     nodes = this.out_features if isinstance(this, nn.Linear) else this.out_channels
@@ -180,7 +180,7 @@ def follow(layer: fx.Node, axis: str, modules: dict[str, nn.Module], bn: str,
                                  f"{modules[user.target].num_features} features, not the "
                                  f"layer's {nodes} nodes (another axis)")
         elif kind in ("bn1d", "bn2d"):
-            seen_bn = True
+            seen_bn = [*seen_bn, modules[user.target]]
         elif kind == "reshape":
             if shapes is not None:
                 new_axis = _reshape_axis(axis, shape_before, shapes(user))

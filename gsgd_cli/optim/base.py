@@ -34,14 +34,18 @@ from .step_record import StepRecord
 __all__ = ["ModelOptimizer", "why_not_in_gspace"]
 
 
-def why_not_in_gspace(params) -> Optional[str]:
+def why_not_in_gspace(params, norms=()) -> Optional[str]:
     """Why a block of `params` cannot take a G-space step now, or None.
 
     `"frozen"`: a parameter has `requires_grad=False` (the step would rescale it);
     `"no gradient"`: some parameters have a gradient and others' `.grad` is None (torch.optim
     leaves such a parameter unchanged, a G-space step of the block would move it: its paths'
     values change with the others'). A block where no parameter has a gradient is not stepped
-    at all, as torch.optim skips every such parameter, so it is no reason."""
+    at all, as torch.optim skips every such parameter, so it is no reason.
+    `"batch norm in eval mode"`: one of the block's batch norms (`norms`) normalises with its
+    running statistics, an affine map with an offset: not even approximately invariant."""
+    if any(not norm.training for norm in norms):
+        return "batch norm in eval mode"
     params = list(params)
     if not all(p.requires_grad for p in params):
         return "frozen"

@@ -139,9 +139,8 @@ class GSGD(ModelOptimizer):
     construction (`requires_grad_(False)`) sends its block to plain SGD, as freezing before.
     """
 
-    name = "GSGD"
-    record_key = STATE_RECORD
-    step_error = GSGDStepError
+    name, record_key, step_error = "GSGD", STATE_RECORD, GSGDStepError
+    _norms: dict = {}              # block -> its batch norms (copies hold no modules: none)
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
                  momentum: float = 0.0, weight_decay: float = 0.0, bpr: float = 0.0,
@@ -198,6 +197,7 @@ class GSGD(ModelOptimizer):
         self._blocks = [BlockRecord(block.layout(), [position[id(m.weight)] for m in block.modules],
                                      [position[id(m.bias)] if m.bias is not None else None
                                       for m in block.modules]) for block in plan.blocks]
+        self._norms = {k: [n for ns in b.norms for n in ns] for k, b in enumerate(plan.blocks)}
         self._demoted: list[int] = []     # blocks left to plain SGD after construction
         self._coverage: Coverage = plan.coverage
         self._activate()
@@ -271,10 +271,10 @@ class GSGD(ModelOptimizer):
         check_group_keys("GSGD", group, STEP_KEYS, SGD_NEUTRAL, self._structure)
 
     def _leave_blocks_to_sgd(self) -> None:
-        """A block that cannot take a G-space step now (`base.why_not_in_gspace`: a layer
-        frozen after construction, or some parameters without a gradient) takes plain SGD
-        from now on, its G-space momentum buffers dropped."""
-        reasons = {plan.number: why_not_in_gspace(plan.params) for plan in self._plans}
+        """A block that cannot take a G-space step now (`base.why_not_in_gspace`) takes
+        plain SGD from now on, its G-space momentum buffers dropped."""
+        reasons = {plan.number: why_not_in_gspace(plan.params, self._norms.get(plan.number, ()))
+                   for plan in self._plans}
         left = [plan for plan in self._plans if reasons[plan.number]]
         if not left:
             return

@@ -157,4 +157,11 @@ def left_to_sgd_messages(left: list[BlockPlan], reasons: dict[int, str],
                                     + ", ".join(names.get(id(p), "?") for p in plan.params
                                                 if p.grad is None) + ")"
                                     for plan in no_grad))
+    in_eval = [plan for plan in left if reasons[plan.number] == "batch norm in eval mode"]
+    if in_eval:
+        messages.append("GSGD leaves chain block(s) through batch norm in eval mode (running "
+                        "statistics: an affine map with an offset, not even approximately "
+                        "scale-invariant) to plain SGD from now on; their G-space momentum is "
+                        "dropped: " + "; ".join(" -> ".join(plan.block.names)
+                                                for plan in in_eval))
     return messages

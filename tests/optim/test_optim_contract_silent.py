@@ -506,3 +506,30 @@ def test_a_parameter_registered_on_a_chain_layer_is_not_counted_in_g_space():
     assert "outside: 2.gain (): registered on chain layer '2' beside its weight and bias" in table
     m = sum(p.numel() for name, p in model.named_parameters() if name != "2.gain")
     assert f"m = {m}," in table
+
+
+def test_a_block_through_batch_norm_in_eval_mode_takes_plain_sgd_and_says_so():
+    # fine-tuning with running statistics: batch norm is then affine with an offset
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0])
+    model = randomise(_conv_bn_model(affine=True), torch.Generator().manual_seed(4))
+    twin = copy.deepcopy(model)
+    opt = _quiet(lambda: OPTIM_DB[0].make(model, input_shape=(3, 8, 8)))
+    sgd = torch.optim.SGD(twin.parameters(), lr=OPTIM_DB[0].lr)
+    assert len(opt.blocks) == 1
+    for m in (model, twin):
+        m[1].eval()
+    for k in range(2):
+        for m, o in ((model, opt), (twin, sgd)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+        if k == 0:
+            with pytest.warns(GSGDWarning, match=r"through batch norm in eval mode .* plain SGD "
+                                                 r".*0 -> 3 -> 6"):
+                opt.step()
+        else:
+            opt.step()
+        sgd.step()
+    assert opt.blocks == []
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-14)
