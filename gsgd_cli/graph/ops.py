@@ -26,6 +26,8 @@ class Op(enum.Enum):
 
     LAYER = "a linear layer (nn.Linear / nn.Conv2d)"
     RELU = "ReLU: positively homogeneous of degree 1, per unit"
+    HOMOGENEOUS = ("another activation positively homogeneous of degree 1 per element, "
+                   "sigma(c x) = c sigma(x) for c > 0 (LeakyReLU, PReLU, abs)")
     DROPOUT = "nn.Dropout / F.dropout: per unit (identity in eval)"
     DROPOUT_ND = "channel dropout (Dropout1d/2d/3d): per unit"
     IDENTITY = "identity"
@@ -35,6 +37,7 @@ class Op(enum.Enum):
     MAX_POOL_2D = "2-d max pooling: data-dependent"
     MAX_POOL_ND = "1-d / 3-d max pooling: data-dependent"
     PAD_2D = "2-d zero padding"
+    UPSAMPLE_2D = "upsampling (nn.Upsample, F.interpolate): fixed coefficients per channel"
     BATCH_NORM_1D = "nn.BatchNorm1d"
     BATCH_NORM_2D = "nn.BatchNorm2d"
     NORM = "another normalisation: not a sum over paths"
@@ -49,6 +52,8 @@ class Op(enum.Enum):
 MODULE_OPS: dict[type, Op] = {
     nn.Linear: Op.LAYER, nn.Conv2d: Op.LAYER,
     nn.ReLU: Op.RELU,
+    nn.LeakyReLU: Op.HOMOGENEOUS, nn.PReLU: Op.HOMOGENEOUS,
+    nn.Upsample: Op.UPSAMPLE_2D,          # UpsamplingNearest2d / Bilinear2d are subclasses
     nn.Dropout: Op.DROPOUT,
     nn.Dropout1d: Op.DROPOUT_ND, nn.Dropout2d: Op.DROPOUT_ND, nn.Dropout3d: Op.DROPOUT_ND,
     nn.Identity: Op.IDENTITY,
@@ -66,6 +71,8 @@ MODULE_OPS: dict[type, Op] = {
 
 FUNCTION_OPS: dict = {
     **dict.fromkeys((torch.relu, torch.relu_, F.relu, F.relu_), Op.RELU),
+    **dict.fromkeys((F.leaky_relu, F.leaky_relu_, torch.abs, torch.abs_), Op.HOMOGENEOUS),
+    F.interpolate: Op.UPSAMPLE_2D,
     F.dropout: Op.DROPOUT,
     **dict.fromkeys((F.dropout1d, F.dropout2d, F.dropout3d), Op.DROPOUT_ND),
     **dict.fromkeys((F.avg_pool2d, F.adaptive_avg_pool2d), Op.AVG_POOL_2D),
@@ -78,6 +85,7 @@ FUNCTION_OPS: dict = {
 
 METHOD_OPS: dict[str, Op] = {
     **dict.fromkeys(("relu", "relu_"), Op.RELU),
+    **dict.fromkeys(("abs", "abs_"), Op.HOMOGENEOUS),
     "flatten": Op.FLATTEN,
     **dict.fromkeys(("view", "reshape"), Op.RESHAPE),
     "contiguous": Op.IDENTITY,

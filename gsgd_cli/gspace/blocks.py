@@ -73,8 +73,9 @@ def layer_problem(facts: LayerFacts) -> str | None:
                 "replaced on the instance: torch.fx records the class's)")
     if facts.groups != 1:
         return f"a grouped convolution (groups={facts.groups})"
-    if facts.padding_mode != "zeros":
-        return f"padding_mode='{facts.padding_mode}' (only zero padding commutes with scaling)"
+    # every padding mode of torch copies inputs or writes zeros: commutes with scaling
+    if facts.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        return f"padding_mode='{facts.padding_mode}'"
     if facts.parametrized:
         return ("its weight is parametrized (e.g. weight_norm): G-SGD would step the computed "
                 "weight, not the parameters")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..graph.ops import NORM_OPS, module_op
+from ..graph.ops import NORM_OPS, Op, module_op
 from .blocks import ChainBlock, find_chain_blocks
 from .skeleton import UnsupportedWidthProfile, check_single_peak, pivot_layer_of
 
@@ -195,6 +195,9 @@ def _owner_reasons(model: nn.Module, notes: list[str]) -> dict[str, str]:
             reasons[name] = "; ".join(by_layer[name])
         elif module_op(module) in NORM_OPS:
             reasons[name] = f"{type(module).__name__}'s own parameter (not in G-space)"
+        elif module_op(module) is Op.HOMOGENEOUS:
+            reasons[name] = (f"{type(module).__name__}'s slope (an activation's parameter, "
+                             "not in G-space; unchanged by the rescaling)")
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             reasons[name] = ("not joined to another Linear/Conv2d by ReLU and operations G-SGD "
                              "follows (opt.describe() says where each chain ends)")

@@ -39,9 +39,12 @@ from ..graph.ops import Op, data_users, hidden_behaviour, is_metadata, node_op
 __all__ = ["follow", "describe", "data_users", "is_metadata"]
 
 # What each kind of operation (`graph.ops`) is to a chain; any other kind ends it.
-CHAIN_KINDS = {Op.RELU: "relu", Op.DROPOUT: "elementwise", Op.DROPOUT_ND: "elementwise",
-               Op.IDENTITY: "elementwise", Op.AVG_POOL_2D: "spatial", Op.MAX_POOL_2D: "spatial",
-               Op.PAD_2D: "spatial", Op.FLATTEN: "reshape", Op.RESHAPE: "reshape"}
+# A positively homogeneous activation plays ReLU's part: G-SGD's invariance needs only
+# sigma(c x) = c sigma(x) for c > 0 per unit (the update itself reads weights and gradients).
+CHAIN_KINDS = {Op.RELU: "relu", Op.HOMOGENEOUS: "relu", Op.DROPOUT: "elementwise",
+               Op.DROPOUT_ND: "elementwise", Op.IDENTITY: "elementwise",
+               Op.AVG_POOL_2D: "spatial", Op.MAX_POOL_2D: "spatial", Op.PAD_2D: "spatial",
+               Op.UPSAMPLE_2D: "spatial", Op.FLATTEN: "reshape", Op.RESHAPE: "reshape"}
 BN_KINDS = {Op.BATCH_NORM_1D: "bn1d", Op.BATCH_NORM_2D: "bn2d"}
 
 Shapes = Callable[[fx.Node], "torch.Size | None"]
