@@ -7,7 +7,7 @@ from torch import fx, nn
 
 from .ops import global_hooks
 
-__all__ = ["ModelNotTraceable", "trace", "train_mode"]
+__all__ = ["ModelNotTraceable", "trace", "train_mode", "leaf_modules"]
 
 
 class ModelNotTraceable(ValueError):
@@ -44,3 +44,11 @@ def trace(model: nn.Module, advice: str, who: str = "", train: bool = False) -> 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotTraceable(f"{prefix}cannot trace {type(model).__name__} with torch.fx "
                                 f"({first}); {advice}") from exc
+
+
+def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The submodules torch.fx records as one call (not traced into), in `named_modules`
+    order: what it does not see of them (hooks, an instance forward) it cannot report."""
+    tracer = fx.Tracer()
+    return [(name, m) for name, m in model.named_modules()
+            if name and tracer.is_leaf_module(m, name)]

@@ -4,10 +4,11 @@ parametrization, global hooks). Read once at construction, compared at every ste
 dict keys of the leaf modules torch.fx does not trace into)."""
 from __future__ import annotations
 
-from torch import fx, nn
+from torch import nn
 from torch.nn.utils import parametrize
 
 from .ops import global_hooks
+from .trace import leaf_modules
 
 __all__ = ["ModelChanged", "ModelWatch"]
 
@@ -35,9 +36,7 @@ class ModelWatch:
     their hooks, instance forwards and parametrizations at construction."""
 
     def __init__(self, model: nn.Module):
-        tracer = fx.Tracer()
-        self.modules = [(name, m) for name, m in model.named_modules()
-                        if name and tracer.is_leaf_module(m, name)]
+        self.modules = leaf_modules(model)
         self.snapshots = [_snapshot(m) for _, m in self.modules]
 
     def check(self, who: str) -> None:
