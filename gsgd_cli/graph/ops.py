@@ -28,6 +28,7 @@ class Op(enum.Enum):
     RELU = "ReLU: positively homogeneous of degree 1, per unit"
     HOMOGENEOUS = ("another activation positively homogeneous of degree 1 per element, "
                    "sigma(c x) = c sigma(x) for c > 0 (LeakyReLU, PReLU, abs)")
+    SCALE = "a multiplication or division by a constant number: linear, per unit"
     DROPOUT = "nn.Dropout / F.dropout: per unit (identity in eval)"
     DROPOUT_ND = "channel dropout (Dropout1d/2d/3d): per unit"
     IDENTITY = "identity"
@@ -134,7 +135,9 @@ def module_op(module: nn.Module, exact: bool = False) -> Op:
     hierarchy that the table names. A module other than a linear layer that computes what
     torch.fx does not see (`hidden_behaviour`) is `Op.OPAQUE` (a layer's own facts say so:
     `graph.layers`)."""
-    if exact:
+    if type(module) is nn.Threshold and module.threshold == 0 and module.value == 0:
+        op = Op.RELU                                  # Threshold(0, 0) is ReLU
+    elif exact:
         op = MODULE_OPS.get(type(module), Op.OTHER)
     else:
         op = next((MODULE_OPS[cls] for cls in type(module).__mro__ if cls in MODULE_OPS),
@@ -144,15 +147,55 @@ def module_op(module: nn.Module, exact: bool = False) -> Op:
     return op
 
 
+def _argument(node: fx.Node, position: int, name: str, default=None):
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Calls that are ReLU or a scaling by their arguments: clamp(x, min=0) (no max), clamp_min(x, 0),
+# threshold(x, 0, 0); x * c, c * x, x / c with a number c.
+_CLAMPS = {torch.clamp, torch.clip, "clamp", "clip"}
+_CLAMP_MINS = {torch.clamp_min, "clamp_min"}
+_MULS = {operator.mul, torch.mul, "mul"}
+_DIVS = {operator.truediv, torch.div, "div"}
+
+
+def _op_by_arguments(node: fx.Node) -> Op:
+    target = node.target
+    if target in _CLAMPS:
+        low, high = _argument(node, 1, "min"), _argument(node, 2, "max")
+        return Op.RELU if _is_number(low) and low == 0 and high is None else Op.OTHER
+    if target in _CLAMP_MINS:
+        low = _argument(node, 1, "min")
+        return Op.RELU if _is_number(low) and low == 0 else Op.OTHER
+    if target is F.threshold:
+        return (Op.RELU if _argument(node, 1, "threshold") == 0
+                and _argument(node, 2, "value") == 0 else Op.OTHER)
+    if target in _MULS and len(node.args) == 2 and not node.kwargs:
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        numbers = [a for a in node.args if _is_number(a)]
+        return Op.SCALE if len(tensors) == 1 and len(numbers) == 1 else Op.OTHER
+    if target in _DIVS and len(node.args) == 2 and not node.kwargs:
+        return (Op.SCALE if isinstance(node.args[0], fx.Node) and _is_number(node.args[1])
+                and node.args[1] != 0 else Op.OTHER)
+    return Op.OTHER
+
+
 def node_op(node: fx.Node, modules: dict[str, nn.Module], exact: bool = False) -> Op:
-    """The kind of a traced node (`modules`: the traced module's `named_modules()`)."""
+    """The kind of a traced node (`modules`: the traced module's `named_modules()`); a call
+    not in the tables may still be ReLU or a scaling by its arguments (`_op_by_arguments`)."""
     if node.op == "call_module":
         return module_op(modules[node.target], exact)
     if node.op == "call_function":
-        return FUNCTION_OPS.get(node.target, Op.OTHER)
-    if node.op == "call_method":
-        return METHOD_OPS.get(node.target, Op.OTHER)
-    return Op.OTHER
+        op = FUNCTION_OPS.get(node.target, Op.OTHER)
+    elif node.op == "call_method":
+        op = METHOD_OPS.get(node.target, Op.OTHER)
+    else:
+        return Op.OTHER
+    return _op_by_arguments(node) if op is Op.OTHER else op
 
 
 def is_metadata(node: fx.Node) -> bool:

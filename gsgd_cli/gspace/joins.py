@@ -42,7 +42,7 @@ __all__ = ["follow", "describe", "data_users", "is_metadata"]
 # A positively homogeneous activation plays ReLU's part: G-SGD's invariance needs only
 # sigma(c x) = c sigma(x) for c > 0 per unit (the update itself reads weights and gradients).
 CHAIN_KINDS = {Op.RELU: "relu", Op.HOMOGENEOUS: "relu", Op.DROPOUT: "elementwise",
-               Op.DROPOUT_ND: "elementwise", Op.IDENTITY: "elementwise",
+               Op.DROPOUT_ND: "elementwise", Op.IDENTITY: "elementwise", Op.SCALE: "elementwise",
                Op.AVG_POOL_2D: "spatial", Op.MAX_POOL_2D: "spatial", Op.PAD_2D: "spatial",
                Op.UPSAMPLE_2D: "spatial", Op.FLATTEN: "reshape", Op.RESHAPE: "reshape"}
 BN_KINDS = {Op.BATCH_NORM_1D: "bn1d", Op.BATCH_NORM_2D: "bn2d"}

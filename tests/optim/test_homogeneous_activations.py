@@ -42,6 +42,20 @@ class FunctionalMLP(nn.Module):
             return torch.abs(x)
         if self.kind == "abs_method":
             return x.abs()
+        if self.kind == "clamp_min0":
+            return torch.clamp(x, min=0)
+        if self.kind == "clamp_method":
+            return x.clamp(min=0)
+        if self.kind == "clamp_min":
+            return torch.clamp_min(x, 0)
+        if self.kind == "threshold":
+            return F.threshold(x, 0, 0)
+        if self.kind == "relu_times_2":
+            return F.relu(x) * 2.0
+        if self.kind == "relu_over_3":
+            return torch.relu(x) / 3
+        if self.kind == "threshold_half":
+            return F.threshold(x, 0.5, 0.0)
         if self.kind == "relu6":
             return F.relu6(x)
         if self.kind == "hardtanh":
@@ -55,6 +69,7 @@ class FunctionalMLP(nn.Module):
 
 
 MODULES = {
+    "Threshold(0,0)": lambda: nn.Threshold(0, 0),
     "LeakyReLU": lambda: nn.LeakyReLU(0.1),
     "PReLU": lambda: nn.PReLU(6),
     "PReLU-shared": lambda: nn.PReLU(),
@@ -74,7 +89,9 @@ def test_a_homogeneous_activation_module_joins_the_chain_exactly(name):
         assert "outside: 1.weight" in table and "PReLU's slope" in table
 
 
-@pytest.mark.parametrize("kind", ["leaky_relu", "abs", "abs_method"])
+@pytest.mark.parametrize("kind", ["leaky_relu", "abs", "abs_method", "clamp_min0",
+                                  "clamp_method", "clamp_min", "threshold", "relu_times_2",
+                                  "relu_over_3"])
 def test_a_homogeneous_activation_function_joins_the_chain_exactly(kind):
     x, y = _xy(4)
     opt = assert_invariant(lambda: FunctionalMLP(kind), x, y)
@@ -107,15 +124,16 @@ def test_upsampling_joins_the_chain_exactly(how):
     assert [b.names for b in opt.blocks] == [["0", "3", "6"]]
 
 
-@pytest.mark.parametrize("kind", ["relu6", "hardtanh", "clamp06"])
+@pytest.mark.parametrize("kind", ["relu6", "hardtanh", "clamp06", "threshold_half"])
 def test_bounded_activations_stay_outside(kind):
     opt = quiet_gsgd(FunctionalMLP(kind).double(), lr=0.1, skeleton_init="keep")
     assert opt.blocks == []
     assert "it is followed by" in opt.describe()
 
 
-@pytest.mark.parametrize("make", [lambda: nn.ReLU6(), lambda: nn.Hardtanh()],
-                         ids=["ReLU6", "Hardtanh"])
+@pytest.mark.parametrize("make", [lambda: nn.ReLU6(), lambda: nn.Hardtanh(),
+                                  lambda: nn.Threshold(0.5, 0.0)],
+                         ids=["ReLU6", "Hardtanh", "Threshold(0.5,0)"])
 def test_bounded_activation_modules_stay_outside(make):
     model = nn.Sequential(nn.Linear(4, 6), make(), nn.Linear(6, 3)).double()
     assert quiet_gsgd(model, lr=0.1, skeleton_init="keep").blocks == []
