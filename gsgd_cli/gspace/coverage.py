@@ -190,7 +190,9 @@ def _owner_reasons(model: nn.Module, notes: list[str]) -> dict[str, str]:
                 why = label + why[len(prefix):-1]
         by_layer[name].append(why)
     reasons = {}
+    modules = dict(model.named_modules())
     for name, module in model.named_modules():
+        parent = modules.get(name.rpartition(".")[0]) if name else None
         if name in by_layer:
             reasons[name] = "; ".join(by_layer[name])
         elif module_op(module) in NORM_OPS:
@@ -198,9 +200,17 @@ def _owner_reasons(model: nn.Module, notes: list[str]) -> dict[str, str]:
         elif module_op(module) is Op.HOMOGENEOUS:
             reasons[name] = (f"{type(module).__name__}'s slope (an activation's parameter, "
                              "not in G-space; unchanged by the rescaling)")
+        elif isinstance(module, (nn.Linear, nn.Conv2d)) and parent is not None and not (
+                isinstance(parent, (nn.Sequential, nn.ModuleList, nn.ModuleDict))) and type(
+                parent).__module__.startswith("torch.nn"):
+            reasons[name] = (f"its weight is read inside {type(parent).__name__}'s own forward "
+                             "(not called as a layer; G-SGD does not look into it)")
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             reasons[name] = ("not joined to another Linear/Conv2d by ReLU and operations G-SGD "
                              "follows (opt.describe() says where each chain ends)")
+        elif any(True for _ in module.children()):
+            reasons[name] = (f"registered directly on {type(module).__name__}, which has "
+                             "submodules, and used in its forward outside any chain layer")
         else:
             reasons[name] = (f"{type(module).__name__} is not a chain layer (G-SGD handles "
                              "nn.Linear and nn.Conv2d)")

@@ -533,3 +533,27 @@ def test_a_block_through_batch_norm_in_eval_mode_takes_plain_sgd_and_says_so():
     assert opt.blocks == []
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-14)
+
+
+class TokenNet(nn.Module):
+    """A class token registered on the model itself, attention, and a ReLU head."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        h, _ = self.attn(x, x, x)
+        return self.out(torch.relu(self.fc(h[:, 0])))
+
+
+def test_container_parameters_and_attention_projections_are_explained():
+    table = _quiet(lambda: OPTIM_DB[0].make(TokenNet())).describe()
+    assert ("outside: cls (1, 1, 8): registered directly on TokenNet, which has submodules, "
+            "and used in its forward outside any chain layer") in table
+    assert ("outside: attn.out_proj.weight (8, 8): its weight is read inside "
+            "MultiheadAttention's own forward") in table
+    assert "is not a chain layer" not in table and "not joined" not in table
