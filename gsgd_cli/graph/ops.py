@@ -18,7 +18,7 @@ from torch import fx, nn
 
 __all__ = ["Op", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS", "module_op", "node_op",
            "METADATA_ATTRIBUTES", "SIZE_ARITHMETIC", "is_metadata", "data_users",
-           "NORM_OPS", "hidden_behaviour", "global_hooks"]
+           "NORM_OPS", "hidden_behaviour", "global_hooks", "masked_relu"]
 
 
 class Op(enum.Enum):
@@ -214,3 +214,24 @@ def is_metadata(node: fx.Node) -> bool:
 def data_users(node: fx.Node) -> list[fx.Node]:
     """The nodes that read `node`'s values (not only its shape)."""
     return [u for u in node.users if not is_metadata(u)]
+
+
+_COMPARES = {operator.gt, operator.ge, torch.gt, torch.ge, "gt", "ge"}
+
+
+def masked_relu(node: fx.Node) -> fx.Node | None:
+    """The node of `x * (x > 0)` (or `>=`, either order) when `node` is that `x` and feeds
+    nothing else: ReLU written as a mask. None otherwise."""
+    users = data_users(node)
+    if len(users) != 2:
+        return None
+    masks = [u for u in users if u.target in _COMPARES and len(u.args) == 2 and not u.kwargs
+             and u.args[0] is node and _is_number(u.args[1]) and u.args[1] == 0]
+    if len(masks) != 1 or len(masks[0].users) != 1:
+        return None
+    mask = masks[0]
+    product = next(iter(mask.users))
+    if (product in users and product.target in _MULS and not product.kwargs
+            and set(product.args) == {node, mask} and len(product.args) == 2):
+        return product
+    return None

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from ..graph.ops import Op, data_users, hidden_behaviour, is_metadata, node_op
+from ..graph.ops import Op, data_users, hidden_behaviour, is_metadata, masked_relu, node_op
 
 __all__ = ["follow", "describe", "data_users", "is_metadata"]
 
@@ -145,6 +145,10 @@ def follow(layer: fx.Node, axis: str, modules: dict[str, nn.Module], bn: str,
     this = modules[layer.target]
     nodes = this.out_features if isinstance(this, nn.Linear) else this.out_channels
     while True:
+        masked = masked_relu(current)          # x * (x > 0): ReLU
+        if masked is not None:
+            seen_relu, current = True, masked
+            continue
         users = data_users(current)
         if len(users) != 1:
             return None, False, ("its output is used more than once" if users

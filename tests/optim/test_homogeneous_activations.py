@@ -54,6 +54,12 @@ class FunctionalMLP(nn.Module):
             return F.relu(x) * 2.0
         if self.kind == "relu_over_3":
             return torch.relu(x) / 3
+        if self.kind == "masked":
+            return x * (x > 0)
+        if self.kind == "masked_ge_first":
+            return (x >= 0) * x
+        if self.kind == "masked_half":
+            return x * (x > 0.5)
         if self.kind == "threshold_half":
             return F.threshold(x, 0.5, 0.0)
         if self.kind == "relu6":
@@ -91,7 +97,7 @@ def test_a_homogeneous_activation_module_joins_the_chain_exactly(name):
 
 @pytest.mark.parametrize("kind", ["leaky_relu", "abs", "abs_method", "clamp_min0",
                                   "clamp_method", "clamp_min", "threshold", "relu_times_2",
-                                  "relu_over_3"])
+                                  "relu_over_3", "masked", "masked_ge_first"])
 def test_a_homogeneous_activation_function_joins_the_chain_exactly(kind):
     x, y = _xy(4)
     opt = assert_invariant(lambda: FunctionalMLP(kind), x, y)
@@ -124,11 +130,13 @@ def test_upsampling_joins_the_chain_exactly(how):
     assert [b.names for b in opt.blocks] == [["0", "3", "6"]]
 
 
-@pytest.mark.parametrize("kind", ["relu6", "hardtanh", "clamp06", "threshold_half"])
+@pytest.mark.parametrize("kind", ["relu6", "hardtanh", "clamp06", "threshold_half",
+                                  "masked_half"])
 def test_bounded_activations_stay_outside(kind):
     opt = quiet_gsgd(FunctionalMLP(kind).double(), lr=0.1, skeleton_init="keep")
     assert opt.blocks == []
-    assert "it is followed by" in opt.describe()
+    if kind != "masked_half":                 # x * (x > 0.5): x is used twice, not ReLU
+        assert "it is followed by" in opt.describe()
 
 
 @pytest.mark.parametrize("make", [lambda: nn.ReLU6(), lambda: nn.Hardtanh(),
