@@ -557,3 +557,13 @@ def test_container_parameters_and_attention_projections_are_explained():
     assert ("outside: attn.out_proj.weight (8, 8): its weight is read inside "
             "MultiheadAttention's own forward") in table
     assert "is not a chain layer" not in table and "not joined" not in table
+
+
+@pytest.mark.parametrize("index", [0, 7], ids=["conv", "linear"])
+def test_path_sgd_refuses_a_hooked_layer_as_gsgd_leaves_it_out(index):
+    model = _conv_model(nn.AvgPool2d)
+    model[index].register_forward_hook(_double)
+    with pytest.raises(ValueError, match=rf"module '{index}' .*forward hooks"):
+        PathSGD(model, lr=0.05, input_shape=(2, 4, 4))
+    opt = _quiet(lambda: OPTIM_DB[0].make(model, input_shape=(2, 4, 4)))
+    assert all(str(index) not in b.names for b in opt.blocks)
