@@ -217,21 +217,36 @@ def data_users(node: fx.Node) -> list[fx.Node]:
 
 
 _COMPARES = {operator.gt, operator.ge, torch.gt, torch.ge, "gt", "ge"}
+_ZEROS = {torch.zeros_like, "new_zeros"}
+_MAXIMUMS = {torch.maximum, torch.max, torch.fmax, "maximum", "max", "fmax"}
+
+
+def _zero_helper(user: fx.Node, node: fx.Node) -> str | None:
+    """"mask" for `node > 0` / `node >= 0`, "zeros" for `zeros_like(node)`, else None."""
+    if user.kwargs or not user.args or user.args[0] is not node:
+        return None
+    if (user.target in _COMPARES and len(user.args) == 2 and _is_number(user.args[1])
+            and user.args[1] == 0):
+        return "mask"
+    if user.target is torch.zeros_like and len(user.args) == 1:
+        return "zeros"
+    return None
 
 
 def masked_relu(node: fx.Node) -> fx.Node | None:
-    """The node of `x * (x > 0)` (or `>=`, either order) when `node` is that `x` and feeds
-    nothing else: ReLU written as a mask. None otherwise."""
+    """The node of ReLU written with a helper of `node` when `node` feeds nothing else:
+    `x * (x > 0)` (or `>=`, either order) or `torch.maximum(x, torch.zeros_like(x))`
+    (`max`, `fmax`, either order). None otherwise."""
     users = data_users(node)
     if len(users) != 2:
         return None
-    masks = [u for u in users if u.target in _COMPARES and len(u.args) == 2 and not u.kwargs
-             and u.args[0] is node and _is_number(u.args[1]) and u.args[1] == 0]
-    if len(masks) != 1 or len(masks[0].users) != 1:
+    helpers = [(u, _zero_helper(u, node)) for u in users if _zero_helper(u, node)]
+    if len(helpers) != 1 or len(helpers[0][0].users) != 1:
         return None
-    mask = masks[0]
-    product = next(iter(mask.users))
-    if (product in users and product.target in _MULS and not product.kwargs
-            and set(product.args) == {node, mask} and len(product.args) == 2):
-        return product
+    helper, kind = helpers[0]
+    result = next(iter(helper.users))
+    combine = _MULS if kind == "mask" else _MAXIMUMS
+    if (result in users and result.target in combine and not result.kwargs
+            and len(result.args) == 2 and set(result.args) == {node, helper}):
+        return result
     return None

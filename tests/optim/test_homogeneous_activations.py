@@ -58,6 +58,12 @@ class FunctionalMLP(nn.Module):
             return x * (x > 0)
         if self.kind == "masked_ge_first":
             return (x >= 0) * x
+        if self.kind == "maximum_zeros":
+            return torch.maximum(x, torch.zeros_like(x))
+        if self.kind == "max_zeros_first":
+            return torch.max(torch.zeros_like(x), x)
+        if self.kind == "maximum_ones":
+            return torch.maximum(x, torch.ones_like(x))
         if self.kind == "masked_half":
             return x * (x > 0.5)
         if self.kind == "threshold_half":
@@ -97,7 +103,8 @@ def test_a_homogeneous_activation_module_joins_the_chain_exactly(name):
 
 @pytest.mark.parametrize("kind", ["leaky_relu", "abs", "abs_method", "clamp_min0",
                                   "clamp_method", "clamp_min", "threshold", "relu_times_2",
-                                  "relu_over_3", "masked", "masked_ge_first"])
+                                  "relu_over_3", "masked", "masked_ge_first", "maximum_zeros",
+                                  "max_zeros_first"])
 def test_a_homogeneous_activation_function_joins_the_chain_exactly(kind):
     x, y = _xy(4)
     opt = assert_invariant(lambda: FunctionalMLP(kind), x, y)
@@ -131,11 +138,11 @@ def test_upsampling_joins_the_chain_exactly(how):
 
 
 @pytest.mark.parametrize("kind", ["relu6", "hardtanh", "clamp06", "threshold_half",
-                                  "masked_half"])
+                                  "masked_half", "maximum_ones"])
 def test_bounded_activations_stay_outside(kind):
     opt = quiet_gsgd(FunctionalMLP(kind).double(), lr=0.1, skeleton_init="keep")
     assert opt.blocks == []
-    if kind != "masked_half":                 # x * (x > 0.5): x is used twice, not ReLU
+    if kind not in ("masked_half", "maximum_ones"):   # x used twice, and not as ReLU
         assert "it is followed by" in opt.describe()
 
 
