@@ -82,7 +82,7 @@ def test_inspect_any_importable_model_with_its_coverage(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("model: torchvision.models.squeezenet1_0 (SqueezeNet), input (3, 64, 64)")
-    assert "in chain blocks (2.1%)" in out
+    assert "in chain blocks (2.1%: " in out and ", 0 approximate through batch norm" in out
     assert "outside: features.3.expand1x1.weight (64, 16, 1, 1): chain ends here: it is " \
            "followed by cat" in out
     bad = gsgd("inspect", "--model", "torchvision.models.nothing")

@@ -23,7 +23,7 @@ class LayerFacts:
     name: str
     type_name: str
     exact: bool                 # exactly nn.Linear / nn.Conv2d
-    forward_overridden: bool    # its class overrides forward (or Conv2d's _conv_forward)
+    forward_overridden: bool    # its class or the instance overrides forward (or _conv_forward)
     groups: int                 # 1 for a Linear
     padding_mode: str           # "zeros" for a Linear
     parametrized: bool          # torch.nn.utils.parametrize on it
@@ -51,7 +51,8 @@ def read_layers(graph_module: fx.GraphModule, model: nn.Module) -> dict[str, Lay
         module = modules[name]
         base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
         overridden = type(module).forward is not base.forward or (
-            base is nn.Conv2d and type(module)._conv_forward is not nn.Conv2d._conv_forward)
+            base is nn.Conv2d and type(module)._conv_forward is not nn.Conv2d._conv_forward) or (
+            "forward" in vars(module) or "_conv_forward" in vars(module))
         not_plain = None
         for pname in ("weight", "bias"):
             value = getattr(module, pname, None)

@@ -39,6 +39,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..graph.layers import LayerFacts, read_layers
@@ -68,11 +69,13 @@ def _out_nodes(module: nn.Module) -> int:
 def layer_problem(facts: LayerFacts) -> str | None:
     """Why a layer (its `graph.layers` facts) cannot be a layer of a chain block (None: it can)."""
     if facts.forward_overridden:
-        return f"{facts.type_name} overrides forward"
+        return (f"{facts.type_name} overrides forward (its class, or forward / _conv_forward "
+                "replaced on the instance: torch.fx records the class's)")
     if facts.groups != 1:
         return f"a grouped convolution (groups={facts.groups})"
-    if facts.padding_mode != "zeros":
-        return f"padding_mode='{facts.padding_mode}' (only zero padding commutes with scaling)"
+    # every padding mode of torch copies inputs or writes zeros: commutes with scaling
+    if facts.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        return f"padding_mode='{facts.padding_mode}'"
     if facts.parametrized:
         return ("its weight is parametrized (e.g. weight_norm): G-SGD would step the computed "
                 "weight, not the parameters")
@@ -139,10 +142,13 @@ class ChainBlock:
     names: list[str]              # qualified module names, e.g. "net.3"
     modules: list[nn.Module]
     bn_after: list[bool] = field(default_factory=list)   # batch norm follows layer i
+    norms: list[list[nn.Module]] = field(default_factory=list)  # those batch norms
 
     def __post_init__(self):
         if not self.bn_after:
             self.bn_after = [False] * len(self.modules)
+        if not self.norms:
+            self.norms = [[] for _ in self.modules]
 
     @property
     def views(self) -> list[LayerView]:
@@ -168,8 +174,13 @@ class ChainBlock:
 
     @property
     def num_weights(self) -> int:
-        """m: weights and biases of the block."""
-        return sum(p.numel() for m in self.modules for p in m.parameters(recurse=False))
+        """m: weights and biases of the block (another parameter registered on a layer, e.g.
+        a `gain`, is not G-space: it takes plain SGD)."""
+        return sum(p.numel() for p in self.gspace_params())
+
+    def gspace_params(self) -> list[nn.Parameter]:
+        """The weights and biases of the block's layers, the parameters G-SGD steps."""
+        return [p for m in self.modules for p in (m.weight, m.bias) if p is not None]
 
     @property
     def num_hidden(self) -> int:
@@ -190,7 +201,20 @@ class Discovery:
 
 def _trace(model: nn.Module) -> fx.GraphModule:
     return trace(model, "G-SGD finds chain blocks by tracing, so the forward must avoid "
-                        "data-dependent control flow")
+                        "data-dependent control flow", train=True)   # the steps' mode
+
+
+_INTEGER = dict(dtype=torch.long)
+_INDEX_READERS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _reads_indices(graph_module: fx.GraphModule, placeholder: fx.Node) -> bool:
+    """The input is integer indices: an embedding reads it first (its shape is still the
+    input's; only the dtype of the fake example differs)."""
+    modules = dict(graph_module.named_modules())
+    return any(u.op == "call_module" and isinstance(modules[u.target], _INDEX_READERS)
+               or u.op == "call_function" and u.target is F.embedding
+               for u in placeholder.users)
 
 
 def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module,
@@ -221,7 +245,8 @@ def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module,
     fake_log.setLevel(logging.CRITICAL)
     try:
         with mode, contextlib.redirect_stderr(io.StringIO()):
-            example = torch.zeros(2, *input_shape, **like)
+            example = torch.zeros(2, *input_shape, **(_INTEGER if _reads_indices(
+                graph_module, inputs[0]) else like))
             _Shapes(graph_module, fake_mode=mode).propagate(example)
     except Exception as exc:  # the model's own error, whatever its type
         cause = exc.__cause__ if exc.__cause__ is not None else exc
@@ -264,7 +289,7 @@ def find_chain_blocks(model: nn.Module, bn: str = "approx",
             problems[name] = why
     notes = [f"{name}: not a chain layer ({why})" for name, why in problems.items()]
     successor: dict[fx.Node, fx.Node] = {}
-    bn_between: dict[fx.Node, bool] = {}
+    bn_between: dict[fx.Node, list] = {}
     for n in layer_nodes:
         if n.target in problems:
             continue
@@ -280,7 +305,7 @@ def find_chain_blocks(model: nn.Module, bn: str = "approx",
                               f"features, not a multiple of {this.out_channels} channels")
         if nxt is not None:
             successor[n] = nxt
-            bn_between[n] = seen_bn
+            bn_between[n] = list(seen_bn or [])
         elif why != "its output is unused":
             notes.append(f"{n.target}: not joined to a next layer ({why})")
     has_predecessor = set(successor.values())
@@ -290,13 +315,18 @@ def find_chain_blocks(model: nn.Module, bn: str = "approx",
             chain = [n]
             while chain[-1] in successor:
                 chain.append(successor[chain[-1]])
-            bn_after = [bn_between.get(c, False) for c in chain]
+            norms = [bn_between.get(c, []) for c in chain]
+            bn_after = [bool(found) for found in norms]
             last_users = data_users(chain[-1])      # batch norm right after the last layer
             bn_after[-1] = bn == "approx" and len(last_users) == 1 and (
                 last_users[0].op == "call_module"
-                and module_op(modules[last_users[0].target], exact=True) in _BN_OPS)
+                and module_op(modules[last_users[0].target], exact=True) in _BN_OPS
+                and modules[last_users[0].target].num_features   # over the layer's nodes
+                == _out_nodes(modules[chain[-1].target]))
+            if bn_after[-1]:
+                norms[-1] = [modules[last_users[0].target]]
             blocks.append(ChainBlock([c.target for c in chain], [modules[c.target] for c in chain],
-                                     bn_after))
+                                     bn_after, norms))
     in_block = {id(p) for b in blocks for m in b.modules for p in m.parameters()}
     outside = [(name, p) for name, p in model.named_parameters() if id(p) not in in_block]
     return Discovery(blocks, outside, notes)

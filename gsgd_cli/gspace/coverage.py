@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..graph.ops import NORM_OPS, module_op
+from ..graph.ops import NORM_OPS, Op, module_op
 from .blocks import ChainBlock, find_chain_blocks
 from .skeleton import UnsupportedWidthProfile, check_single_peak, pivot_layer_of
 
@@ -67,6 +67,17 @@ class Coverage:
     def in_blocks(self) -> int:
         return sum(r.numel for r in self.rows if r.block is not None)
 
+    @property
+    def approximate(self) -> int:
+        """Parameters in blocks through batch norm: the paper's eq. 39 approximation, not an
+        exact G-space step (blocks without batch norm are exact)."""
+        approx = {k for k, b in enumerate(self.blocks, 1) if b.bn_layers}
+        return sum(r.numel for r in self.rows if r.block in approx)
+
+    @property
+    def exact(self) -> int:
+        return self.in_blocks - self.approximate
+
 
 @dataclass
 class Plan:
@@ -93,7 +104,7 @@ def split_by_stage(block: ChainBlock) -> list[ChainBlock]:
 
 def _part(block: ChainBlock, start: int, stop: int) -> ChainBlock:
     return ChainBlock(block.names[start:stop], block.modules[start:stop],
-                      block.bn_after[start:stop])
+                      block.bn_after[start:stop], block.norms[start:stop])
 
 
 def valley_message(block: ChainBlock, exc: UnsupportedWidthProfile) -> str:
@@ -179,14 +190,27 @@ def _owner_reasons(model: nn.Module, notes: list[str]) -> dict[str, str]:
                 why = label + why[len(prefix):-1]
         by_layer[name].append(why)
     reasons = {}
+    modules = dict(model.named_modules())
     for name, module in model.named_modules():
+        parent = modules.get(name.rpartition(".")[0]) if name else None
         if name in by_layer:
             reasons[name] = "; ".join(by_layer[name])
         elif module_op(module) in NORM_OPS:
             reasons[name] = f"{type(module).__name__}'s own parameter (not in G-space)"
+        elif module_op(module) is Op.HOMOGENEOUS:
+            reasons[name] = (f"{type(module).__name__}'s slope (an activation's parameter, "
+                             "not in G-space; unchanged by the rescaling)")
+        elif isinstance(module, (nn.Linear, nn.Conv2d)) and parent is not None and not (
+                isinstance(parent, (nn.Sequential, nn.ModuleList, nn.ModuleDict))) and type(
+                parent).__module__.startswith("torch.nn"):
+            reasons[name] = (f"its weight is read inside {type(parent).__name__}'s own forward "
+                             "(not called as a layer; G-SGD does not look into it)")
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             reasons[name] = ("not joined to another Linear/Conv2d by ReLU and operations G-SGD "
                              "follows (opt.describe() says where each chain ends)")
+        elif any(True for _ in module.children()):
+            reasons[name] = (f"registered directly on {type(module).__name__}, which has "
+                             "submodules, and used in its forward outside any chain layer")
         else:
             reasons[name] = (f"{type(module).__name__} is not a chain layer (G-SGD handles "
                              "nn.Linear and nn.Conv2d)")
@@ -194,9 +218,10 @@ def _owner_reasons(model: nn.Module, notes: list[str]) -> dict[str, str]:
 
 
 def _coverage(model, blocks, left_out, discovery_notes, notes) -> Coverage:
-    where = {id(p): k for k, b in enumerate(blocks, 1) for m in b.modules
-             for p in m.parameters(recurse=False)}
+    where = {id(p): k for k, b in enumerate(blocks, 1) for p in b.gspace_params()}
     reasons = {**_owner_reasons(model, discovery_notes), **left_out}
+    reasons.update({name: (f"registered on chain layer '{name}' beside its weight and bias "
+                           "(not in G-space)") for b in blocks for name in b.names})
     owner = {}
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
@@ -218,9 +243,16 @@ def _coverage(model, blocks, left_out, discovery_notes, notes) -> Coverage:
     return Coverage(type(model).__name__, rows, summaries, frozen_params, ends, notes)
 
 
+def _percent(part: int, total: int) -> str:
+    return f"{100 * part / total:.1f}%" if total else "0%"
+
+
 def _share(coverage: Coverage) -> str:
-    total = coverage.total
-    return f"{100 * coverage.in_blocks / total:.1f}%" if total else "0%"
+    """"12.0% exact" / "80.0% approximate (batch norm, eq. 39)" / both, of the total."""
+    parts = [f"{_percent(n, coverage.total)} {what}" for n, what in (
+        (coverage.exact, "exact"), (coverage.approximate, "approximate (through batch norm: "
+                                                          "the paper's eq. 39)")) if n]
+    return " and ".join(parts) if parts else "0%"
 
 
 def coverage_reasons(coverage: Coverage, max_groups: int = 4) -> str:
@@ -245,9 +277,12 @@ def coverage_summary(coverage: Coverage) -> str:
     """One line: the share of trainable parameters in G-space and why the rest is outside."""
     reasons = coverage_reasons(coverage)
     head = (f"GSGD: {_share(coverage)} of the trainable parameters of {coverage.model} "
-            f"({coverage.in_blocks} of {coverage.total}) are in {len(coverage.blocks)} G-space "
-            f"chain block(s); the rest take plain SGD")
-    return head + (": " + reasons if reasons else "") + ". opt.describe() lists them all"
+            f"({coverage.exact} exact, {coverage.approximate} approximate, of "
+            f"{coverage.total}) are in {len(coverage.blocks)} G-space chain block(s)")
+    if coverage.in_blocks == coverage.total:
+        return head + ". opt.describe() lists them all"
+    return (head + "; the rest take plain SGD" + (": " + reasons if reasons else "")
+            + ". opt.describe() lists them all")
 
 
 def format_coverage(coverage: Coverage, demoted: tuple[int, ...] = ()) -> str:
@@ -283,8 +318,12 @@ def format_coverage(coverage: Coverage, demoted: tuple[int, ...] = ()) -> str:
     inside = sum(r.numel for r in rows if r.block is not None)
     frozen = (f"; {len(coverage.frozen)} frozen parameter tensor(s) are not trained"
               if coverage.frozen else "")
+    approx = {k for k, b in enumerate(coverage.blocks, 1) if b.bn_layers}
+    approximate = sum(r.numel for r in rows if r.block is not None and r.block in approx)
     lines.append(f"parameters: {total} in all, {inside} in chain blocks "
-                 f"({100 * inside / total if total else 0:.1f}%), {total - inside} outside "
+                 f"({_percent(inside, total)}: {inside - approximate} exact "
+                 f"({_percent(inside - approximate, total)}), {approximate} approximate through "
+                 f"batch norm ({_percent(approximate, total)})), {total - inside} outside "
                  f"(plain SGD step){frozen}")
     for row in outside:
         lines.append(f"  outside: {row.name} {row.shape}: {row.why}")

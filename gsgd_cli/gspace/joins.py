@@ -34,14 +34,17 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from ..graph.ops import Op, data_users, is_metadata, node_op
+from ..graph.ops import Op, data_users, hidden_behaviour, is_metadata, masked_relu, node_op
 
 __all__ = ["follow", "describe", "data_users", "is_metadata"]
 
 # What each kind of operation (`graph.ops`) is to a chain; any other kind ends it.
-CHAIN_KINDS = {Op.RELU: "relu", Op.DROPOUT: "elementwise", Op.DROPOUT_ND: "elementwise",
-               Op.IDENTITY: "elementwise", Op.AVG_POOL_2D: "spatial", Op.MAX_POOL_2D: "spatial",
-               Op.PAD_2D: "spatial", Op.FLATTEN: "reshape", Op.RESHAPE: "reshape"}
+# A positively homogeneous activation plays ReLU's part: G-SGD's invariance needs only
+# sigma(c x) = c sigma(x) for c > 0 per unit (the update itself reads weights and gradients).
+CHAIN_KINDS = {Op.RELU: "relu", Op.HOMOGENEOUS: "relu", Op.DROPOUT: "elementwise",
+               Op.DROPOUT_ND: "elementwise", Op.IDENTITY: "elementwise", Op.SCALE: "elementwise",
+               Op.AVG_POOL_2D: "spatial", Op.MAX_POOL_2D: "spatial", Op.PAD_2D: "spatial",
+               Op.UPSAMPLE_2D: "spatial", Op.FLATTEN: "reshape", Op.RESHAPE: "reshape"}
 BN_KINDS = {Op.BATCH_NORM_1D: "bn1d", Op.BATCH_NORM_2D: "bn2d"}
 
 Shapes = Callable[[fx.Node], "torch.Size | None"]
@@ -58,7 +61,9 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module], bn: str) -> str:
 def describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     """A short name of what a node does, for notes ("cat", "LeakyReLU", "method 'sigmoid'")."""
     if node.op == "call_module":
-        return type(modules[node.target]).__name__
+        hidden = hidden_behaviour(modules[node.target])
+        name = type(modules[node.target]).__name__
+        return f"{name} '{node.target}' ({hidden})" if hidden else name
     if node.op == "call_method":
         return f"method '{node.target}'"
     return getattr(node.target, "__name__", str(node.target))
@@ -129,15 +134,21 @@ def _reshape_axis(axis: str, before, after) -> str | None:
 
 
 def follow(layer: fx.Node, axis: str, modules: dict[str, nn.Module], bn: str,
-           shapes: Shapes | None) -> tuple[fx.Node | None, bool, str]:
+           shapes: Shapes | None) -> tuple[fx.Node | None, list, str]:
     """From a layer's output to the next layer node.
 
     `axis`: "last" for a Linear, "channel" for a Conv2d. Returns (the next layer's node or
-    None, batch norm seen on the way, why there is no next layer). The next layer is any
+    None, the batch-norm modules on the way (falsy: none), why there is no next layer). The next layer is any
     call of an `nn.Linear`/`nn.Conv2d` module; the caller decides whether it may join."""
-    seen_relu = seen_bn = False
+    seen_relu, seen_bn = False, []       # the batch-norm modules on the way
     current = layer
+    this = modules[layer.target]
+    nodes = this.out_features if isinstance(this, nn.Linear) else this.out_channels
     while True:
+        masked = masked_relu(current)          # x * (x > 0): ReLU
+        if masked is not None:
+            seen_relu, current = True, masked
+            continue
         users = data_users(current)
         if len(users) != 1:
             return None, False, ("its output is used more than once" if users
@@ -171,8 +182,12 @@ def follow(layer: fx.Node, axis: str, modules: dict[str, nn.Module], bn: str,
                 axis != "last" or shape_before is not None and len(shape_before) != 2):
             return None, False, (f"{describe(user, modules)} normalises another axis than "
                                  "the hidden nodes'")
+        elif kind in ("bn1d", "bn2d") and modules[user.target].num_features != nodes:
+            return None, False, (f"{describe(user, modules)} normalises "
+                                 f"{modules[user.target].num_features} features, not the "
+                                 f"layer's {nodes} nodes (another axis)")
         elif kind in ("bn1d", "bn2d"):
-            seen_bn = True
+            seen_bn = [*seen_bn, modules[user.target]]
         elif kind == "reshape":
             if shapes is not None:
                 new_axis = _reshape_axis(axis, shape_before, shapes(user))

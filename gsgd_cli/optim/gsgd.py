@@ -47,10 +47,10 @@ from ..gspace.skeleton import build_skeleton
 from ..gspace.skeleton_init import SKELETON_INITS, init_skeleton
 from ..gspace.update import StepOptions
 from ._common import SGD_NEUTRAL, check_group_keys
-from .base import ModelOptimizer
+from .base import ModelOptimizer, why_not_in_gspace
 from .errors import GSGDStepError, GSGDWarning
-from .gsgd_blocks import (BlockPlan, BlockRecord, check_record, momentum_buffer,
-                          step_range_problems)
+from .gsgd_blocks import (BlockPlan, BlockRecord, check_record, left_to_sgd_messages,
+                          momentum_buffer, step_range_problems)
 from .gsgd_diag import diagnose, step_error
 from .gsgd_eager import apply_all, plan_all, sgd_outside
 from .native.gsgd import FusedCPUStep, diag_size, fused_step
@@ -139,9 +139,8 @@ class GSGD(ModelOptimizer):
     construction (`requires_grad_(False)`) sends its block to plain SGD, as freezing before.
     """
 
-    name = "GSGD"
-    record_key = STATE_RECORD
-    step_error = GSGDStepError
+    name, record_key, step_error = "GSGD", STATE_RECORD, GSGDStepError
+    _norms: dict = {}              # block -> its batch norms (copies hold no modules: none)
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
                  momentum: float = 0.0, weight_decay: float = 0.0, bpr: float = 0.0,
@@ -194,11 +193,11 @@ class GSGD(ModelOptimizer):
         position = {id(p): k for k, p in enumerate(params)}
         names = {id(p): name for name, p in model.named_parameters()}
         self._param_names = [names.get(id(p), "?") for p in params]
-        self.fused = fused
-        self.strict = strict
+        self.fused, self.strict = fused, strict
         self._blocks = [BlockRecord(block.layout(), [position[id(m.weight)] for m in block.modules],
                                      [position[id(m.bias)] if m.bias is not None else None
                                       for m in block.modules]) for block in plan.blocks]
+        self._norms = {k: [n for ns in b.norms for n in ns] for k, b in enumerate(plan.blocks)}
         self._demoted: list[int] = []     # blocks left to plain SGD after construction
         self._coverage: Coverage = plan.coverage
         self._activate()
@@ -209,7 +208,7 @@ class GSGD(ModelOptimizer):
                           f"plain SGD step: {coverage_reasons(coverage)}. opt.describe() "
                           "lists them all",
                           GSGDWarning, stacklevel=2)
-        elif coverage.in_blocks < coverage.total:
+        elif coverage.in_blocks < coverage.total or coverage.approximate:
             warnings.warn(coverage_summary(coverage), GSGDWarning, stacklevel=2)
         for note in coverage.valleys:
             warnings.warn(f"GSGD: {note}", GSGDWarning, stacklevel=2)
@@ -271,24 +270,23 @@ class GSGD(ModelOptimizer):
         """Refuse param-group keys that the step would ignore (e.g. SGD's nesterov)."""
         check_group_keys("GSGD", group, STEP_KEYS, SGD_NEUTRAL, self._structure)
 
-    def _leave_frozen_blocks_to_sgd(self) -> None:
-        """A layer frozen after construction (requires_grad=False): its block takes plain SGD
-        from now on, as for a layer frozen before construction (a G-SGD step would rescale
-        the frozen weights). Its G-space momentum buffers are dropped."""
-        if all(p.requires_grad for p in self._block_params):
+    def _leave_blocks_to_sgd(self) -> None:
+        """A block that cannot take a G-space step now (`base.why_not_in_gspace`) takes
+        plain SGD from now on, its G-space momentum buffers dropped."""
+        reasons = {plan.number: why_not_in_gspace(plan.params, self._norms.get(plan.number, ()))
+                   for plan in self._plans}
+        left = [plan for plan in self._plans if reasons[plan.number]]
+        if not left:
             return
-        frozen = [plan for plan in self._plans if not all(p.requires_grad for p in plan.params)]
-        for plan in frozen:
+        for plan in left:
             for p in plan.params:
                 self.state.pop(p, None)      # v-space buffers mean nothing to SGD
         self.check_steps()                   # a pending failure refers to the current plans
-        self._demoted = sorted({*self._demoted, *(plan.number for plan in frozen)})
+        self._demoted = sorted({*self._demoted, *(plan.number for plan in left)})
         self._activate()
-        warnings.warn("GSGD leaves chain block(s) with layers frozen after construction to "
-                      "plain SGD from now on (a step would have to rescale the frozen weights; "
-                      "their G-space momentum is dropped): "
-                      + "; ".join(" -> ".join(plan.block.names) for plan in frozen),
-                      GSGDWarning, stacklevel=3)
+        names = dict(zip(map(id, self.param_groups[0]["params"]), self._param_names))
+        for message in left_to_sgd_messages(left, reasons, names):
+            warnings.warn(message, GSGDWarning, stacklevel=3)
 
     # -- torch.optim.Optimizer plumbing -------------------------------------------------------
     def __repr__(self) -> str:
@@ -341,9 +339,10 @@ class GSGD(ModelOptimizer):
                 raise ValueError("this state_dict was not saved by GSGD (it has no G-SGD "
                                  "structure record); GSGD cannot use another optimizer's "
                                  "state: start GSGD afresh instead of loading it")
-            warnings.warn("this GSGD state_dict has no structure record (saved by an older "
-                          "version): its block layout cannot be checked", GSGDWarning,
-                          stacklevel=2)
+            warnings.warn("this GSGD state_dict has no structure record (it passed through "
+                          "a tool that keeps only 'state' and 'param_groups', e.g. torch."
+                          "distributed.checkpoint, or an older version saved it): its block "
+                          "layout cannot be checked", GSGDWarning, stacklevel=2)
         else:
             check_record(self._structure, self._blocks, record)
         super().load_state_dict(self._without_record(state_dict))
@@ -358,10 +357,11 @@ class GSGD(ModelOptimizer):
         loss = self._run_closure(closure)
         group = self.param_groups[0]
         self._check_group(group)
+        self._check_model()
         record = self._record_on(group["params"][0].device)
         if record.visible_failure():
             raise self._step_error()
-        self._leave_frozen_blocks_to_sgd()
+        self._leave_blocks_to_sgd()
         record = self._record_on(group["params"][0].device)   # anew if the blocks changed
         options = StepOptions(group["lr"], group["momentum"], group["weight_decay"],
                               group["bpr"], group["min_pivot_ratio"])

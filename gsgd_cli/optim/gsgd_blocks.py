@@ -14,7 +14,8 @@ from ..gspace.blocks import BlockLayout
 from ..gspace.skeleton import ChainSkeleton
 from ..gspace.update import ChainIndex, Workspace
 
-__all__ = ["BlockRecord", "BlockPlan", "momentum_buffer", "check_record", "step_range_problems"]
+__all__ = ["BlockRecord", "BlockPlan", "momentum_buffer", "check_record", "step_range_problems",
+           "left_to_sgd_messages"]
 
 
 @dataclass
@@ -133,3 +134,34 @@ def step_range_problems(plans: list[BlockPlan], skeleton_init: str) -> list[str]
                             f"weights along the chains make a step impossible: {found}; "
                             f"{advice} (README, Known limits)")
     return problems
+
+
+def left_to_sgd_messages(left: list[BlockPlan], reasons: dict[int, str],
+                         names: dict[int, str]) -> list[str]:
+    """The warnings for blocks left to plain SGD at a step (`reasons`: block number ->
+    `base.why_not_in_gspace`; `names`: id(parameter) -> name)."""
+    frozen = [plan for plan in left if reasons[plan.number] == "frozen"]
+    no_grad = [plan for plan in left if reasons[plan.number] == "no gradient"]
+    messages = []
+    if frozen:
+        messages.append("GSGD leaves chain block(s) with layers frozen after construction to "
+                        "plain SGD from now on (a step would have to rescale the frozen "
+                        "weights; their G-space momentum is dropped): "
+                        + "; ".join(" -> ".join(plan.block.names) for plan in frozen))
+    if no_grad:
+        messages.append("GSGD leaves chain block(s) in which some parameters have no gradient "
+                        "(.grad is None) to plain SGD from now on: a G-SGD step would move "
+                        "them (torch.optim leaves them unchanged, and so does the plain SGD "
+                        "step); their G-space momentum is dropped: "
+                        + "; ".join(" -> ".join(plan.block.names) + " (no gradient: "
+                                    + ", ".join(names.get(id(p), "?") for p in plan.params
+                                                if p.grad is None) + ")"
+                                    for plan in no_grad))
+    in_eval = [plan for plan in left if reasons[plan.number] == "batch norm in eval mode"]
+    if in_eval:
+        messages.append("GSGD leaves chain block(s) through batch norm in eval mode (running "
+                        "statistics: an affine map with an offset, not even approximately "
+                        "scale-invariant) to plain SGD from now on; their G-space momentum is "
+                        "dropped: " + "; ".join(" -> ".join(plan.block.names)
+                                                for plan in in_eval))
+    return messages

@@ -23,7 +23,7 @@ def plan_all(plans: list[BlockPlan], state, options: StepOptions, maximize: bool
             planned.append(None)
             continue
         index = plan.index_on(plan.weights[0].device)
-        pivot_state = state[plan.weights[plan.skeleton.pivot_layer]]
+        pivot_state = state.get(plan.weights[plan.skeleton.pivot_layer], {})  # no {} entry
         step = plan_chain_step(plan.skeleton, index, *tensors, options,
                                pivot_state.get("pivot_momentum_buffer"), plan.workspace)
         planned.append((plan, index, step, tensors))

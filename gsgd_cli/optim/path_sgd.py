@@ -256,6 +256,7 @@ class PathSGD(ModelOptimizer):
         loss = self._run_closure(closure)
         group = self.param_groups[0]
         self._check_group(group)
+        self._check_model()
         params = group["params"]
         record = self._record_on(params[0].device)
         if record.visible_failure():
@@ -267,9 +268,6 @@ class PathSGD(ModelOptimizer):
         if not idx:
             return loss
         for i in idx:
-            if params[i].grad.is_sparse:
-                raise RuntimeError(f"PathSGD does not support sparse gradients "
-                                   f"(parameter '{self._param_names[i]}').")
             if not self._on_path[i]:
                 raise RuntimeError(
                     f"PathSGD: parameter '{self._param_names[i]}' has a gradient but is not the "
@@ -305,14 +303,13 @@ class PathSGD(ModelOptimizer):
         return fused_step(self, params, kappas, record, lr, eps, rescale)
 
     def _rescale_ratio(self, rescale, grads, updates, first_param, gate) -> torch.Tensor:
-        state = self.state[first_param]
-        stored = state.get(RESCALE_RATIO)
+        stored = self.state.get(first_param, {}).get(RESCALE_RATIO)   # no empty entry
         ratio, new = F_path.rescale_ratio(rescale, grads, updates, stored, gate)
         if new is not None:
             if stored is not None:           # in place: a captured CUDA graph keeps using it
                 stored.copy_(new)
             else:
-                state[RESCALE_RATIO] = new
+                self.state[first_param][RESCALE_RATIO] = new
         return ratio
 
     def _step_error(self) -> PathSGDStepError:

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..graph.layers import read_layers
-from ..graph.ops import FUNCTION_OPS, METHOD_OPS, NORM_OPS, Op, module_op
+from ..graph.ops import FUNCTION_OPS, METHOD_OPS, NORM_OPS, Op, hidden_behaviour, module_op
 from ..graph.trace import trace
 from .pooling import (SquaredAdaptiveAvgPool2d, SquaredAvgPool2d, sq_adaptive_avg_pool2d,
                       sq_avg_pool2d, sq_mean)
@@ -100,10 +100,16 @@ def _check_tensor_sum(node: fx.Node) -> None:
                                             "or scaling by alpha")
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def _trace(model: nn.Module, train: bool = False) -> fx.GraphModule:
     return trace(model, "Path-SGD supports Linear/Conv2d layers joined by ReLU, flatten, average "
                         "pooling, dropout and residual sums, written without data-dependent "
-                        "control flow.", who="PathSGD")
+                        "control flow.", who="PathSGD", train=train)
+
+
+def _check_training_forward(shadow: nn.Module) -> None:
+    """Refuse what the forward runs only in training mode (code under `if self.training:`):
+    the steps run through it, while kappa is computed on the eval-mode copy."""
+    _check_and_square_pools(_trace(shadow, train=True), shadow)
 
 
 def _check_and_square_pools(gm: fx.GraphModule,
@@ -131,6 +137,10 @@ def _check_and_square_pools(gm: fx.GraphModule,
                 raise _unsupported("this model", "its forward must return one tensor "
                                                  "(tuple/dict outputs are not supported)")
             continue
+        if node.op == "get_attr" and module_op(model, exact=True) is Op.LAYER:
+            raise _unsupported(f"a single {type(model).__name__} as the model",
+                               "Path-SGD reads a network through its traced layer calls; "
+                               "wrap the layer, e.g. PathSGD(nn.Sequential(layer), lr)")
         if node.op == "get_attr":
             raise _unsupported(
                 f"attribute '{node.target}'", "parameters or buffers used directly in forward "
@@ -138,6 +148,11 @@ def _check_and_square_pools(gm: fx.GraphModule,
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             kind, exact = module_op(mod), module_op(mod, exact=True)
+            hidden = hidden_behaviour(mod)
+            if kind is Op.OPAQUE or exact is Op.LAYER and hidden:
+                raise _unsupported(f"module '{node.target}' ({type(mod).__name__})",
+                                   f"{hidden}, so kappa would not be the path norm of what "
+                                   "the model computes; remove that or use another optimizer")
             if kind in NORM_OPS:
                 raise _unsupported(
                     f"normalisation: module '{node.target}' ({type(mod).__name__})",
@@ -248,6 +263,7 @@ def _check_and_square_pools(gm: fx.GraphModule,
 def needs_input_shape(model: nn.Module) -> bool:
     """True when ``PathSGD(model, ...)`` needs an explicit ``input_shape`` (conv nets)."""
     shadow = copy.deepcopy(model).eval()
+    _check_training_forward(shadow)
     gm = _trace(shadow)
     _, inferred = _check_and_square_pools(gm, shadow)
     return inferred is None
@@ -257,6 +273,7 @@ def build_squared_copy(shadow: nn.Module) -> tuple[fx.GraphModule, Optional[tupl
     """Trace `shadow` (a private copy of the model; the traced module shares its parameters),
     check every node and square its poolings. Returns the traced copy and the inferred input
     shape (None when the model does not tell it)."""
+    _check_training_forward(shadow)
     gm = _trace(shadow)
     _, inferred = _check_and_square_pools(gm, shadow)
     return gm, inferred

@@ -19,61 +19,7 @@ from gsgd_cli.gspace.skeleton import UnsupportedWidthProfile
 from gsgd_cli.optim import GSGD, GSGDStepError, GSGDWarning
 
 from gsgd_cli.testing.helpers import as_reference_net, linears, mlp, randomise
-
-
-def quiet_gsgd(model, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GSGDWarning)
-        return GSGD(model, **kwargs)
-
-
-def rescale_blocks(model, blocks, generator, low=0.3, high=3.0):
-    """g(w) as G-SGD sees it: hidden node j of each block gets c_j > 0 on its incoming weights
-    (and bias) and 1/c_j on its outgoing ones, through the layers' [n_out, n_in, K] views."""
-    with torch.no_grad():
-        for block in blocks:
-            layers = [model.get_submodule(name) for name in block.names]
-            for left, right, view in zip(layers[:-1], layers[1:], block.views[1:]):
-                c = low + (high - low) * torch.rand(view.n_in, generator=generator,
-                                                    dtype=torch.float64)
-                left.weight.mul_(c.view(-1, *[1] * (left.weight.dim() - 1)))
-                if left.bias is not None:
-                    left.bias.mul_(c)
-                right.weight.view(view.n_out, view.n_in, view.kernel).div_(c[None, :, None])
-    return model
-
-
-def assert_invariant(make, x, y, steps=6, lr=0.05, own_init=False, **kwargs):
-    """The oracle on two models from `make()`; returns the optimizer of the first one.
-    Weights are randomised (both signs, well conditioned) unless `own_init`; every forward
-    pass of the two copies draws the same dropout masks."""
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    model, twin = make().double(), make().double()
-    for m in (model, twin):
-        if not own_init:
-            randomise(m, torch.Generator().manual_seed(0), low=0.3, high=1.0, positive=0.75)
-
-    def forward(m, inputs, seed):
-        torch.manual_seed(seed)
-        return m(inputs)
-
-    opt = quiet_gsgd(model, lr=lr, skeleton_init="keep", **kwargs)
-    rescale_blocks(twin, opt.blocks, torch.Generator().manual_seed(1))
-    twin_opt = quiet_gsgd(twin, lr=lr, skeleton_init="keep", **kwargs)
-    assert [b.names for b in twin_opt.blocks] == [b.names for b in opt.blocks]
-    with torch.no_grad():
-        torch.testing.assert_close(forward(twin, x, 0), forward(model, x, 0), rtol=1e-10,
-                                   atol=1e-10,
-                                   msg="the rescaling G-SGD assumes changes the function")
-    for k in range(steps):
-        for m, o in ((model, opt), (twin, twin_opt)):
-            o.zero_grad()
-            F.cross_entropy(forward(m, x[k % 2::2], k + 1), y[k % 2::2]).backward()
-            o.step()
-        with torch.no_grad():
-            torch.testing.assert_close(forward(twin, x, 0), forward(model, x, 0), rtol=1e-9,
-                                       atol=1e-9, msg=f"step {k}")
-    return opt
+from gsgd_cli.testing.oracle import assert_invariant, quiet_gsgd, rescale_blocks  # noqa: F401
 
 
 def _xy(*shape, classes=3, n=8, seed=0):
@@ -417,7 +363,7 @@ class Mixed(nn.Module):
         self.stem = nn.Conv2d(3, 4, 3, padding=1)
         self.fire = Fire()
         self.norm = nn.LayerNorm(6)
-        self.head = nn.Sequential(nn.Linear(6, 8), nn.LeakyReLU(), nn.Linear(8, 8), nn.ReLU(),
+        self.head = nn.Sequential(nn.Linear(6, 8), nn.ReLU6(), nn.Linear(8, 8), nn.ReLU(),
                                   nn.Linear(8, 3))
 
     def forward(self, x):
@@ -427,15 +373,16 @@ class Mixed(nn.Module):
 
 
 def test_the_share_in_g_space_and_the_reasons_are_said_at_construction():
-    with pytest.warns(GSGDWarning, match=r"GSGD: \d+\.\d% of the trainable parameters of Mixed "
-                                         r"\(\d+ of \d+\) are in 2 G-space chain block") as rec:
+    with pytest.warns(GSGDWarning, match=r"GSGD: \d+\.\d% exact of the trainable parameters "
+                                         r"of Mixed \(\d+ exact, 0 approximate, of \d+\) are "
+                                         r"in 2 G-space chain block") as rec:
         opt = GSGD(Mixed().double(), lr=0.1)
     summary = next(str(w.message) for w in rec if "trainable parameters" in str(w.message))
-    assert "LeakyReLU" in summary and "cat" in summary and "opt.describe()" in summary
+    assert "ReLU6" in summary and "cat" in summary and "opt.describe()" in summary
     table = opt.describe()
     for name in ("fire.expand3.weight", "fire.expand1.weight", "norm.weight", "head.0.weight"):
         assert f"outside: {name} " in table
-    assert "LayerNorm's own parameter" in table and "followed by LeakyReLU" in table
+    assert "LayerNorm's own parameter" in table and "followed by ReLU6" in table
     assert "outside: fire.expand1.weight (3, 2, 1, 1): chain ends here: it is followed by cat" \
         in table
     assert "chain block 1: stem -> fire.squeeze" in table

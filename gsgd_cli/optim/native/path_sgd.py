@@ -63,9 +63,9 @@ def fused_step(opt, params, kappas, record, lr: float, eps: float, rescale) -> b
                 and g.is_contiguous() and k.is_contiguous() and p.is_contiguous()):
             return False
         ptrs += [p.data_ptr(), g.data_ptr(), k.data_ptr()]
-    state = opt.state[params[0]]
     ratio = None
     if rescale == "first":
+        state = opt.state[params[0]]   # only here: torch keeps no entry for a stateless step
         ratio = state.get("rescale_ratio")
         if ratio is None or ratio.dtype != torch.float64 or ratio.device.type != "cpu":
             ratio = torch.full((), float("nan"), dtype=torch.float64) if ratio is None \
