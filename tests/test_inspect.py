@@ -47,7 +47,7 @@ def test_table5_matches_the_paper_exactly():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("model=nope", "Could not find 'model/nope'; Available options in 'model': mlp"),
+    ("model=nope", "Could not find 'model/nope'; Available options in 'model': custom; mlp"),
     ("model.width=-3", "Invalid MLP width=-3. Must be a positive integer."),
 ])
 def test_inspect_bad_config_gives_one_line(override, message):

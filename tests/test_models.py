@@ -79,7 +79,10 @@ def test_mlp_from_config_matches_paper_shape(compose_train):
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
 def test_every_model_config_trains_one_step(compose_train, name):
-    cfg = compose_train(f"model={name}", "data=synthetic", "data.shape=[3,8,8]")
+    # model=custom names the user's class; here PlainNet, which takes in_channels, num_classes
+    extra = ["model._target_=gsgd_cli.models.convnets.PlainNet", "+model.blocks=[1,1]",
+             "+model.widths=[4,8]"] if name == "custom" else []
+    cfg = compose_train(f"model={name}", "data=synthetic", "data.shape=[3,8,8]", *extra)
     torch.manual_seed(0)
     model = build_model(cfg.model, (3, 8, 8), 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
