@@ -164,3 +164,23 @@ def test_figure5_form_gives_each_optimizer_its_own_colour(tmp_path, monkeypatch)
     plots.plot_curves(rows, keys, tmp_path)
     colours = drawn["fig3_curves"]
     assert colours["SGD lr=0.1"] == colours["Path-SGD lr=0.1"] != colours["G-SGD lr=0.01"]
+
+
+def test_log_axes_label_their_ticks_as_plain_numbers(width_sweep, monkeypatch, tmp_path):
+    """TeX parsing is off for labels read from runs, so the log axes must not fall back to TeX
+    tick labels (they showed as `$\\mathdefault{10^{-1}}$`)."""
+    from gsgd_cli.analysis import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: drawn.append(fig) or [])
+    rows, keys, _ = build_rows(load_runs([width_sweep / "sweep"]))
+    plots.plot_curves(rows, keys, tmp_path)
+    plots.plot_width_sweep(rows, tmp_path)
+    labels = []
+    for fig in drawn:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                labels += [t.get_text() for t in axis.get_ticklabels(which="both")]
+    assert labels and any(labels)
+    assert not [text for text in labels if "$" in text or "mathdefault" in text]

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 # Labels carry values read from run directories: `$` in them is text, not TeX math (a value
 # with an odd number of `$` would otherwise stop the drawing).
 plt.rcParams["text.parse_math"] = False
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from .gap import gap_se, width_pairs  # noqa: E402
 from .table import (OPTIMIZER_ORDER, SELECTION_LABELS, Row, _fmt_value, best_lr_rows,  # noqa: E402
@@ -135,7 +136,7 @@ def plot_curves(rows: list[Row], keys: list[str], out: Path, name: str = "fig3_c
             _band(axes[i][0], epochs, curves["train_loss"], label, color, style)
             _band(axes[i][1], epochs, curves["test_acc"], label, color, style)
         name_d = DATA_NAMES.get(data, data)
-        axes[i][0].set_yscale("log")
+        _log_scale(axes[i][0], "y")
         axes[i][0].set_ylabel(f"{name_d}\ntraining loss (log scale)")
         axes[i][1].set_ylabel("test accuracy")
         for ax in axes[i]:
@@ -213,9 +214,9 @@ def plot_width_sweep(rows: list[Row], out: Path, name: str = "fig4_width_sweep")
             ax.set_ylabel(label)
             ax.set_title(f"{name_d}: {label}")
             _legend(ax, len(curves))
-        top[0].set_yscale("log")
+        _log_scale(top[0], "y")
         for ax in (*top, *bottom):
-            ax.set_xscale("log", base=2)
+            _log_scale(ax, "x", base=2)
             ax.set_xlabel("hidden nodes per layer h  (MLP [in:h:h:10], H = 2h)")
             ax.grid(alpha=0.3, which="both")
     n_seeds = sorted({len(r.seeds) for r in mlp})
@@ -242,3 +243,12 @@ def plot_best_lr(rows: list[Row], keys: list[str], out: Path,
 __all__ = ["plot_curves", "plot_width_sweep", "plot_best_lr", "best_lr_rows",
            "selection_metric", "width_sweep_ready",
            "seed_curves", "mean_std", "run_values"]
+
+
+def _log_scale(ax, which: str, base: int = 10) -> None:
+    """A log-scale axis whose tick labels are plain text (`1e-01`, `2e-01`, `64`): with TeX
+    parsing off (above), the default labels would show their TeX source."""
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log", base=base)
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    axis.set_major_formatter(LogFormatter(base=base, labelOnlyBase=False))
+    axis.set_minor_formatter(LogFormatter(base=base, labelOnlyBase=False))
