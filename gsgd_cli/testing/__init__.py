@@ -1,0 +1,1 @@
+"""Brute-force references and test helpers (as `torch.testing`): slow, explicit, float64."""
