@@ -226,3 +226,57 @@ def _chain_run(widths, bias, options, steps, seed):
 @pytest.mark.parametrize("widths", [w for _, w in PROFILES], ids=[n for n, _ in PROFILES])
 def test_closed_form_equals_reference_over_three_steps(widths, bias, name):
     _chain_run(widths, bias, CASES[name], 3, seed=4)
+
+
+@pytest.mark.parametrize("name", ["adam-amsgrad-wd", "rmsprop-centered-momentum-wd"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_closed_form_equals_reference_on_a_conv_chain(bias, name):
+    """Kernels with parallel edges per channel pair (skeleton at an off-zero centre): the
+    channel graph of a conv chain. Random gradients (the step is defined for any dw)."""
+    options = CASES[name]
+    widths, kernels, centres = [2, 3, 4, 2], (3, 2, 1), (1, 1, 0)
+    gen = torch.Generator().manual_seed(5)
+
+    def rand(*shape, low=0.5):
+        sign = torch.where(torch.rand(shape, generator=gen) < 0.7, 1.0, -1.0)
+        return sign.double() * (low + torch.rand(shape, generator=gen, dtype=torch.float64))
+
+    weights = [rand(b, a, k) for a, b, k in zip(widths[:-1], widths[1:], kernels)]
+    biases = [rand(b) if bias else None for b in widths[1:]]
+    net = ref.Net(weights, biases, list(centres))
+    basis = ref.skeleton_basis(net)
+    skeleton = build_skeleton(widths, kernels, centres)
+    index = ChainIndex.build(skeleton, torch.device("cpu"))
+    ref_net, ref_state, state = net, {}, {}
+    for step in range(1, 4):
+        grads = [rand(*w.shape, low=-1.0) for w in weights]
+        bias_grads = [None if b is None else rand(*b.shape, low=-1.0) for b in biases]
+        flat = ref.Net(grads, bias_grads).flat()
+        if isinstance(options, AdamOptions):
+            ref_net, ref_state = refa.gadam_step(ref_net, flat, ref_state, step, options, basis)
+        else:
+            ref_net, ref_state = refa.grmsprop_step(ref_net, flat, ref_state, options, basis)
+        weights, biases, state = chain_adaptive_step(skeleton, index, weights, biases, grads,
+                                                     bias_grads, state, step, options)
+        mine = ref.Net(weights, biases).flat()
+        assert (mine - ref_net.flat()).abs().max() <= 1e-10 * ref_net.flat().abs().max()
+
+
+def test_closed_form_state_is_shaped_like_the_parameters_with_free_entries_zero():
+    widths = [3, 2, 4, 6, 2]
+    net, gen = _random_net(widths, True, 6)
+    skeleton = build_skeleton(widths)
+    index = ChainIndex.build(skeleton, torch.device("cpu"))
+    grads = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in net.weights]
+    bias_grads = [torch.randn(b.shape, generator=gen, dtype=torch.float64) for b in net.biases]
+    _, _, state = chain_adaptive_step(skeleton, index, net.weights, net.biases, grads,
+                                      bias_grads, {}, 1, AdamOptions(amsgrad=True))
+    for i, (w, b) in enumerate(zip(net.weights, net.biases)):
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert state["w", i][key].shape == w.shape
+            assert state["b", i][key].shape == b.shape
+            at_skeleton = state["w", i][key].reshape(-1)[index.flat[i]]
+            if skeleton.layers[i].role == "pivot":
+                assert (at_skeleton != 0).all()        # the pivots' own moments
+            else:
+                assert (at_skeleton == 0).all()        # free weights: no coordinate

@@ -234,28 +234,39 @@ def chain_adaptive_step(skeleton: ChainSkeleton, index: ChainIndex, weights: lis
                         options: AdamOptions | RMSpropOptions):
     """One G-Adam (AdamOptions) or G-RMSprop (RMSpropOptions) step of one chain block.
 
-    Pure: returns `(new_weights, new_biases, new_state)`. `state` maps `("w", i)`, `("b", i)`
-    and `"pivot"` to the rule's state dicts (missing: first step); `step` counts from 1.
-    Entries of the weight-shaped states at skeleton positions are kept at 0.
+    Pure: returns `(new_weights, new_biases, new_state)`. `state` maps `("w", i)` and
+    `("b", i)` to the rule's state dicts of layer i's weight and bias (missing: first step),
+    tensors shaped like the parameter, as torch keeps them: a non-skeleton entry holds the
+    state of its edge's basis path, a pivot entry that of the pivot's all-skeleton path, and
+    the free weights' entries stay 0. `step` counts from 1.
     """
     gradient = chain_gradient(skeleton, index, weights, biases, grads, bias_grads,
                               options.weight_decay, options.maximize)
+    pivot = skeleton.pivot_layer
+    pivot_flat = index.flat[pivot]
 
     def rule(g: Tensor, key) -> Tensor:
+        old = state.get(key, {})
         if isinstance(options, AdamOptions):
-            d, new_state[key] = adam_rule(g, state.get(key, {}), step, options)
+            d, new_state[key] = adam_rule(g, old, step, options)
         else:
-            d, new_state[key] = rmsprop_rule(g, state.get(key, {}), options)
+            d, new_state[key] = rmsprop_rule(g, old, options)
         return d
 
     new_state: dict = {}
-    weight_d = [rule(g, ("w", i)) for i, g in enumerate(gradient.weight_grads)]
-    for i, mask in enumerate(gradient.skeleton_masks):   # skeleton entries: no coordinate
-        weight_d[i] = torch.where(mask, 0.0, weight_d[i])
-        new_state["w", i] = {k: torch.where(mask, 0.0, v) for k, v in new_state["w", i].items()}
+    weight_d = []
+    for i, g in enumerate(gradient.weight_grads):
+        free = gradient.skeleton_masks[i]
+        if i == pivot:       # the pivots' coordinates sit at their own entries
+            g = g.reshape(-1).index_copy(0, pivot_flat, gradient.pivot_grad).reshape(g.shape)
+            free = torch.zeros_like(free)
+        d = rule(g.reshape(weights[i].shape), ("w", i)).reshape(g.shape)
+        weight_d.append(torch.where(free, 0.0, d))
+        new_state["w", i] = {k: torch.where(free.reshape(v.shape), 0.0, v)
+                             for k, v in new_state["w", i].items()}
+    pivot_d = weight_d[pivot].reshape(-1).index_select(0, pivot_flat)
     bias_d = [None if g is None else rule(g, ("b", i))
               for i, g in enumerate(gradient.bias_grads)]
-    pivot_d = rule(gradient.pivot_grad, "pivot")
     new_weights, new_biases = allocate(skeleton, index, weights, biases, gradient, weight_d,
                                        bias_d, pivot_d)
     return new_weights, new_biases, new_state
