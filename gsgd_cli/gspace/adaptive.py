@@ -15,7 +15,10 @@ torch's Adam / RMSprop rule, elementwise, one coordinate per basis path:
       g_e    = dw_e / s_e
       g_j    = (u_j * du_j - S_j) / v_j,   S_j = sum over non-skeleton e with pi(e) = j of w_e dw_e
 
-  (`maximize` negates `dw` first; `bpr` adds G-SGD's basis-path-norm gradient to `g`).
+  (`maximize` negates the loss gradient `dw` before the decay is added, as torch does; `bpr`
+  adds the gradient of G-SGD's basis-path regulariser `bpr * (sum over paths with a
+  non-skeleton edge of v^2 + sum over all-skeleton paths of log(|v|)^2)`:
+  `g_e += 2 bpr v_e`, `g_j += 2 bpr log|v_j| / v_j`).
 * the rule, per coordinate `p`, step count `t` (from 1), torch's conventions exactly:
 
       Adam:     m_p  <- b1 m_p + (1 - b1) g_p
@@ -52,7 +55,12 @@ Differences from the authors' published code (MSRA-COLT/gsgd `gsgd_cnn/opt/gopt_
 `gopt_RMSprop_method.py`), shown by `scripts/compare_authors_adaptive.py`: they fold Adam's
 bias corrections into the rate (`eps` is added to `sqrt(q)`, not to `sqrt(q / (1 - b2^t))`),
 assume every free weight is 1, step biases with weight-space Adam / RMSprop, and have no weight
-decay, amsgrad, momentum or centering in G-space.
+decay, amsgrad, momentum or centering in G-space. On a bias-free MLP their MLP path and their
+CNN path without batch norm equal this rule to float64 rounding (Adam: with `eps / sqrt(1 -
+b2^t)` passed as `eps`). With batch norm, `adam_method='noweight'` is this rule without any
+batch-norm scaling (`|w_row|` cancels except in `eps`), and `'weight'` updates the pivot
+layer's non-skeleton first moments with `1 - b2` instead of `1 - b1` and divides the pivots'
+gradients by `|w_row|` where the other gradients are multiplied by it.
 
 This module holds pure functions of tensors: the elementwise rules (`adam_rule`,
 `rmsprop_rule`), used both by the dense reference (`gsgd_cli/testing/reference_adaptive.py`)
@@ -78,6 +86,7 @@ class AdamOptions:
     weight_decay: float = 0.0
     amsgrad: bool = False
     maximize: bool = False
+    bpr: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,7 @@ class RMSpropOptions:
     momentum: float = 0.0
     centered: bool = False
     maximize: bool = False
+    bpr: float = 0.0
 
 
 # State of one coordinate tensor: a dict of tensors shaped like it (and the shared step count
@@ -154,7 +164,7 @@ class ChainGradient:
 def chain_gradient(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Tensor],
                    biases: list[Tensor | None], grads: list[Tensor | None],
                    bias_grads: list[Tensor | None], weight_decay: float = 0.0,
-                   maximize: bool = False) -> ChainGradient:
+                   maximize: bool = False, bpr: float = 0.0) -> ChainGradient:
     """Inverse-Chain-Rule for one chain block: `dL/dv` for every basis path, per layer."""
     pivot = skeleton.pivot_layer
     skel_values = [w.reshape(-1).index_select(0, index.flat[i]) for i, w in enumerate(weights)]
@@ -187,14 +197,23 @@ def chain_gradient(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Ten
     u = skel_values[pivot]
     du = dws[pivot].reshape(-1).index_select(0, index.flat[pivot])
     t = ins[pivot][index.cols[pivot]] * outs[pivot + 1]
-    pivot_grad = (u * du - pivot_sum) / (u * t)
+    v = u * t
+    pivot_grad = (u * du - pivot_sum) / v
+    if bpr:
+        pivot_grad = pivot_grad + 2 * bpr * v.abs().log() / v
     inv_s, bias_inv_s, weight_grads, bias_grads_v = [], [], [], []
     for i, layer in enumerate(skeleton.layers):
         inv = (outs[i + 1].reciprocal()[:, None] * ins[i].reciprocal()[None, :])[:, :, None]
         inv_s.append(inv)
         bias_inv_s.append(outs[i + 1].reciprocal())
-        weight_grads.append(torch.where(masks[i], 0.0, dws[i] * inv))
-        bias_grads_v.append(None if dbs[i] is None else dbs[i] * bias_inv_s[i])
+        g = dws[i] * inv
+        if bpr:                         # 2 bpr v_e, v_e = w_e s_e
+            g = g + 2 * bpr * _layer_view(weights[i], layer) / inv
+        weight_grads.append(torch.where(masks[i], 0.0, g))
+        gb = None if dbs[i] is None else dbs[i] * bias_inv_s[i]
+        if gb is not None and bpr:
+            gb = gb + 2 * bpr * biases[i] / bias_inv_s[i]
+        bias_grads_v.append(gb)
     return ChainGradient(weight_grads, bias_grads_v, pivot_grad, inv_s, bias_inv_s, t, masks)
 
 
@@ -241,7 +260,7 @@ def chain_adaptive_step(skeleton: ChainSkeleton, index: ChainIndex, weights: lis
     the free weights' entries stay 0. `step` counts from 1.
     """
     gradient = chain_gradient(skeleton, index, weights, biases, grads, bias_grads,
-                              options.weight_decay, options.maximize)
+                              options.weight_decay, options.maximize, options.bpr)
     pivot = skeleton.pivot_layer
     pivot_flat = index.flat[pivot]
 

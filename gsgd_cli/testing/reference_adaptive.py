@@ -62,12 +62,24 @@ def _objective_gradient(net: Net, weight_grad: Tensor, weight_decay: float,
     return g + weight_decay * net.flat()          # coupled L2 on every weight and bias
 
 
+def _add_bpr(g: Tensor, net: Net, basis: Basis, bpr: float) -> Tensor:
+    """+ the basis-path gradient of `ref.bpr_value`: 2 bpr log|v| / v on all-skeleton paths,
+    2 bpr v on the others."""
+    if not bpr:
+        return g
+    values = path_values(net, basis)
+    skeleton = set(basis.free) | set(basis.pivots)
+    all_skeleton = torch.tensor([set(path) <= skeleton for path in basis.paths])
+    return g + 2 * bpr * torch.where(all_skeleton, values.abs().log() / values, values)
+
+
 def gadam_step(net: Net, weight_grad: Tensor, state: dict, step: int, options: AdamOptions,
                basis: Basis | None = None) -> tuple[Net, dict]:
     """One G-Adam step (`step` counts from 1): `(new net, new state)`; state is per basis path."""
     basis = basis or skeleton_basis(net)
     g = basis_gradient(net, _objective_gradient(net, weight_grad, options.weight_decay,
                                                 options.maximize), basis)
+    g = _add_bpr(g, net, basis, options.bpr)
     decrement, new_state = adam_rule(g, state, step, options)
     return allocate(net, basis, path_values(net, basis) - decrement), new_state
 
@@ -78,5 +90,6 @@ def grmsprop_step(net: Net, weight_grad: Tensor, state: dict, options: RMSpropOp
     basis = basis or skeleton_basis(net)
     g = basis_gradient(net, _objective_gradient(net, weight_grad, options.weight_decay,
                                                 options.maximize), basis)
+    g = _add_bpr(g, net, basis, options.bpr)
     decrement, new_state = rmsprop_rule(g, state, options)
     return allocate(net, basis, path_values(net, basis) - decrement), new_state
