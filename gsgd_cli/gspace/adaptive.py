@@ -38,6 +38,10 @@ torch's Adam / RMSprop rule, elementwise, one coordinate per basis path:
       w_e' = (w_e - d_e / s_e) / R_pi(e)            (R = 1 where the path has no pivot)
       free weights unchanged
 
+Parameters outside every chain block take torch's Adam / RMSprop step with the same
+hyper-parameters (that is this rule with `v = w`; `bpr` does not apply there). All coordinates
+of a block share one step count `t`.
+
 With `b1 = b2 = 0`, `eps = 0` Adam's `d` is `lr * sign(g)`; as `eps -> inf` with `lr / eps = eta`
 fixed, it tends to G-SGD's step with rate `eta`. Every coordinate and its gradient are
 invariant under positive rescaling of hidden units (with the same signs), so G-Adam and
