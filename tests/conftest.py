@@ -73,7 +73,7 @@ def step_path(request, monkeypatch):
     """Run a G-SGD / Path-SGD test twice: with the fused CPU kernels and with the eager
     reference steps (sets the default of `fused=`), and check that the intended path was taken
     by every step on the CPU."""
-    from gsgd_cli.optim import fused_cpu
+    from gsgd_cli.optim.native import build as fused_cpu
     from gsgd_cli.optim.gsgd import GSGD
     from gsgd_cli.optim.path_sgd import PathSGD
 

@@ -44,15 +44,14 @@ from torch import fx, nn
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
+from ..graph.ops import Op, module_op
+from ..graph.trace import ModelNotTraceable, trace  # noqa: F401  (re-exported for callers)
 from .joins import data_users, follow
+
+_BN_OPS = (Op.BATCH_NORM_1D, Op.BATCH_NORM_2D)
 
 BN_MODES = ("approx", "split")
 _LAYER_TYPES = (nn.Linear, nn.Conv2d)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-class ModelNotTraceable(ValueError):
-    """torch.fx could not trace the model's forward."""
 
 
 @dataclass(frozen=True)
@@ -193,13 +192,8 @@ class Discovery:
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # torch.fx raises many types; report them all the same way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelNotTraceable(
-            f"cannot trace {type(model).__name__} with torch.fx ({first}); G-SGD finds chain "
-            "blocks by tracing, so the forward must avoid data-dependent control flow") from exc
+    return trace(model, "G-SGD finds chain blocks by tracing, so the forward must avoid "
+                        "data-dependent control flow")
 
 
 def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module,
@@ -316,7 +310,7 @@ def find_chain_blocks(model: nn.Module, bn: str = "approx",
             last_users = data_users(chain[-1])      # batch norm right after the last layer
             bn_after[-1] = bn == "approx" and len(last_users) == 1 and (
                 last_users[0].op == "call_module"
-                and type(modules[last_users[0].target]) in _BN_TYPES)
+                and module_op(modules[last_users[0].target], exact=True) in _BN_OPS)
             blocks.append(ChainBlock([c.target for c in chain], [modules[c.target] for c in chain],
                                      bn_after))
     in_block = {id(p) for b in blocks for m in b.modules for p in m.parameters()}

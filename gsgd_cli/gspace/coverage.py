@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..graph.ops import NORM_OPS, module_op
 from .blocks import ChainBlock, find_chain_blocks
 from .skeleton import UnsupportedWidthProfile, check_single_peak, pivot_layer_of
 
 BLOCK_SPLITS = ("none", "stage")
 VALLEY_MODES = ("split", "refuse")
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
-              nn.modules.instancenorm._InstanceNorm)
 
 
 @dataclass
@@ -183,7 +182,7 @@ def _owner_reasons(model: nn.Module, notes: list[str]) -> dict[str, str]:
     for name, module in model.named_modules():
         if name in by_layer:
             reasons[name] = "; ".join(by_layer[name])
-        elif isinstance(module, NORM_TYPES):
+        elif module_op(module) in NORM_OPS:
             reasons[name] = f"{type(module).__name__}'s own parameter (not in G-space)"
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             reasons[name] = ("not joined to another Linear/Conv2d by ReLU and operations G-SGD "

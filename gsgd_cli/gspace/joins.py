@@ -32,68 +32,27 @@ import operator
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-RELU_MODULES = (nn.ReLU,)
-ELEMENTWISE_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
-SPATIAL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d,
-                   nn.ZeroPad2d)
-# what a function or tensor method called in forward is to a chain
-FUNCTION_KINDS = {
-    **dict.fromkeys((torch.relu, torch.relu_, F.relu, F.relu_), "relu"),
-    **dict.fromkeys((F.dropout, F.dropout1d, F.dropout2d), "elementwise"),
-    **dict.fromkeys((F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d),
-                    "spatial"),
-    **dict.fromkeys((torch.flatten, torch.reshape), "reshape"),
-}
-METHOD_KINDS = {**dict.fromkeys(("relu", "relu_"), "relu"),
-                **dict.fromkeys(("flatten", "view", "reshape"), "reshape")}
-METADATA_METHODS = {"size", "dim"}
-METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
-SIZE_ARITHMETIC = {operator.getitem, operator.mul, operator.floordiv, operator.add}
+from ..graph.ops import Op, data_users, is_metadata, node_op
+
+__all__ = ["follow", "describe", "data_users", "is_metadata"]
+
+# What each kind of operation (`graph.ops`) is to a chain; any other kind ends it.
+CHAIN_KINDS = {Op.RELU: "relu", Op.DROPOUT: "elementwise", Op.DROPOUT_ND: "elementwise",
+               Op.IDENTITY: "elementwise", Op.AVG_POOL_2D: "spatial", Op.MAX_POOL_2D: "spatial",
+               Op.PAD_2D: "spatial", Op.FLATTEN: "reshape", Op.RESHAPE: "reshape"}
+BN_KINDS = {Op.BATCH_NORM_1D: "bn1d", Op.BATCH_NORM_2D: "bn2d"}
 
 Shapes = Callable[[fx.Node], "torch.Size | None"]
 
 
-def is_metadata(node: fx.Node) -> bool:
-    """A value computed from tensors' shapes only (an int, a torch.Size): scale-invariant."""
-    if node.op == "call_method" and node.target in METADATA_METHODS:
-        return True
-    if node.op == "call_function":
-        if node.target is getattr:
-            return len(node.args) > 1 and node.args[1] in METADATA_ATTRIBUTES
-        if node.target in SIZE_ARITHMETIC:
-            return all(is_metadata(a) if isinstance(a, fx.Node) else isinstance(a, int)
-                       for a in node.args)
-    return False
-
-
-def data_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if not is_metadata(u)]
-
-
 def _kind(node: fx.Node, modules: dict[str, nn.Module], bn: str) -> str:
-    if node.op == "call_module":
-        module = modules[node.target]
-        if isinstance(module, RELU_MODULES):
-            return "relu"
-        if isinstance(module, ELEMENTWISE_MODULES):
-            return "elementwise"
-        if isinstance(module, SPATIAL_MODULES):
-            return "spatial"
-        if isinstance(module, nn.Flatten):
-            return "reshape"
-        if bn == "approx" and type(module) is nn.BatchNorm1d:
-            return "bn1d"
-        if bn == "approx" and type(module) is nn.BatchNorm2d:
-            return "bn2d"
-        return "other"
-    if node.op == "call_function":
-        return FUNCTION_KINDS.get(node.target, "other")
-    if node.op == "call_method":
-        return METHOD_KINDS.get(node.target, "other")
-    return "other"
+    op = node_op(node, modules)
+    if op in BN_KINDS:     # exactly BatchNorm1d/2d (a subclass may normalise differently)
+        exact = bn == "approx" and node_op(node, modules, exact=True) is op
+        return BN_KINDS[op] if exact else "other"
+    return CHAIN_KINDS.get(op, "other")
 
 
 def describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -186,7 +145,7 @@ def follow(layer: fx.Node, axis: str, modules: dict[str, nn.Module], bn: str,
         user = users[0]
         if user.op == "output":
             return None, False, "its output is unused"     # the model's output: a chain end
-        if user.op == "call_module" and isinstance(modules[user.target], (nn.Linear, nn.Conv2d)):
+        if user.op == "call_module" and node_op(user, modules) is Op.LAYER:
             if user.args[0] is not current or len(user.args) != 1 or user.kwargs:
                 return None, False, "it feeds the next layer in an unexpected way"
             if not seen_relu:

@@ -164,6 +164,13 @@ def _max_abs(t: Tensor) -> Tensor:
     return torch.maximum(-low, high)
 
 
+def pivot_ratio_ok(ratio: Tensor, min_ratio: float) -> Tensor:
+    """Per pivot: the step may divide by the new pivot weight, i.e. its ratio to the old one
+    is finite, non-zero and at least `min_ratio` in magnitude (the pivot test, written once;
+    the fused kernel's `pivot_ok` in `native/gsgd_step.cpp` is its C++ twin)."""
+    return torch.isfinite(ratio) & (ratio.abs() >= min_ratio) & (ratio != 0)
+
+
 def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Tensor],
                     biases: list[Tensor | None], grads: list[Tensor | None],
                     bias_grads: list[Tensor | None], options: StepOptions,
@@ -223,7 +230,7 @@ def plan_chain_step(skeleton: ChainSkeleton, index: ChainIndex, weights: list[Te
         path_grad = new_buffer
     new_u = u - lr * path_grad / t
     ratio = new_u / u
-    pivot_ok = (torch.isfinite(ratio) & (ratio.abs() >= options.min_ratio) & (ratio != 0)).all()
+    pivot_ok = pivot_ratio_ok(ratio, options.min_ratio).all()
 
     # Weight-Allocation: SGD on every non-skeleton edge's path value, then divide by R_pi(e).
     layers: list[LayerUpdate] = []

@@ -10,17 +10,16 @@ Usage::
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-The optimizer takes the model, not a parameter list: it traces the model to find its chain
-blocks (`gsgd_cli.gspace.blocks`, `joins`; split and checked by `gsgd_cli.gspace.coverage`),
-builds the skeleton of each (`gsgd_cli.gspace.skeleton`) once, and every `step()` runs the
-closed-form update of `gsgd_cli.gspace.update`: plain SGD on the values of the basis paths
-(the coordinates of G-space), mapped back to the weights with the free skeleton weights held
-fixed. Parameters outside every chain block take a plain SGD step with the same learning
-rate; `describe()` lists them with the reason, and construction says how much is covered.
-A step plans every block (nothing written), checks them all on the device and applies them, the
-writes gated by the check; on the CPU the same step runs in one fused kernel (`fused_cpu`).
-Nothing in `step()` waits for the device unless `strict=True`; a failed check is raised by
-`check_steps()` or a later `step()` (`step_record`).
+The optimizer takes the model, not a parameter list: it traces the model once to find its
+chain blocks (`gspace.blocks`, `joins`, `coverage`, over the table `graph.ops`) and builds each
+block's skeleton (`gspace.skeleton`). This class holds options, state and dispatch only (its
+base, `optim.base.ModelOptimizer`, the plumbing); `step()` runs plain SGD on the values of the
+basis paths (the coordinates of G-space, `gspace.update`), mapped back to the weights with the
+free skeleton weights fixed: eagerly (`gsgd_eager`: plan every block, check on the device with
+`gsgd_diag`, apply gated by the check) or, on the CPU, in one fused kernel (`native/gsgd.py`).
+Parameters outside every chain block take a plain SGD step with the same learning rate;
+`describe()` lists them with the reason. Nothing in `step()` waits for the device unless
+`strict=True`; a failed check is raised by `check_steps()` or a later `step()`.
 
 Symbols of the paper and their arguments: `eta_t` is `lr` (per step, so schedulers work);
 the skeleton weights' initial value 1 is `skeleton_init="one"`; `"keep"` keeps the model's
@@ -36,135 +35,36 @@ trained model. `state_dict()` records the structural options and the block layou
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
-from torch.optim import Optimizer
+from torch import nn
 
 from ..gspace.blocks import BlockLayout
-from ..gspace.conditioning import step_range
 from ..gspace.coverage import (BLOCK_SPLITS, VALLEY_MODES, Coverage, coverage_reasons,
                                coverage_summary, format_coverage, plan_blocks)
-from ..gspace.skeleton import ChainSkeleton, build_skeleton
-from ..gspace.update import (ChainIndex, StepOptions, Workspace, apply_chain_step,
-                             plan_chain_step)
-from . import fused_cpu
-from ._common import SGD_NEUTRAL, check_group_keys, unwrap_model
+from ..gspace.skeleton import build_skeleton
+from ..gspace.skeleton_init import SKELETON_INITS, init_skeleton
+from ..gspace.update import StepOptions
+from ._common import SGD_NEUTRAL, check_group_keys
+from .base import ModelOptimizer
+from .errors import GSGDStepError, GSGDWarning
+from .gsgd_blocks import (BlockPlan, BlockRecord, check_record, momentum_buffer,
+                          step_range_problems)
+from .gsgd_diag import diagnose, step_error
+from .gsgd_eager import apply_all, plan_all, sgd_outside
+from .native.gsgd import FusedCPUStep, diag_size, fused_step
 from .step_record import StepRecord
-from .validation import check_lr, check_nonnegative
+from .validation import check_input_shape, check_lr, check_nonnegative
 
-SKELETON_INITS = ("one", "keep", "rescale")
 BN_OPTIONS = ("approx", "approx_per_tap", "split")
 
-
-# Options that shape the blocks at construction: recorded in state_dict(), fixed afterwards.
-STRUCTURE_KEYS = ("skeleton_init", "bn", "block_split", "valleys", "input_shape")
 # Keys of the param group that every step reads.
 STEP_KEYS = frozenset({"lr", "momentum", "weight_decay", "bpr", "min_pivot_ratio", "maximize"})
 STATE_RECORD = "gsgd"           # the structure record's key in state_dict()
 
 
-class GSGDStepError(RuntimeError):
-    """A G-SGD step would write a non-finite value or divide by a vanished pivot; it wrote
-    nothing. `step` is the number of the failed `step()` call of the optimizer (1 = its first),
-    `steps_after` how many calls came after it before the error was raised (they wrote nothing
-    either)."""
-
-    def __init__(self, message: str, step: int | None = None, steps_after: int = 0):
-        super().__init__(message)
-        self.step = step
-        self.steps_after = steps_after
-
-
-class GSGDWarning(UserWarning):
-    """What GSGD tells the user about the model it was given (filter it like any warning)."""
-
-
-@dataclass
-class _BlockRecord:
-    """A block as found at construction: its layout and its parameters' positions in the
-    param group (`None`: no bias). Plain data, so copies and checkpoints can carry it."""
-
-    layout: BlockLayout
-    weights: list[int]
-    biases: list[int | None]
-
-    def record(self) -> dict:
-        return {**self.layout.record(), "weights": list(self.weights),
-                "biases": [-1 if b is None else b for b in self.biases]}
-
-    @classmethod
-    def from_record(cls, record: dict) -> "_BlockRecord":
-        return cls(BlockLayout.from_record(record), list(record["weights"]),
-                   [None if b < 0 else b for b in record["biases"]])
-
-
-@dataclass
-class _BlockPlan:
-    block: BlockLayout
-    skeleton: ChainSkeleton
-    weights: list[nn.Parameter]
-    biases: list[nn.Parameter | None]
-    indices: dict[torch.device, ChainIndex]
-    per_tap: bool = False      # bn="approx_per_tap": the published code's norm
-    workspace: Workspace = field(default_factory=Workspace)
-    number: int = 0            # position among the blocks found at construction
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [*self.weights, *[b for b in self.biases if b is not None]]
-
-    def index_on(self, device: torch.device) -> ChainIndex:
-        if device not in self.indices:
-            self.indices[device] = ChainIndex.build(self.skeleton, device)
-        return self.indices[device]
-
-    def tensors(self, maximize: bool = False):
-        """(weights, biases, grads, bias grads), detached, in layer order.
-
-        For a layer followed by batch norm (bn="approx") the weight gradient is multiplied,
-        per output channel, by the norm of that channel's incoming filter (paper, eq. 39);
-        with `per_tap` by the norm over input channels at each kernel position instead.
-        `maximize`: the gradients of -loss (new tensors; `.grad` is not changed)."""
-        weights = [w.detach() if w.is_contiguous() else w.detach().contiguous()
-                   for w in self.weights]      # e.g. channels_last: see write_back
-        grads = [w.grad for w in self.weights]
-        bias_grads = [b.grad if b is not None else None for b in self.biases]
-        if maximize:
-            grads = [-g if g is not None else None for g in grads]
-            bias_grads = [-g if g is not None else None for g in bias_grads]
-        for i, follows in enumerate(self.block.bn_after):
-            if follows and grads[i] is not None:
-                w = weights[i]
-                if self.per_tap and w.dim() > 2:
-                    norms = w.norm(dim=1, keepdim=True)            # [out, 1, kh, kw]
-                else:
-                    norms = w.reshape(w.shape[0], -1).norm(dim=1).view(-1, *[1] * (w.dim() - 1))
-                grads[i] = grads[i] * norms
-        return (weights, [b.detach() if b is not None else None for b in self.biases],
-                grads, bias_grads)
-
-    def write_back(self, weights: list[Tensor]) -> None:
-        """Copy the stepped contiguous copies (`tensors()`) into non-contiguous weights."""
-        for w, stepped in zip(self.weights, weights):
-            if stepped.data_ptr() != w.data_ptr():
-                w.detach().copy_(stepped)
-
-
-def _check_input_shape(input_shape) -> tuple[int, ...] | None:
-    if input_shape is None:
-        return None
-    if (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence)
-            or not input_shape or not all(isinstance(n, int) and not isinstance(n, bool)
-                                          and n > 0 for n in input_shape)):
-        raise ValueError(f"Invalid input_shape={input_shape!r}. Must be a non-empty sequence of "
-                         "positive integers (one input's shape without the batch dimension).")
-    return tuple(int(n) for n in input_shape)
-
-
-class GSGD(Optimizer):
+class GSGD(ModelOptimizer):
     """G-SGD: SGD in the positively scale-invariant space of a ReLU network.
 
     Args:
@@ -207,7 +107,7 @@ class GSGD(Optimizer):
             plain network from stem to classifier. `"stage"`: one block per run of
             equal-width layers (per stage, as the published code does); the layers that change
             the width (stem, stride-2 transitions, classifier) then take plain SGD.
-        fused: `None` (default): the fused CPU kernel (`fused_cpu.py`: one read and one write
+        fused: `None` (default): the fused CPU kernel (`native/gsgd.py`: one read and one write
             pass per layer, compiled on first use) for float32/float64 models on the CPU, the
             eager step elsewhere. `True`: the same (with a warning if the kernel cannot be
             built); `False`: always the eager step, the readable reference of
@@ -239,6 +139,10 @@ class GSGD(Optimizer):
     construction (`requires_grad_(False)`) sends its block to plain SGD, as freezing before.
     """
 
+    name = "GSGD"
+    record_key = STATE_RECORD
+    step_error = GSGDStepError
+
     def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
                  momentum: float = 0.0, weight_decay: float = 0.0, bpr: float = 0.0,
                  min_pivot_ratio: float = 1e-6, bn: str = "approx", block_split: str = "none",
@@ -268,8 +172,8 @@ class GSGD(Optimizer):
             raise ValueError(f"Invalid fused={fused!r}. Must be None, True or False.")
         if strict not in (True, False):
             raise ValueError(f"Invalid strict={strict!r}. Must be True or False.")
-        input_shape = _check_input_shape(input_shape)
-        model = unwrap_model(model)      # torch.compile, DataParallel, DDP share the parameters
+        input_shape = check_input_shape(input_shape)
+        model = self._unwrap(model)      # torch.compile, DataParallel, DDP share the parameters
         # every parameter, as torch.optim.SGD(model.parameters()) takes them: one frozen now
         # and unfrozen later then gets its plain SGD step (it is outside every chain block)
         params = list(model.parameters())
@@ -292,7 +196,7 @@ class GSGD(Optimizer):
         self._param_names = [names.get(id(p), "?") for p in params]
         self.fused = fused
         self.strict = strict
-        self._blocks = [_BlockRecord(block.layout(), [position[id(m.weight)] for m in block.modules],
+        self._blocks = [BlockRecord(block.layout(), [position[id(m.weight)] for m in block.modules],
                                      [position[id(m.bias)] if m.bias is not None else None
                                       for m in block.modules]) for block in plan.blocks]
         self._demoted: list[int] = []     # blocks left to plain SGD after construction
@@ -317,7 +221,7 @@ class GSGD(Optimizer):
                           "function now. To keep a loaded or pretrained model's weights pass "
                           "skeleton_init='keep', or build GSGD before loading the checkpoint",
                           GSGDWarning, stacklevel=2)
-        for problem in self._step_range_problems():
+        for problem in step_range_problems(self._plans, self._structure["skeleton_init"]):
             warnings.warn(problem, GSGDWarning, stacklevel=2)
 
     # -- blocks -------------------------------------------------------------------------------
@@ -330,66 +234,27 @@ class GSGD(Optimizer):
         self._outside = [p for p in params if id(p) not in in_blocks]
         self._block_params = [p for plan in self._plans for p in plan.params]
         self._step_record: StepRecord | None = None    # laid out for these plans
-        self._native: fused_cpu.FusedCPUStep | None = None
+        self._native: FusedCPUStep | None = None
 
-    def _plan(self, number: int, record: _BlockRecord, params: list[nn.Parameter]) -> _BlockPlan:
+    def _plan(self, number: int, record: BlockRecord, params: list[nn.Parameter]) -> BlockPlan:
         block = record.layout
         views = block.views
         skeleton = build_skeleton(block.widths, tuple(v.kernel for v in views),
                                   tuple(v.centre for v in views))
         weights = [params[k] for k in record.weights]
         biases = [params[k] if k is not None else None for k in record.biases]
-        return _BlockPlan(block, skeleton, weights, biases, {},
+        return BlockPlan(block, skeleton, weights, biases, {},
                           self._structure["bn"] == "approx_per_tap", number=number)
 
-    def _init_skeleton(self, plan: _BlockPlan) -> int:
-        """Apply `skeleton_init` to one block; returns how many weights were set to 1 and
-        were not 1 before."""
-        skeleton_init = self._structure["skeleton_init"]
-        changed = 0
+    def _init_skeleton(self, plan: BlockPlan) -> int:
+        """Apply `skeleton_init` to one block (see `gspace.skeleton_init`)."""
         weights = [w.data if w.is_contiguous() else w.data.contiguous() for w in plan.weights]
-        for name, w, layer in zip(plan.block.names, weights, plan.skeleton.layers):
-            flat = w.view(-1)
-            index = layer.flat.to(w.device)
-            if skeleton_init == "one":
-                if flat.device.type != "meta":      # meta tensors have no values to count
-                    changed += int((flat.index_select(0, index) != 1).sum())
-                flat.index_fill_(0, index, 1.0)
-            elif bool((flat.index_select(0, index) == 0).any()):
-                raise ValueError(f"layer '{name}' has a skeleton weight equal to 0; G-SGD "
-                                 "divides by skeleton weights: use skeleton_init='one' or "
-                                 "re-initialise the layer")
-        if skeleton_init == "rescale":
-            if plan.block.bn_approx:
-                raise ValueError(f"skeleton_init='rescale' keeps the network function only "
-                                 f"without batch norm, and block {plan.block.names[0]} -> ... "
-                                 "has batch norm: use skeleton_init='one'")
-            rescale_free_weights_to_unit(plan.skeleton, weights,
-                                         [b.data if b is not None else None
-                                          for b in plan.biases])
+        changed = init_skeleton(self._structure["skeleton_init"], plan.block.names,
+                                plan.skeleton, weights,
+                                [b.data if b is not None else None for b in plan.biases],
+                                plan.block.bn_approx)
         plan.write_back(weights)
         return changed
-
-    def _step_range_problems(self) -> list[str]:
-        """Blocks whose steps the parameters' dtype cannot represent (see conditioning.py)."""
-        problems = []
-        for plan in self._plans:
-            weights = plan.weights
-            if weights[0].device.type == "meta":      # no values to check
-                continue
-            found = step_range(plan.skeleton, plan.index_on(weights[0].device),
-                               weights).problem(weights[0].dtype)
-            if found:
-                names = plan.block.names
-                where = (f"{names[0]} -> ... -> {names[-1]} ({len(names)} layers)"
-                         if len(names) > 3 else " -> ".join(names))
-                advice = ("skeleton_init='one' keeps the products near 1" if
-                          self._structure["skeleton_init"] != "one" else
-                          "shorter blocks (block_split='stage') or float64 keep them in range")
-                problems.append(f"GSGD: in chain block {where} the products s of skeleton "
-                                f"weights along the chains make a step impossible: {found}; "
-                                f"{advice} (README, Known limits)")
-        return problems
 
     def describe(self) -> str:
         """The full coverage table: every chain block (widths, pivot layer, m, H), every
@@ -430,12 +295,8 @@ class GSGD(Optimizer):
         text = super().__repr__()       # the param group's options, then ")"
         return text[:-1] + f"    fused: {self.fused}\n    strict: {self.strict}\n)"
 
-    def add_param_group(self, param_group: dict) -> None:
-        if self.param_groups:
-            raise ValueError("GSGD keeps all parameters of its model in one param group (the "
-                             "step needs the model's structure); add_param_group is not "
-                             "supported: construct GSGD from the whole model instead")
-        super().add_param_group(param_group)
+    def _record_size(self) -> int:
+        return diag_size([len(plan.weights) for plan in self._plans], len(self._outside))
 
     def _record(self) -> dict:
         """The structure: options, blocks found at construction, blocks demoted since."""
@@ -455,7 +316,7 @@ class GSGD(Optimizer):
         super().__setstate__(state)
         if structure is not None:            # a copy: deepcopy, pickle, torch.save(opt)
             self._structure = dict(structure["options"])
-            self._blocks = [_BlockRecord.from_record(b) for b in structure["blocks"]]
+            self._blocks = [BlockRecord.from_record(b) for b in structure["blocks"]]
             self._demoted = list(structure["demoted"])
             self._coverage = structure["coverage"]
             self.fused = structure["fused"]
@@ -468,11 +329,6 @@ class GSGD(Optimizer):
                 group.setdefault(key, default)
         if structure is not None:
             self._activate()
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state[STATE_RECORD] = self._record()
-        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by `state_dict()`; refuses one saved under other structural
@@ -489,40 +345,17 @@ class GSGD(Optimizer):
                           "version): its block layout cannot be checked", GSGDWarning,
                           stacklevel=2)
         else:
-            self._check_record(record)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_RECORD})
+            check_record(self._structure, self._blocks, record)
+        super().load_state_dict(self._without_record(state_dict))
         if record is not None and list(record["demoted"]) != self._demoted:
             self._demoted = list(record["demoted"])
             self._activate()
-
-    def _check_record(self, record: dict) -> None:
-        for key, mine in self._structure.items():
-            saved = record["options"].get(key)
-            if saved != mine:
-                raise ValueError(f"the state_dict was saved by GSGD with {key}={saved!r}, this "
-                                 f"GSGD has {key}={mine!r}: build it with {key}={saved!r} to "
-                                 "load this state")
-        mine = [b.record() for b in self._blocks]
-        saved = list(record["blocks"])
-        for k in range(max(len(mine), len(saved))):
-            a = saved[k] if k < len(saved) else None
-            b = mine[k] if k < len(mine) else None
-            if a != b:
-                def show(r):
-                    return "none" if r is None else " -> ".join(r["names"])
-                raise ValueError(f"the state_dict's G-SGD blocks differ from this GSGD's: "
-                                 f"block {k + 1} is {show(a)} there and {show(b)} here (or its "
-                                 "widths or parameters differ); load it into a GSGD built on "
-                                 "the same model with the same options")
 
     @torch.no_grad()
     def step(self, closure=None):
         """One G-SGD step: plan every block (nothing written), check them all on the device,
         apply (the writes gated by the check). Never waits for the device unless `strict`."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         group = self.param_groups[0]
         self._check_group(group)
         record = self._record_on(group["params"][0].device)
@@ -541,271 +374,27 @@ class GSGD(Optimizer):
             record.publish()
         return loss
 
-    def check_steps(self) -> None:
-        """Raise `GSGDStepError` if a step since the last check failed (waits for the device).
-
-        The failed step and every step after it wrote nothing; once raised, the record is
-        cleared and later steps write again."""
-        if self._step_record is not None and self._step_record.failed():
-            raise self._step_error()
-
-    def _record_on(self, device: torch.device) -> StepRecord:
-        if self._step_record is None or self._step_record.device != device:
-            size = fused_cpu.diag_size([len(plan.weights) for plan in self._plans],
-                                       len(self._outside))
-            self._step_record = StepRecord(device, size)
-        return self._step_record
-
     # -- the eager step: the readable reference (gsgd_cli.gspace.update) ----------------------
     def _eager_step(self, options: StepOptions, record: StepRecord, maximize: bool) -> None:
-        planned = []
-        for plan in self._plans:          # plan: compute every block's step, write nothing
-            tensors = plan.tensors(maximize)
-            if all(g is None for g in tensors[2] + tensors[3]):
-                planned.append(None)
-                continue
-            index = plan.index_on(plan.weights[0].device)
-            pivot_state = self.state[plan.weights[plan.skeleton.pivot_layer]]
-            step = plan_chain_step(plan.skeleton, index, *tensors, options,
-                                   pivot_state.get("pivot_momentum_buffer"), plan.workspace)
-            planned.append((plan, index, step, tensors))
-        # check: every block and every outside gradient, on the device (no sync)
-        gate = record.update(*self._checks(planned, options))
+        planned = plan_all(self._plans, self.state, options, maximize)   # nothing written
+        gate = record.update(*diagnose(self._plans, planned, self._outside, options,
+                                       record.device))     # checked on the device, no sync
         if self.strict:
             self.check_steps()            # waits for the device; raises if the check failed
             gate = None
-        for item in planned:              # apply, gated by the check
-            if item is None:
-                continue
-            plan, index, step, tensors = item
-            buffers = bias_buffers = None
-            if options.momentum:
-                buffers = [self._buffer(w) for w in plan.weights]
-                bias_buffers = [self._buffer(b) if b is not None else None
-                                for b in plan.biases]
-                pivot_state = self.state[plan.weights[plan.skeleton.pivot_layer]]
-                old = pivot_state.get("pivot_momentum_buffer")
-                if old is None:
-                    old = pivot_state["pivot_momentum_buffer"] = torch.zeros_like(
-                        step.pivot_buffer)       # = the buffer "before the first step"
-                # in place, so that a captured CUDA graph keeps updating the same tensor
-                old.copy_(step.pivot_buffer if gate is None
-                          else torch.where(gate, step.pivot_buffer, old))
-            apply_chain_step(plan.skeleton, index, step, *tensors, options, buffers,
-                             bias_buffers, plan.workspace, gate)
-            plan.write_back(tensors[0])
-        self._sgd_outside(options, gate)
-
-    def _checks(self, planned, options: StepOptions) -> tuple[Tensor, Tensor]:
-        """(all checks passed, diag) on the device, diag laid out as in `fused_cpu`."""
-        device = self._step_record.device
-        oks, pieces = [], []
-        for plan, item in zip(self._plans, planned):
-            num_layers = len(plan.weights)
-            if item is None:
-                pieces.append(torch.zeros(3 * num_layers + 3, dtype=torch.float64,
-                                          device=device))
-                continue
-            step = item[2]
-            ratio = step.pivot_ratio
-            bad = ~(torch.isfinite(ratio) & (ratio.abs() >= options.min_ratio) & (ratio != 0))
-            first = bad.to(torch.uint8).argmax()
-            pieces += [t.to(torch.float64) for t in (
-                ~torch.isfinite(step.grad_max), ~torch.isfinite(step.bias_max), bad.any()[None],
-                first[None], ratio.index_select(0, first[None]), ~torch.isfinite(step.bounds))]
-            oks.append(step.ok())
-        grads = [p.grad for p in self._outside]
-        present = [g for g in grads if g is not None]
-        if present:
-            finite = iter(torch.isfinite(torch.stack(torch._foreach_norm(present, float("inf")))))
-            outside_bad = torch.stack([~next(finite) if g is not None
-                                       else torch.zeros((), dtype=torch.bool, device=device)
-                                       for g in grads])
-            oks.append(~outside_bad.any())
-            pieces.append(outside_bad.to(torch.float64))
-        else:
-            pieces.append(torch.zeros(len(grads), dtype=torch.float64, device=device))
-        ok = torch.stack(oks).all() if oks else torch.ones((), dtype=torch.bool, device=device)
-        return ok[None], torch.cat(pieces)
+        apply_all(planned, self.state, options, gate)       # the writes, gated by the check
+        sgd_outside(self._outside, self.state, options, maximize, gate)
 
     # -- the fused CPU step ----------------------------------------------------------------------
     def _fused_step(self, options: StepOptions, record: StepRecord, maximize: bool) -> bool:
-        """Run the whole step in the fused CPU kernel; False when it does not apply.
-        `maximize`: the gradients are negated in place around the kernel call (exact), so the
-        step is the one on -loss."""
-        if self.fused is False:
-            return False
-        if record.device.type != "cpu":
-            if self.fused is True:
-                self.fused = None                 # warn once
-                warnings.warn(f"GSGD(fused=True): the fused step runs on the CPU only; on "
-                              f"{record.device.type} the eager step is used (capture the "
-                              "training step in a CUDA graph to avoid its launch costs, e.g. "
-                              "gsgd train train.cuda_graphs=true)", RuntimeWarning,
-                              stacklevel=3)
-            return False
-        if self._native is None:
-            tensors = [t for plan in self._plans for t in (*plan.weights, *plan.biases)
-                       if t is not None] + self._outside
-            lib = fused_cpu.library() if fused_cpu.FusedCPUStep.supports(tensors) else None
-            if lib is None:
-                self.fused = False
-                return False
-            self._native = fused_cpu.FusedCPUStep(lib, self._plans, self._outside,
-                                                  self._structure["bn"] == "approx_per_tap")
-            self._native_dtype = tensors[0].dtype
-        elif self._plans and self._plans[0].weights[0].dtype != self._native_dtype:
-            return False                  # the model was cast after the first step
-        dtype = self._native_dtype
-        mu = options.momentum
-        keep, ptrs = [], []               # keep: temporaries alive until the kernel returns
-        direct = []                       # the .grad tensors the kernel reads as they are
-        for plan in self._plans:
-            if not all(w.is_contiguous() for w in plan.weights):
-                return False                  # e.g. channels_last: the eager step copies
-            grads = [w.grad for w in plan.weights]
-            bias_grads = [None if b is None else b.grad for b in plan.biases]
-            active = mu and any(g is not None for g in grads + bias_grads)
-            if plan.per_tap:              # scaled copies (of -grad with maximize)
-                grads = plan.tensors(maximize)[2]
-            else:
-                direct += [g for g in grads if g is not None]
-            direct += [g for g in bias_grads if g is not None]
-            for w, b, g, gb in zip(plan.weights, plan.biases, grads, bias_grads):
-                for t in (g, gb):
-                    if t is not None and not (t.dtype == dtype and t.is_contiguous()
-                                              and t.device.type == "cpu"):
-                        return False
-                ptrs += [w.data_ptr(), 0 if g is None else g.data_ptr(),
-                         0 if b is None else b.data_ptr(), 0 if gb is None else gb.data_ptr(),
-                         self._buffer(w).data_ptr() if active else 0,
-                         self._buffer(b).data_ptr() if active and b is not None else 0]
-            if active:
-                pivot = plan.weights[plan.skeleton.pivot_layer]
-                if "pivot_momentum_buffer" not in self.state[pivot]:
-                    self.state[pivot]["pivot_momentum_buffer"] = pivot.new_zeros(
-                        plan.skeleton.num_pivots)
-                ptrs.append(self.state[pivot]["pivot_momentum_buffer"].data_ptr())
-            else:
-                ptrs.append(0)
-            keep.append(grads)
-        for p in self._outside:
-            g = p.grad
-            if g is not None and not (g.dtype == dtype and g.is_contiguous()
-                                      and g.device.type == "cpu"):
-                return False
-            ptrs += [p.data_ptr(), 0 if g is None else g.data_ptr(),
-                     self._buffer(p).data_ptr() if mu and g is not None else 0]
-            if g is not None:
-                direct.append(g)
-        if not maximize:
-            self._native(ptrs, options, record.status, record.diag, dtype)
-            return True
-        torch._foreach_neg_(direct)       # the gradients of -loss, exactly
-        try:
-            self._native(ptrs, options, record.status, record.diag, dtype)
-        finally:
-            torch._foreach_neg_(direct)
-        return True
-
-    def _buffer(self, param: Tensor) -> Tensor:
-        state = self.state[param]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-        return state["momentum_buffer"]
-
-    def _sgd_outside(self, options: StepOptions, gate: Tensor | None = None) -> None:
-        """torch.optim.SGD's step (momentum, weight decay) for parameters outside blocks."""
-        params = [p for p in self._outside if p.grad is not None]
-        if not params:
-            return
-        grads = [p.grad for p in params]
-        if self.param_groups[0]["maximize"]:
-            grads = torch._foreach_neg(grads)
-        if options.weight_decay:
-            grads = torch._foreach_add(grads, params, alpha=options.weight_decay)
-        if gate is not None:
-            grads = [torch.where(gate, g, 0.0) for g in grads]
-        if options.momentum:
-            buffers = [self._buffer(p) for p in params]
-            mu = options.momentum
-            if gate is not None:
-                mu = torch.where(gate, torch.full((), mu, dtype=params[0].dtype,
-                                                  device=gate.device), 1.0)
-            torch._foreach_mul_(buffers, mu)
-            torch._foreach_add_(buffers, grads)
-            grads = (buffers if gate is None       # a failed step keeps the buffers (mu -> 1,
-                     else [torch.where(gate, b, 0.0) for b in buffers])  # dw -> 0) and must not
-        torch._foreach_add_(params, grads, alpha=-options.lr)          # step along them either
+        """The whole step in the fused CPU kernel; False when it does not apply."""
+        return fused_step(self, options, record, maximize,
+                          lambda p: momentum_buffer(self.state, p))
 
     def _step_error(self) -> GSGDStepError:
         """The recorded failure as an exception (and the record cleared)."""
         step, after, diag = self._step_record.take()
-        names = dict(zip(map(id, self.param_groups[0]["params"]), self._param_names))
-        lr = self.param_groups[0]["lr"]
-        advice = f"lower the learning rate (lr={lr:g}) or check the inputs and loss"
-        nothing = ("Nothing was updated." if after == 0 else
-                   f"Nothing was updated by it or by the {after} step(s) after it (the "
-                   f"weights are those before step {step}).")
-        where = f"G-SGD step {step} failed in"
-        at, sections = 0, []
-        for plan in self._plans:
-            n = len(plan.weights)
-            sections.append((plan, diag[at:at + 3 * n + 3]))
-            at += 3 * n + 3
-        outside = diag[at:]
-
-        def error(message):
-            return GSGDStepError(message, step, after)
-
-        for plan, d in sections:          # a non-finite gradient first, in any block
-            n = len(plan.weights)
-            for k, name in enumerate(plan.block.names * 2):
-                if d[k]:
-                    what = "its gradient" if k < n else "its bias gradient"
-                    return error(f"{where} layer '{name}': {what} is not finite; {advice}. "
-                                 f"{nothing}")
-        for p, flag in zip(self._outside, outside):
-            if flag:
-                return error(f"{where} parameter '{names.get(id(p), '?')}' (plain SGD "
-                             f"step outside the chain blocks): its gradient is not finite; "
-                             f"{advice}. {nothing}")
-        for plan, d in sections:
-            n = len(plan.weights)
-            if d[2 * n]:
-                name = plan.block.names[plan.skeleton.pivot_layer]
-                min_ratio = self.param_groups[0]["min_pivot_ratio"]
-                return error(f"{where} layer '{name}': pivot {int(d[2 * n + 1])} would change by "
-                             f"the ratio {d[2 * n + 2]:.3g} (to 0, not finite or below "
-                             f"min_pivot_ratio={min_ratio:g}); {advice}. {nothing}")
-            for name, flag in zip(plan.block.names, d[2 * n + 3:]):
-                if flag:
-                    return error(f"{where} layer '{name}': the update is not finite; {advice}. "
-                                 f"{nothing}")
-        return error(f"G-SGD step {step} failed; {advice}. {nothing}")
-
-
-def rescale_free_weights_to_unit(skeleton: ChainSkeleton, weights: list[Tensor],
-                                 biases: list[Tensor | None]) -> None:
-    """Positively rescale the hidden nodes so that every free skeleton weight is +1 or -1.
-
-    Node scales `c` (1 on inputs and outputs) follow the free weights: forwards through the
-    layers before the pivot layer (`c_j = c_a / |w_{j,a}|` for node j's incoming free
-    weight), backwards through the layers after it (`c_j = c_b * |w_{b,j}|`); then every
-    layer is multiplied by `c_out / c_in` and every bias by `c_out`. In place."""
-    widths = skeleton.widths
-    device, dtype = weights[0].device, weights[0].dtype
-    scales = [torch.ones(n, device=device, dtype=dtype) for n in widths]
-    free = [w.reshape(-1).index_select(0, layer.flat.to(device)).abs()
-            for w, layer in zip(weights, skeleton.layers)]
-    for i, layer in enumerate(skeleton.layers[: skeleton.pivot_layer]):
-        scales[i + 1] = scales[i][layer.cols.to(device)] / free[i]
-    for i in range(len(skeleton.layers) - 1, skeleton.pivot_layer, -1):
-        layer = skeleton.layers[i]
-        scales[i] = scales[i + 1][layer.rows.to(device)] * free[i]
-    for i, layer in enumerate(skeleton.layers):
-        view = weights[i].view(layer.n_out, layer.n_in, layer.kernel)
-        view.mul_((scales[i + 1][:, None] / scales[i][None, :])[:, :, None])
-        if biases[i] is not None:
-            biases[i].mul_(scales[i + 1])
-
+        group = self.param_groups[0]
+        return step_error(step, after, diag, self._plans, self._outside,
+                          dict(zip(map(id, group["params"]), self._param_names)), group["lr"],
+                          group["min_pivot_ratio"])

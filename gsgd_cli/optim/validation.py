@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Sequence
 
 
 def check_lr(value) -> float:
@@ -24,3 +25,16 @@ def check_nonnegative(name: str, value, below: float | None = None) -> float:
 
 def _real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_input_shape(input_shape) -> tuple[int, ...] | None:
+    """None, or one input's shape without the batch dimension: positive integers."""
+    if input_shape is None:
+        return None
+    if (isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence)
+            or not input_shape or not all(isinstance(n, int) and not isinstance(n, bool)
+                                          and n > 0 for n in input_shape)):
+        raise ValueError(f"Invalid input_shape={input_shape!r}. Must be a non-empty sequence of "
+                         "positive integers (the input shape without the batch dimension).")
+    return tuple(int(n) for n in input_shape)
+

@@ -14,7 +14,7 @@ from gsgd_cli.gspace.skeleton import build_skeleton
 from gsgd_cli.models.mlp import MLP
 from gsgd_cli.optim.gsgd import GSGD, GSGDStepError
 
-from gsgd_helpers import PROFILES, linears, mlp, randomise, rescale_hidden
+from gsgd_cli.testing.helpers import PROFILES, linears, mlp, randomise, rescale_hidden
 
 
 def _data(widths, n=32, seed=0, dtype=torch.float64):

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsgd_cli.gspace import reference as ref
+from gsgd_cli.testing import gsgd_reference as ref
 from gsgd_cli.gspace.skeleton import UnsupportedWidthProfile
 from gsgd_cli.optim import GSGD, GSGDStepError, GSGDWarning
 
-from gsgd_helpers import as_reference_net, linears, mlp, randomise
+from gsgd_cli.testing.helpers import as_reference_net, linears, mlp, randomise
 
 
 def quiet_gsgd(model, **kwargs):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gsgd_cli.gspace import reference as ref
+from . import gsgd_reference as ref
 
 # (name, widths): equal, increasing, decreasing and single-peak profiles, deep and shallow
 PROFILES = [

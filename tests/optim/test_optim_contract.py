@@ -16,7 +16,10 @@ from torch import nn
 
 from gsgd_cli.optim import GSGD, GSGDWarning, PathSGD
 
-from gsgd_helpers import mlp, randomise
+from gsgd_cli.testing.helpers import mlp, randomise
+from gsgd_cli.testing.optim_db import OPTIM_DB
+
+DB = pytest.mark.parametrize("info", OPTIM_DB, ids=[info.name for info in OPTIM_DB])
 
 
 def _data(n=12, features=4, classes=3, seed=0, shape=None):
@@ -173,17 +176,14 @@ def test_path_sgd_leaves_a_layer_frozen_after_construction_alone():
 # ------------------------------------------------------------------------------------------
 # 2. copies: deepcopy, pickle, torch.save
 # ------------------------------------------------------------------------------------------
-def _make(kind, model):
-    if kind == "gsgd":
-        return GSGD(model, lr=0.05, momentum=0.9, skeleton_init="keep")
-    if kind == "gsgd-conv":
-        return GSGD(model, lr=0.05, momentum=0.9, bpr=1e-3, skeleton_init="keep")
-    shape = (2, 4, 4) if isinstance(model[0], nn.Conv2d) else None
-    return PathSGD(model, lr=0.02, rescale="first", input_shape=shape)
+def _make(info, model, shape):
+    """`info`'s optimizer with every state it keeps switched on."""
+    return info.make(model, **info.state_options, input_shape=shape)
 
 
-COPY_CASES = [("gsgd", _net, None), ("gsgd-conv", _conv_net, (2, 4, 4)),
-              ("path_sgd", lambda: _net().body, None), ("path_sgd-conv", _conv_net, (2, 4, 4))]
+COPY_CASES = [(f"{info.name}{suffix}", info, make, shape) for info in OPTIM_DB
+              for suffix, make, shape in (("", lambda info=info: info.model_for(_net), None),
+                                          ("-conv", _conv_net, (2, 4, 4)))]
 
 
 def _copy(how, obj):
@@ -198,11 +198,12 @@ def _copy(how, obj):
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
-@pytest.mark.parametrize("kind,make_model,shape", COPY_CASES, ids=[c[0] for c in COPY_CASES])
-def test_a_copied_optimizer_continues_bit_equal(kind, make_model, shape, how):
+@pytest.mark.parametrize("name,info,make_model,shape", COPY_CASES,
+                         ids=[c[0] for c in COPY_CASES])
+def test_a_copied_optimizer_continues_bit_equal(name, info, make_model, shape, how):
     x, y = _data(shape=shape)
     model = make_model()
-    opt = _make(kind, model)
+    opt = _make(info, model, shape)
     _train(model, opt, x, y, 2)
     model_copy, opt_copy = _copy(how, (model, opt))
     assert opt_copy.param_groups[0]["params"][0] is next(iter(model_copy.parameters()))
@@ -212,11 +213,12 @@ def test_a_copied_optimizer_continues_bit_equal(kind, make_model, shape, how):
     assert repr(opt_copy) == repr(opt)
 
 
-@pytest.mark.parametrize("kind,make_model,shape", COPY_CASES[:2], ids=["gsgd", "gsgd-conv"])
-def test_deepcopy_of_the_optimizer_alone_steps_its_own_parameters(kind, make_model, shape):
+@pytest.mark.parametrize("name,info,make_model,shape", COPY_CASES,
+                         ids=[c[0] for c in COPY_CASES])
+def test_deepcopy_of_the_optimizer_alone_steps_its_own_parameters(name, info, make_model, shape):
     x, y = _data(shape=shape)
     model = make_model()
-    opt = _make(kind, model)
+    opt = _make(info, model, shape)
     _train(model, opt, x, y, 2)
     twin = copy.deepcopy(opt)
     params, twin_params = opt.param_groups[0]["params"], twin.param_groups[0]["params"]
@@ -327,19 +329,13 @@ def test_repr_shows_every_option():
 # 4. flags written into param_groups
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("where", ["constructor", "param_group"])
-@pytest.mark.parametrize("kind", ["gsgd", "path_sgd"])
-def test_maximize_is_the_step_on_minus_the_loss(kind, where):
+@DB
+def test_maximize_is_the_step_on_minus_the_loss(info, where):
     x, y = _data()
-    up, down = _net(), _net()
-    if kind == "gsgd":
-        def make(m, **kw):
-            return GSGD(m, lr=0.05, momentum=0.9, weight_decay=1e-3, bpr=1e-3,
-                        skeleton_init="keep", **kw)
-    else:
-        up, down = up.body, down.body
+    up, down = info.model_for(_net), info.model_for(_net)
 
-        def make(m, **kw):
-            return PathSGD(m, lr=0.05, **kw)
+    def make(m, **kw):
+        return info.make(m, lr=0.05, **info.state_options, **kw)
     if where == "constructor":
         opt_up = make(up, maximize=True)
     else:
@@ -349,23 +345,22 @@ def test_maximize_is_the_step_on_minus_the_loss(kind, where):
     _train(up, opt_up, x, y, 3, sign=1.0)        # maximise L ...
     _train(down, opt_down, x, y, 3, sign=-1.0)   # ... is minimising -L
     _same(up, down)
-    start = _net() if kind == "gsgd" else _net().body
+    start = info.model_for(_net)
     moved = max(float((p - q).abs().max()) for p, q in zip(up.parameters(), start.parameters()))
     assert moved > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["gsgd", "path_sgd"])
+@DB
 @pytest.mark.parametrize("key,value,needle", [
     ("nesterov", True, "does not support nesterov=True"),
     ("dampening", 0.5, "does not support dampening=0.5"),
     ("betas", (0.9, 0.99), "does not use param_groups[0]['betas']"),
 ])
-def test_unknown_or_unsupported_group_keys_are_refused_before_any_write(kind, key, value,
+def test_unknown_or_unsupported_group_keys_are_refused_before_any_write(info, key, value,
                                                                        needle):
     x, y = _data()
     model = _net()
-    opt = GSGD(model, lr=0.1, skeleton_init="keep") if kind == "gsgd" else PathSGD(model.body,
-                                                                                    lr=0.1)
+    opt = info.make(model if info.outside_params else model.body, lr=0.1)
     opt.param_groups[0][key] = value
     _backward(model, x, y)
     before = [p.detach().clone() for p in model.parameters()]
@@ -374,18 +369,16 @@ def test_unknown_or_unsupported_group_keys_are_refused_before_any_write(kind, ke
     assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
 
 
-@pytest.mark.parametrize("kind", ["gsgd", "path_sgd"])
-def test_neutral_sgd_flags_and_scheduler_keys_are_accepted(kind):
+@DB
+def test_neutral_sgd_flags_and_scheduler_keys_are_accepted(info):
     x, y = _data()
     model = _net()
-    opt = GSGD(model, lr=0.1, skeleton_init="keep") if kind == "gsgd" else PathSGD(model.body,
-                                                                                    lr=0.1)
+    opt = info.make(model if info.outside_params else model.body, lr=0.1)
     opt.param_groups[0].update(nesterov=False, dampening=0, foreach=None, differentiable=False,
                                fused=None)
-    if kind == "path_sgd":
-        opt.param_groups[0].update(momentum=0, weight_decay=0)
+    opt.param_groups[0].update({key: 0 for key in info.sgd_zeros})
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=4,
-                                                cycle_momentum=kind == "gsgd")
+                                                cycle_momentum=info.scheduler_momentum)
     for _ in range(3):
         _train(model, opt, x, y, 1)
         sched.step()
@@ -422,30 +415,26 @@ WRAPPERS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["gsgd", "path_sgd"])
+@DB
 @pytest.mark.parametrize("wrapper", list(WRAPPERS))
-def test_a_wrapped_model_is_unwrapped_and_traced(wrapper, kind, tmp_path):
+def test_a_wrapped_model_is_unwrapped_and_traced(wrapper, info, tmp_path):
     x, y = _data()
     model, plain = _net().body, _net().body
     wrapped = WRAPPERS[wrapper](model, tmp_path)
-    if kind == "gsgd":
-        opt = GSGD(wrapped, lr=0.1, momentum=0.9, skeleton_init="keep")
-        reference = GSGD(plain, lr=0.1, momentum=0.9, skeleton_init="keep")
+    opt = info.make(wrapped, **info.state_options)
+    reference = info.make(plain, **info.state_options)
+    if isinstance(opt, GSGD):
         assert [b.names for b in opt.blocks] == [["0", "2", "4"]]
-    else:
-        opt, reference = PathSGD(wrapped, lr=0.05), PathSGD(plain, lr=0.05)
     _train(model, opt, x, y, 3)        # the wrapper shares its parameters with `model`
     _train(plain, reference, x, y, 3)
     _same(model, plain)
 
 
-@pytest.mark.parametrize("kind", ["gsgd", "path_sgd"])
-def test_building_on_the_model_then_wrapping_it_is_bit_exact(kind):
+@DB
+def test_building_on_the_model_then_wrapping_it_is_bit_exact(info):
     x, y = _data()
     model, plain = _net().body, _net().body
-    make = ((lambda m: GSGD(m, lr=0.1, skeleton_init="keep")) if kind == "gsgd"
-            else (lambda m: PathSGD(m, lr=0.05)))
-    opt, reference = make(model), make(plain)
+    opt, reference = info.make(model), info.make(plain)
     _train(nn.DataParallel(model), opt, x, y, 3)
     _train(plain, reference, x, y, 3)
     _same(model, plain)

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsgd_cli.gspace import reference as ref
+from gsgd_cli.testing import gsgd_reference as ref
 from gsgd_cli.gspace.blocks import ModelNotTraceable, find_chain_blocks
 from gsgd_cli.gspace.skeleton import UnsupportedWidthProfile, build_skeleton
 from gsgd_cli.optim.gsgd import GSGD
 
-from gsgd_helpers import (PROFILES, VALLEYS, Branchy, as_reference_net, flat_grad, linears,
+from gsgd_cli.testing.helpers import (PROFILES, VALLEYS, Branchy, as_reference_net, flat_grad, linears,
                           mlp, randomise)
 
 ALL_PROFILES = [w for _, w in PROFILES] + VALLEYS

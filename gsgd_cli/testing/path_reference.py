@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from gsgd_cli.models.convnets import BasicBlock  # model definition only
+from ..models.convnets import BasicBlock  # model definition only
 
 # A unit is (tensor id, flat index); tensor 0 is the network input. An incoming edge of a unit:
 # (source unit, or None for a bias; squared edge value; (parameter name, flat index) for a weight,

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from gsgd_cli.models import MLP, PlainNet, ResNet
-from gsgd_cli.optim import fused_cpu
+from gsgd_cli.optim.native import build as fused_cpu
 from gsgd_cli.optim.gsgd import GSGD
 
-from gsgd_helpers import PROFILES, mlp, randomise
+from gsgd_cli.testing.helpers import PROFILES, mlp, randomise
 
 pytestmark = pytest.mark.skipif(fused_cpu.library() is None,
                                 reason="the fused CPU step cannot be built here")

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsgd_cli.gspace import reference as ref
+from gsgd_cli.testing import gsgd_reference as ref
 from gsgd_cli.gspace.blocks import find_chain_blocks
 from gsgd_cli.models import PlainNet, ResNet
 from gsgd_cli.optim.gsgd import GSGD
 
-from gsgd_helpers import randomise
+from gsgd_cli.testing.helpers import randomise
 
 
 def conv_net(channels, bias=False, pool="avg", stride=1, image=4, classes=2):

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gsgd_cli.gspace import reference as ref
+from gsgd_cli.testing import gsgd_reference as ref
 from gsgd_cli.optim.gsgd import GSGD
 
-from gsgd_helpers import as_reference_net, flat_grad, linears, mlp, randomise
+from gsgd_cli.testing.helpers import as_reference_net, flat_grad, linears, mlp, randomise
 
 PROFILES = [[3, 4, 4, 2], [3, 2, 4, 6, 2], [4, 5, 3, 2]]
 
