@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsgd_cli.gspace import reference as ref
 from gsgd_cli.gspace.adaptive import AdamOptions, RMSpropOptions
 from gsgd_cli.gspace.skeleton import build_skeleton
+from gsgd_cli.testing import gsgd_reference as ref
 from gsgd_cli.testing import reference_adaptive as refa
 
 WIDTHS = [4, 6, 8, 5, 3]   # pivot layer 1: layers below, at and above the pivot all occur

@@ -1,7 +1,7 @@
 """Brute-force G-Adam and G-RMSprop for tiny ReLU MLPs, in float64: the yardstick for the
 closed form (`gsgd_cli/gspace/adaptive.py`, whose docstring states the rule).
 
-Built on the G-SGD reference (`gsgd_cli/gspace/reference.py`: every path enumerated, the
+Built on the G-SGD reference (`gsgd_cli/testing/gsgd_reference.py`: every path enumerated, the
 skeleton rebuilt node by node): the basis-path gradient solves the Inverse-Chain-Rule rows of
 the non-free weights densely (eq. 4), Adam's / RMSprop's rule moves the basis-path values, and
 Weight-Allocation solves eq. (6) densely with the free weights' ratios fixed at 1. No code is
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gsgd_cli.gspace.adaptive import AdamOptions, RMSpropOptions, adam_rule, rmsprop_rule
-from gsgd_cli.gspace.reference import Basis, Net, path_values, skeleton_basis
+from ..gspace.adaptive import AdamOptions, RMSpropOptions, adam_rule, rmsprop_rule
+from .gsgd_reference import Basis, Net, path_values, skeleton_basis
 
 
 def _path_jacobian(w: Tensor, basis: Basis) -> Tensor:

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gsgd_cli.gspace import reference as ref
 from gsgd_cli.gspace.adaptive import (AdamOptions, RMSpropOptions, adam_rule,
                                       chain_adaptive_step, rmsprop_rule)
 from gsgd_cli.gspace.skeleton import build_skeleton
 from gsgd_cli.gspace.update import ChainIndex
+from gsgd_cli.testing import gsgd_reference as ref
 from gsgd_cli.testing import reference_adaptive as refa
-
-from gsgd_helpers import PROFILES, as_reference_net, flat_grad, mlp, randomise, rescale_hidden
+from gsgd_cli.testing.helpers import (PROFILES, as_reference_net, flat_grad, mlp, randomise,
+                                      rescale_hidden)
 
 ADAM_CASES = {
     "adam": AdamOptions(lr=0.01),
