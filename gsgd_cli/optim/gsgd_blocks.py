@@ -89,14 +89,15 @@ def momentum_buffer(state, param: Tensor) -> Tensor:
     return state["momentum_buffer"]
 
 
-def check_record(options: dict, blocks: list[BlockRecord], record: dict) -> None:
+def check_record(options: dict, blocks: list[BlockRecord], record: dict,
+                 owner: str = "GSGD") -> None:
     """Refuse a saved structure record of other options or another block layout (one
-    ValueError naming the option or the first differing block)."""
+    ValueError naming the option or the first differing block; `owner`: the optimizer)."""
     for key, mine in options.items():
         saved = record["options"].get(key)
         if saved != mine:
-            raise ValueError(f"the state_dict was saved by GSGD with {key}={saved!r}, this "
-                             f"GSGD has {key}={mine!r}: build it with {key}={saved!r} to "
+            raise ValueError(f"the state_dict was saved by {owner} with {key}={saved!r}, this "
+                             f"{owner} has {key}={mine!r}: build it with {key}={saved!r} to "
                              "load this state")
     mine = [b.record() for b in blocks]
     saved = list(record["blocks"])
@@ -106,13 +107,14 @@ def check_record(options: dict, blocks: list[BlockRecord], record: dict) -> None
         if a != b:
             def show(r):
                 return "none" if r is None else " -> ".join(r["names"])
-            raise ValueError(f"the state_dict's G-SGD blocks differ from this GSGD's: "
+            raise ValueError(f"the state_dict's G-space blocks differ from this {owner}'s: "
                              f"block {k + 1} is {show(a)} there and {show(b)} here (or its "
-                             "widths or parameters differ); load it into a GSGD built on "
+                             f"widths or parameters differ); load it into a {owner} built on "
                              "the same model with the same options")
 
 
-def step_range_problems(plans: list[BlockPlan], skeleton_init: str) -> list[str]:
+def step_range_problems(plans: list[BlockPlan], skeleton_init: str,
+                        owner: str = "GSGD") -> list[str]:
     """A warning for each block whose steps the parameters' dtype cannot represent
     (`gspace.conditioning`)."""
     problems = []
@@ -129,7 +131,7 @@ def step_range_problems(plans: list[BlockPlan], skeleton_init: str) -> list[str]
             advice = ("skeleton_init='one' keeps the products near 1" if
                       skeleton_init != "one" else
                       "shorter blocks (block_split='stage') or float64 keep them in range")
-            problems.append(f"GSGD: in chain block {where} the products s of skeleton "
+            problems.append(f"{owner}: in chain block {where} the products s of skeleton "
                             f"weights along the chains make a step impossible: {found}; "
                             f"{advice} (README, Known limits)")
     return problems
