@@ -1,6 +1,10 @@
-"""The optimizers: `GSGD` (G-SGD, Meng et al., ICLR 2019) and `PathSGD` (exact Path-SGD,
-Neyshabur et al., 2015), both built from the model: `GSGD(model, lr)`, `PathSGD(model, lr)`."""
+"""The optimizers built from the model: `GSGD` (G-SGD, Meng et al., ICLR 2019), `GAdam` and
+`GRMSprop` (Adam / RMSprop on the same G-space coordinates) and `PathSGD` (exact Path-SGD,
+Neyshabur et al., 2015): `GSGD(model, lr)`, `GAdam(model, lr)`, `PathSGD(model, lr)`."""
+from .errors import GAdamStepError, GRMSpropStepError, StepError
+from .gadam import GAdam, GRMSprop
 from .gsgd import GSGD, GSGDStepError, GSGDWarning
 from .path_sgd import PathSGD, PathSGDStepError
 
-__all__ = ["GSGD", "GSGDStepError", "GSGDWarning", "PathSGD", "PathSGDStepError"]
+__all__ = ["GSGD", "GSGDStepError", "GSGDWarning", "GAdam", "GAdamStepError", "GRMSprop",
+           "GRMSpropStepError", "PathSGD", "PathSGDStepError", "StepError"]
