@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..optim import GSGD, PathSGD
+from ..optim import GSGD, GAdam, GRMSprop, PathSGD
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class OptimizerInfo:
 OPTIM_DB: list[OptimizerInfo] = [
     OptimizerInfo("gsgd", GSGD, lr=0.1, required=dict(skeleton_init="keep"),
                   state_options=dict(momentum=0.9, weight_decay=1e-3, bpr=1e-3)),
+    OptimizerInfo("gadam", GAdam, lr=0.01, required=dict(skeleton_init="keep"),
+                  state_options=dict(amsgrad=True, weight_decay=1e-3, bpr=1e-3)),
+    OptimizerInfo("grmsprop", GRMSprop, lr=0.005, required=dict(skeleton_init="keep"),
+                  state_options=dict(momentum=0.5, centered=True, weight_decay=1e-3, bpr=1e-3)),
     OptimizerInfo("path_sgd", PathSGD, lr=0.05, state_options=dict(rescale="first"),
                   outside_params=False,
                   scheduler_momentum=False, sgd_zeros=("momentum", "weight_decay")),
