@@ -25,7 +25,15 @@ from ..gspace.update import ChainIndex, pivot_ratio_ok
 from .gsgd_blocks import BlockPlan
 from .gsgd_diag import outside_check
 
-__all__ = ["plan_all", "diagnose", "apply_all", "outside_step", "diag_size"]
+__all__ = ["eager_step", "plan_all", "diagnose", "apply_all", "outside_step", "diag_size",
+           "STATE_KEYS", "block_step_count", "commit_step_counts"]
+
+# The state tensors of a coordinate, by rule: the names torch uses (None: a slot not in use).
+STATE_KEYS = {
+    "adam": lambda o: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if o.amsgrad else None),
+    "rmsprop": lambda o: ("square_avg", "grad_avg" if o.centered else None,
+                          "momentum_buffer" if o.momentum > 0 else None),
+}
 
 
 @dataclass
@@ -133,6 +141,27 @@ def _step_tensor(step: int) -> Tensor:
     return torch.tensor(float(step), dtype=_get_scalar_dtype())
 
 
+def commit_step_counts(state, stepped: list[tuple[BlockPlan, int]]) -> None:
+    """Record each stepped block's step count in the state of every parameter of it."""
+    for plan, step in stepped:
+        for p in plan.params:
+            state[p]["step"] = _step_tensor(step)
+
+
+def eager_step(plans: list[BlockPlan], state, options: AdamOptions | RMSpropOptions,
+               maximize: bool, min_ratio: float, outside: list[Tensor], record) -> bool:
+    """The whole step: plan every block, check (recorded in `record`, a StepRecord), and only
+    if every check passed write the blocks and give the outside parameters torch's step.
+    Returns whether it was written (the fused kernel's `native.gadam.fused_step` is its twin)."""
+    planned = plan_all(plans, state, options, maximize)
+    gate = record.update(*diagnose(plans, planned, outside, min_ratio, record.device))
+    if not bool(gate):      # the host decides: it keeps the step count of the bias correction
+        return False
+    apply_all(planned, state)
+    outside_step(outside, state, options, maximize)
+    return True
+
+
 def apply_all(planned: list, state) -> None:
     """Write the planned steps: weights and biases in place, the moments into `state`."""
     for item in planned:
@@ -151,8 +180,8 @@ def apply_all(planned: list, state) -> None:
                         own[name].copy_(value)      # in place: the state keeps its tensors
                     else:
                         own[name] = value.reshape(p.shape).clone(
-                            memory_format=torch.preserve_format)
-                own["step"] = _step_tensor(item.step)
+                            memory_format=torch.contiguous_format)
+        commit_step_counts(state, [(plan, item.step)])
 
 
 def _state_tensor(state: dict, name: str, p: Tensor) -> Tensor:

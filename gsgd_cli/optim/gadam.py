@@ -28,6 +28,7 @@ if every check passed; otherwise it raises `GAdamStepError` / `GRMSpropStepError
 writes nothing (on CUDA the check waits for the device once per step)."""
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar, Sequence
 
 import torch
@@ -35,10 +36,12 @@ from torch import nn
 
 from ..gspace.adaptive import AdamOptions, RMSpropOptions
 from ._common import SGD_NEUTRAL, check_group_keys
-from .adaptive_eager import apply_all, diag_size, diagnose, outside_step, plan_all
+from .adaptive_eager import diag_size, eager_step
 from .errors import GAdamStepError, GRMSpropStepError, StepError
 from .gsgd_diag import step_error
 from .gspace_optimizer import GSpaceOptimizer
+from .native.gadam import available as fused_available
+from .native.gadam import fused_step
 from .validation import check_betas, check_flag, check_lr, check_nonnegative
 
 __all__ = ["GAdam", "GRMSprop"]
@@ -54,7 +57,7 @@ class _AdaptiveGSpace(GSpaceOptimizer):
 
     label: ClassVar[str]                 # the step's name in messages ("G-Adam")
     own_keys: ClassVar[frozenset]
-    _copied = ()
+    _copied = ("fused",)
 
     def _options(self, group: dict):
         raise NotImplementedError
@@ -80,18 +83,32 @@ class _AdaptiveGSpace(GSpaceOptimizer):
         options = self._options(group)
         self._leave_frozen_blocks_outside()
         record = self._record_on(group["params"][0].device)
-        planned = plan_all(self._plans, self.state, options, group["maximize"])
-        gate = record.update(*diagnose(self._plans, planned, self._outside,
-                                       group["min_pivot_ratio"], record.device))
-        if not bool(gate):      # the host decides (it keeps the step count for Adam's bias
-            raise self._step_error()         # correction): nothing was written
-        apply_all(planned, self.state)
-        outside_step(self._outside, self.state, options, group["maximize"])
+        args = (self._plans, self.state, options, group["maximize"], group["min_pivot_ratio"],
+                self._outside, record)
+        written = self._fused_step(*args)
+        if written is None:
+            written = eager_step(*args)
+        if not written:                      # nothing was written
+            raise self._step_error()
         return loss
 
+    def _fused_step(self, *args) -> bool | None:
+        """The step in the fused CPU kernel (`native/gadam.py`), or None where it does not
+        apply. Whether to use it is decided once, at the first step on these blocks."""
+        if self._native is None:
+            tensors = [t for plan in self._plans for t in plan.params]
+            self._native = self.fused is not False and fused_available(tensors)
+            if self.fused is True and not self._native:
+                warnings.warn(f"{self.name}(fused=True): the fused step needs float32/float64 "
+                              "contiguous CPU parameters and a C++ compiler; using the eager "
+                              "step", RuntimeWarning, stacklevel=3)
+        return fused_step(*args) if self._native else None
 
-def _common_checks(model, lr, eps, weight_decay, bpr, min_pivot_ratio, maximize) -> None:
+
+def _common_checks(model, lr, eps, weight_decay, bpr, min_pivot_ratio, maximize, fused) -> None:
     check_lr(lr)
+    if fused not in (None, True, False):
+        raise ValueError(f"Invalid fused={fused!r}. Must be None, True or False.")
     for name, value in (("eps", eps), ("weight_decay", weight_decay), ("bpr", bpr),
                         ("min_pivot_ratio", min_pivot_ratio)):
         check_nonnegative(name, value)
@@ -104,7 +121,10 @@ class GAdam(_AdaptiveGSpace):
     Args (torch.optim.Adam's, with its defaults): `lr`, `betas`, `eps`, `weight_decay`
     (coupled L2, as Adam's), `amsgrad`, `maximize`; G-SGD's: `bpr`, `min_pivot_ratio` (a step
     that shrinks a pivot below this fraction of its magnitude raises `GAdamStepError`),
-    `skeleton_init`, `bn`, `block_split`, `valleys`, `input_shape` (see `GSGD`)."""
+    `skeleton_init`, `bn`, `block_split`, `valleys`, `input_shape` (see `GSGD`); `fused`:
+    `None` (default) the fused CPU kernel where it applies (float32/float64 contiguous CPU
+    parameters), the eager step elsewhere; `False` always the eager step; `True` as `None`,
+    with a warning where the kernel does not apply. Both compute the same step (to rounding)."""
 
     name = "GAdam"
     label = "G-Adam"
@@ -118,9 +138,11 @@ class GAdam(_AdaptiveGSpace):
                  0.999), eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
                  maximize: bool = False, bpr: float = 0.0, min_pivot_ratio: float = 1e-6,
                  skeleton_init: str = "one", bn: str = "approx", block_split: str = "none",
-                 valleys: str = "split", input_shape: Sequence[int] | None = None):
+                 valleys: str = "split", input_shape: Sequence[int] | None = None,
+                 fused: bool | None = None):
         self._check_model(model)
-        _common_checks(model, lr, eps, weight_decay, bpr, min_pivot_ratio, maximize)
+        _common_checks(model, lr, eps, weight_decay, bpr, min_pivot_ratio, maximize, fused)
+        self.fused = fused
         betas = check_betas(betas)
         check_flag("amsgrad", amsgrad)
         self._setup(model, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -141,7 +163,7 @@ class GRMSprop(_AdaptiveGSpace):
 
     Args (torch.optim.RMSprop's, with its defaults): `lr`, `alpha`, `eps`, `weight_decay`
     (coupled L2), `momentum`, `centered`, `maximize`; G-SGD's: `bpr`, `min_pivot_ratio`,
-    `skeleton_init`, `bn`, `block_split`, `valleys`, `input_shape` (see `GSGD`)."""
+    `skeleton_init`, `bn`, `block_split`, `valleys`, `input_shape`, `fused` (see `GAdam`)."""
 
     name = "GRMSprop"
     label = "G-RMSprop"
@@ -156,9 +178,10 @@ class GRMSprop(_AdaptiveGSpace):
                  centered: bool = False, *, maximize: bool = False, bpr: float = 0.0,
                  min_pivot_ratio: float = 1e-6, skeleton_init: str = "one",
                  bn: str = "approx", block_split: str = "none", valleys: str = "split",
-                 input_shape: Sequence[int] | None = None):
+                 input_shape: Sequence[int] | None = None, fused: bool | None = None):
         self._check_model(model)
-        _common_checks(model, lr, eps, weight_decay, bpr, min_pivot_ratio, maximize)
+        _common_checks(model, lr, eps, weight_decay, bpr, min_pivot_ratio, maximize, fused)
+        self.fused = fused
         check_nonnegative("alpha", alpha)
         check_nonnegative("momentum", momentum, below=1)
         check_flag("centered", centered)

@@ -27,6 +27,30 @@ RMSPROP = RMSpropOptions(lr=0.005, alpha=0.9, eps=1e-6, weight_decay=0.05, momen
 CASES = {"gadam": ADAM, "grmsprop": RMSPROP}
 
 
+@pytest.fixture(autouse=True, params=["fused", "eager"])
+def step_path(request, monkeypatch):
+    """Every test twice: with the fused CPU kernel (native/gadam.py) and with the eager step
+    (the default of `fused=` set), checking that the intended path was taken."""
+    from gsgd_cli.optim.native import build
+
+    fused = request.param == "fused"
+    if fused and build.library() is None:
+        pytest.skip("the fused CPU step cannot be built here (no C++ compiler)")
+    used = []
+    for cls in (GAdam, GRMSprop):
+        monkeypatch.setitem(cls.__init__.__kwdefaults__, "fused", fused)
+        original = cls._fused_step
+
+        def spy(self, *args, original=original):
+            result = original(self, *args)
+            used.append(result is not None)
+            return result
+
+        monkeypatch.setattr(cls, "_fused_step", spy)
+    yield request.param
+    assert all(used) if fused else not any(used), f"the {request.param} path was not taken"
+
+
 def _make(model, options, **structure):
     kwargs = {k: v for k, v in vars(options).items() if k != "maximize"}
     cls = GAdam if isinstance(options, AdamOptions) else GRMSprop
