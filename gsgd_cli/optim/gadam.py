@@ -40,8 +40,8 @@ from .adaptive_eager import diag_size, eager_step
 from .errors import GAdamStepError, GRMSpropStepError, StepError
 from .gsgd_diag import step_error
 from .gspace_optimizer import GSpaceOptimizer
+from .adaptive_fused import fused_step
 from .native.gadam import available as fused_available
-from .native.gadam import fused_step
 from .validation import check_betas, check_flag, check_lr, check_nonnegative
 
 __all__ = ["GAdam", "GRMSprop"]
