@@ -115,3 +115,15 @@ def test_report_and_figures_name_and_colour_every_optimizer():
     colours = [to_rgb(OPTIMIZER_COLOURS[n]) for n in names]
     assert len(set(colours)) == len(colours)
     assert len(set(OPTIMIZER_NAMES.values())) == len(names)
+
+
+@pytest.mark.parametrize("name", ["gadam", "grmsprop"])
+def test_inspect_reads_the_structural_options_of_the_adaptive_optimizers(name, capsys):
+    """`gsgd inspect optimizer=gadam optimizer.block_split=stage` shows the blocks GAdam would
+    step with that option (the same structure code as GSGD)."""
+    from gsgd_cli.__main__ import main as gsgd_main
+
+    capsys.readouterr()
+    assert gsgd_main(["gsgd", "inspect", "model=plain_tiny", "model.bn=false", "data=synthetic",
+                      f"optimizer={name}", "optimizer.block_split=stage"]) in (0, None)
+    assert "block_split='stage'" in capsys.readouterr().out
