@@ -78,6 +78,21 @@ def mlp_cases(batch: int) -> list[Case]:
     ]
 
 
+def path_sgd_cases(batch: int) -> list[Case]:
+    """Issue 18's Path-SGD targets: iteration <= 1.2x SGD's on these MLPs and <= 1.1x on
+    Plain-34 without batch norm at 1/4 width (32x32 inputs), batch 64."""
+    cases = mlp_cases(batch)[1:]
+    cases += [Case(f"MLP [49:256x{d}:10]", lambda d=d: MLP(49, 10, width=256, depth=d), (49,),
+                   10, batch) for d in (2, 8, 32)]
+    widths = [round(w / 4) for w in (64, 128, 256, 512)]
+    cases.append(Case("Plain-34 x0.25 width", lambda: PlainNet(3, 10, widths=widths, bn=False),
+                      (3, 32, 32), 10, batch, slow=True))
+    return cases
+
+
+TARGETS = {"Plain-34 x0.25 width": 1.1}    # the rest of the path_sgd suite: 1.2
+
+
 def paper_cases(width: float, batch: int) -> list[Case]:
     """Plain-34 and ResNet-34 (CIFAR form), with and without batch norm; `width` scales the
     channels (1 = the paper's 64/128/256/512)."""
@@ -224,6 +239,8 @@ def run_steps(args, device: torch.device) -> list[dict]:
         cases += mlp_cases(batch_mlp)
     if args.suite in ("paper", "all"):
         cases += paper_cases(width, batch_paper)
+    if args.suite == "path_sgd":
+        cases += path_sgd_cases(args.batch or 64)
     optimizers = args.optimizers.split(",")
     step = ("the fused CPU kernel" if device.type == "cpu" and "gsgd" in optimizers
             else "the eager step")
@@ -256,6 +273,15 @@ def run_steps(args, device: torch.device) -> list[dict]:
         print()
         for note in notes:
             print(f"* not run: {note}")
+    if args.suite == "path_sgd":
+        print()
+        for r in records:
+            if r["optimizer"] == "path_sgd":
+                target = TARGETS.get(r["model"], 1.2)
+                ratio = r["iteration_ms"]["ratio"]
+                verdict = "meets" if ratio <= target else "MISSES"
+                print(f"* {r['model']}: Path-SGD iteration / SGD = {ratio:.2f}x, {verdict} the "
+                      f"target <= {target}x")
     return records
 
 
@@ -297,8 +323,10 @@ def run_e2e(args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--suite", default="mlp", choices=["mlp", "paper", "all", "none"],
-                        help="mlp: the MLPs of the paper's 5.2; paper: Plain-34/ResNet-34")
+    parser.add_argument("--suite", default="mlp", choices=["mlp", "paper", "all", "none", "path_sgd"],
+                        help="mlp: the MLPs of the paper's 5.2; paper: Plain-34/ResNet-34; "
+                             "path_sgd: issue 18's Path-SGD cost targets (with "
+                             "--optimizers sgd,path_sgd; prints each ratio against its target)")
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size (default 64 for the MLPs, 128 for the paper's nets)")
     parser.add_argument("--rounds", type=int, default=None,

@@ -1,2 +1,3 @@
-"""The traced ReLU network as both optimizers read it: `ops` is the one table of what each
-module, function and method is to a ReLU network."""
+"""The traced ReLU network as both optimizers read it: `trace` (torch.fx, once), `ops` (the one
+table of what each module, function and method is to a ReLU network) and `layers` (the facts
+about each linear layer)."""

@@ -33,7 +33,6 @@ a chain layer or why its chain ends there.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import io
 import logging
@@ -41,9 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.nn.parameter import UninitializedParameter
-from torch.nn.utils import parametrize
 
+from ..graph.layers import LayerFacts, read_layers
 from ..graph.ops import Op, module_op
 from ..graph.trace import ModelNotTraceable, trace  # noqa: F401  (re-exported for callers)
 from .joins import data_users, follow
@@ -51,7 +49,6 @@ from .joins import data_users, follow
 _BN_OPS = (Op.BATCH_NORM_1D, Op.BATCH_NORM_2D)
 
 BN_MODES = ("approx", "split")
-_LAYER_TYPES = (nn.Linear, nn.Conv2d)
 
 
 @dataclass(frozen=True)
@@ -68,28 +65,28 @@ def _out_nodes(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def layer_problem(module: nn.Module) -> str | None:
-    """Why an `nn.Linear`/`nn.Conv2d` cannot be a layer of a chain block (None: it can)."""
-    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
-    if type(module).forward is not base.forward or (
-            base is nn.Conv2d and type(module)._conv_forward is not nn.Conv2d._conv_forward):
-        return f"{type(module).__name__} overrides forward"
-    if base is nn.Conv2d and module.groups != 1:
-        return f"a grouped convolution (groups={module.groups})"
-    if base is nn.Conv2d and module.padding_mode != "zeros":
-        return f"padding_mode='{module.padding_mode}' (only zero padding commutes with scaling)"
-    if parametrize.is_parametrized(module):
+def layer_problem(facts: LayerFacts) -> str | None:
+    """Why a layer (its `graph.layers` facts) cannot be a layer of a chain block (None: it can)."""
+    if facts.forward_overridden:
+        return f"{facts.type_name} overrides forward"
+    if facts.groups != 1:
+        return f"a grouped convolution (groups={facts.groups})"
+    if facts.padding_mode != "zeros":
+        return f"padding_mode='{facts.padding_mode}' (only zero padding commutes with scaling)"
+    if facts.parametrized:
         return ("its weight is parametrized (e.g. weight_norm): G-SGD would step the computed "
                 "weight, not the parameters")
-    for name in ("weight", "bias"):
-        value = getattr(module, name, None)
-        if name == "bias" and value is None:
-            continue
-        if not isinstance(value, nn.Parameter) or isinstance(value, UninitializedParameter):
-            return (f"its {name} is not a plain parameter (weight_norm, pruning or an "
-                    "uninitialised lazy layer)")
-    if module._forward_pre_hooks or module._forward_hooks:
+    if facts.not_plain is not None:
+        return (f"its {facts.not_plain} is not a plain parameter (weight_norm, pruning or an "
+                "uninitialised lazy layer)")
+    if facts.hooks:
         return "it has forward hooks (they may change what it computes)"
+    if facts.calls > 1:
+        return f"called {facts.calls} times in forward"
+    if facts.attribute_read is not None:
+        return f"'{facts.attribute_read}' is also used outside the module, in forward"
+    if facts.shared:
+        return "it shares a parameter with another module"
     return None
 
 
@@ -257,25 +254,12 @@ def find_chain_blocks(model: nn.Module, bn: str = "approx",
     modules = dict(graph_module.named_modules())
     shapes = (propagate_shapes(graph_module, model, tuple(input_shape))
               if input_shape is not None else None)
+    layers = read_layers(graph_module, model)
     layer_nodes = [n for n in graph_module.graph.nodes
-                   if n.op == "call_module" and isinstance(modules[n.target], _LAYER_TYPES)]
-    calls = collections.Counter(n.target for n in layer_nodes)
-    attribute_reads = [n.target for n in graph_module.graph.nodes if n.op == "get_attr"]
-    owners: collections.Counter = collections.Counter()
-    for _, module in model.named_modules():
-        owners.update(id(p) for p in module.parameters(recurse=False))
+                   if n.op == "call_module" and n.target in layers]
     problems: dict[str, str] = {}
-    for name in calls:
-        module = modules[name]
-        why = layer_problem(module)
-        if why is None and calls[name] > 1:
-            why = f"called {calls[name]} times in forward"
-        if why is None:
-            reads = [t for t in attribute_reads if t == name or t.startswith(name + ".")]
-            if reads:
-                why = f"'{reads[0]}' is also used outside the module, in forward"
-        if why is None and any(owners[id(p)] > 1 for p in module.parameters(recurse=False)):
-            why = "it shares a parameter with another module"
+    for name, facts in layers.items():
+        why = layer_problem(facts)
         if why is not None:
             problems[name] = why
     notes = [f"{name}: not a chain layer ({why})" for name, why in problems.items()]

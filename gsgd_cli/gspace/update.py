@@ -167,7 +167,7 @@ def _max_abs(t: Tensor) -> Tensor:
 def pivot_ratio_ok(ratio: Tensor, min_ratio: float) -> Tensor:
     """Per pivot: the step may divide by the new pivot weight, i.e. its ratio to the old one
     is finite, non-zero and at least `min_ratio` in magnitude (the pivot test, written once;
-    the fused kernel's `pivot_ok` in `native/gsgd_step.cpp` is its C++ twin)."""
+    the fused kernel's test of `r` in `native/gsgd_step.cpp` `run` is its C++ twin)."""
     return torch.isfinite(ratio) & (ratio.abs() >= min_ratio) & (ratio != 0)
 
 

@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from ..pathnorm import step as F_path
-from ..pathnorm.squared_copy import build_squared_copy, needs_input_shape
+from ..pathnorm.squared_copy import build_squared_copy, needs_input_shape, take_squared_weights
 from ._common import SGD_NEUTRAL, check_group_keys
 from .base import ModelOptimizer
 from .errors import PathSGDStepError
@@ -177,12 +177,12 @@ class PathSGD(ModelOptimizer):
         shares its parameters) and square its poolings; returns the inferred input shape."""
         gm, inferred = build_squared_copy(shadow)
         self._shadow_model = shadow        # what copies of the optimizer rebuild from
+        self._used = take_squared_weights(gm, self._param_names)
         self._shadow = gm
-        shadow_params = dict(gm.named_parameters())
-        # Shadow parameter for each model parameter (None: not inside a Linear/Conv2d used in
-        # forward; such a parameter may not receive a gradient).
-        self._shadow_params: list[Optional[torch.Tensor]] = [
-            shadow_params.get(n) for n in self._param_names]
+        # Whether each model parameter lies on a path (the weight or bias of an
+        # nn.Linear/nn.Conv2d used in forward); one that does not may not have a gradient.
+        on_path = set(self._used)
+        self._on_path = [k in on_path for k in range(len(self._param_names))]
         return inferred
 
     def _record_size(self) -> int:
@@ -242,19 +242,9 @@ class PathSGD(ModelOptimizer):
 
 
     # -- kappa -----------------------------------------------------------------------------------
-    def _sync_shadow(self, params: list[torch.Tensor]) -> None:
-        """Follow the model if it was moved to another device or dtype after construction."""
-        ref = params[0]
-        first = next(iter(self._shadow.parameters()))
-        if first.device != ref.device or first.dtype != ref.dtype:
-            self._shadow.to(device=ref.device, dtype=ref.dtype)
-            names = dict(self._shadow.named_parameters())
-            self._shadow_params = [names.get(n) for n in self._param_names]
-
     def _compute_kappa(self) -> list[Optional[torch.Tensor]]:
-        params = self.param_groups[0]["params"]
-        self._sync_shadow(params)
-        return F_path.kappa(self._shadow, self._shadow_params, params, self._input_shape)
+        return F_path.kappa(self._shadow, self._used, self.param_groups[0]["params"],
+                            self._input_shape)
 
     def compute_kappa(self) -> list[Optional[torch.Tensor]]:
         """kappa for every parameter at the current weights (``None`` where not applicable)."""
@@ -280,7 +270,7 @@ class PathSGD(ModelOptimizer):
             if params[i].grad.is_sparse:
                 raise RuntimeError(f"PathSGD does not support sparse gradients "
                                    f"(parameter '{self._param_names[i]}').")
-            if self._shadow_params[i] is None:
+            if not self._on_path[i]:
                 raise RuntimeError(
                     f"PathSGD: parameter '{self._param_names[i]}' has a gradient but is not the "
                     "weight or bias of an nn.Linear/nn.Conv2d used in forward, so it lies on no "

@@ -1,17 +1,16 @@
 """The squared-weight copy of a ReLU network, whose gradient on an all-ones input is Path-SGD's
 kappa (the update rule is in `gsgd_cli.optim.path_sgd`; the supported networks are listed below).
 
-`build_squared_copy(model)` traces a copy of the model with torch.fx, refuses every operation
-whose output is not a sum over paths of weight products (normalisation, max pooling, anything
-unknown: one `ValueError` naming it), makes dropout the identity and replaces each average
-pooling by one with squared coefficients. `needs_input_shape(model)` says whether the input shape
-can be inferred (a first `nn.Linear` reached through flatten/ReLU/dropout only).
+`build_squared_copy(model)` traces a copy, refuses every operation whose output is not a sum over
+paths of weight products (one `ValueError` naming it), makes dropout the identity and squares
+each average pooling's coefficients; `needs_input_shape(model)`: whether input_shape is needed.
 
 How kappa is computed, every step, for all edges at once: at construction the network is copied
-once (``copy.deepcopy``) and traced with ``torch.fx``; each step the copy's parameters are set to
-``w**2`` (biases to ``b**2``), an all-ones input of shape ``(1, *input_shape)`` is fed through it,
-the outputs are summed and ``torch.autograd.grad`` of that sum with respect to the copy's
-parameters gives kappa (fresh each step, never accumulated). Every activation of the copy is
+once (``copy.deepcopy``), traced with ``torch.fx`` and rewritten so that its layers read their
+weights from an input (`take_squared_weights`); each step ``w**2`` (biases ``b**2``) and an
+all-ones input of shape ``(1, *input_shape)`` are fed through it, the outputs are summed and
+``torch.autograd.grad`` of that sum with respect to the squared weights gives kappa (fresh each
+step, never accumulated; `step.kappa`). Every activation of the copy is
 >= 0 on that input, so ReLU passes everything and the sum is phi(w)^2. A bias is an edge from a
 constant-1 unit; its kappa is gamma_out^2 of its unit. A convolution kernel element is one edge
 per position it is applied at; its kappa is the sum over those positions (zero padding
@@ -48,16 +47,19 @@ whether it must pass ``input_shape``.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+import operator
+from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..graph.layers import read_layers
 from ..graph.ops import FUNCTION_OPS, METHOD_OPS, NORM_OPS, Op, module_op
 from ..graph.trace import trace
+from .pooling import (SquaredAdaptiveAvgPool2d, SquaredAvgPool2d, sq_adaptive_avg_pool2d,
+                      sq_avg_pool2d, sq_mean)
 
-__all__ = ["build_squared_copy", "needs_input_shape"]
+__all__ = ["build_squared_copy", "needs_input_shape", "take_squared_weights"]
 
 # Path-SGD's policy over the kinds of `graph.ops`: what passes unchanged into the squared copy
 # (on its all-ones input every value is >= 0, so ReLU passes everything), and what may stand
@@ -71,105 +73,6 @@ _MAX_POOLS = frozenset({Op.MAX_POOL_2D, Op.MAX_POOL_ND})
 def _first_argument(x, *args, **kwargs):
     """Identity (dropout in the squared-weight copy)."""
     return x
-
-
-# --------------------------------------------------------------------------------------------
-# Pooling with squared coefficients (used only inside the squared-weight copy).
-# --------------------------------------------------------------------------------------------
-class _CoefCache:
-    """Per (input spatial size, device, dtype) cache of a pooling's per-output coefficient."""
-
-    def __init__(self, make: Callable[[int, int, torch.device, torch.dtype], torch.Tensor]):
-        self._make = make
-        self._cache: dict = {}
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape[-2:]), x.device, x.dtype)
-        if key not in self._cache:
-            self._cache[key] = self._make(x.shape[-2], x.shape[-1], x.device, x.dtype)
-        return self._cache[key]
-
-
-def _avg_pool2d_coef(kwargs: dict) -> _CoefCache:
-    """Coefficient of each output of ``F.avg_pool2d(**kwargs)``: 1 / its divisor.
-
-    avg_pool2d(ones) = n_valid / divisor and the same pooling with ``divisor_override=1`` gives
-    n_valid, so their ratio is 1 / divisor for every padding / ceil_mode / count_include_pad /
-    divisor_override combination.
-    """
-    def make(h, w, device, dtype):
-        ones = torch.ones(1, 1, h, w, device=device, dtype=dtype)
-        mean = F.avg_pool2d(ones, **kwargs)
-        total = F.avg_pool2d(ones, **{**kwargs, "divisor_override": 1})
-        return mean / total
-    return _CoefCache(make)
-
-
-def _adaptive_windows(n: int, out: int) -> torch.Tensor:
-    idx = torch.arange(out, dtype=torch.int64)
-    start = torch.div(idx * n, out, rounding_mode="floor")
-    end = -torch.div(-(idx + 1) * n, out, rounding_mode="floor")  # ceil((i+1) n / out)
-    return end - start
-
-
-def _adaptive_avg_pool2d_coef() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    cache: dict = {}
-
-    def coef(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape[-2:]), tuple(y.shape[-2:]), x.device, x.dtype)
-        if key not in cache:
-            sh = _adaptive_windows(x.shape[-2], y.shape[-2])
-            sw = _adaptive_windows(x.shape[-1], y.shape[-1])
-            cache[key] = (1.0 / (sh[:, None] * sw[None, :]).to(torch.float64)).to(
-                device=x.device, dtype=x.dtype)
-        return cache[key]
-    return coef
-
-
-class _SquaredAvgPool2d(nn.Module):
-    """``AvgPool2d`` whose coefficients are squared: output * (1 / divisor)."""
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.kwargs = kwargs
-        self._coef = _avg_pool2d_coef(kwargs)
-
-    def forward(self, x):
-        return F.avg_pool2d(x, **self.kwargs) * self._coef(x)
-
-
-class _SquaredAdaptiveAvgPool2d(nn.Module):
-    """``AdaptiveAvgPool2d`` whose coefficients are squared: output * (1 / window size)."""
-
-    def __init__(self, output_size):
-        super().__init__()
-        self.output_size = output_size
-        self._coef = _adaptive_avg_pool2d_coef()
-
-    def forward(self, x):
-        y = F.adaptive_avg_pool2d(x, self.output_size)
-        return y * self._coef(x, y)
-
-
-def _sq_avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False,
-                   count_include_pad=True, divisor_override=None):
-    kwargs = dict(kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode,
-                  count_include_pad=count_include_pad, divisor_override=divisor_override)
-    return F.avg_pool2d(x, **kwargs) * _avg_pool2d_coef(kwargs)(x)
-
-
-def _sq_adaptive_avg_pool2d(x, output_size):
-    y = F.adaptive_avg_pool2d(x, output_size)
-    return y * _adaptive_avg_pool2d_coef()(x, y)
-
-
-def _sq_mean(x, *args, **kwargs):
-    """``mean`` with its coefficient 1/N squared (N = number of averaged entries)."""
-    if "dtype" in kwargs:
-        raise ValueError("PathSGD: mean(..., dtype=...) is not supported")
-    y = torch.mean(x, *args, **kwargs)
-    return y * (y.numel() / x.numel())
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +106,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
                         "control flow.", who="PathSGD")
 
 
-def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional[tuple]]:
+def _check_and_square_pools(gm: fx.GraphModule,
+                            model: nn.Module) -> tuple[list[fx.Node], Optional[tuple]]:
     """Validate every node of the traced copy; replace poolings by squared-coefficient ones.
 
     Returns the parameterised-layer nodes in graph order and the inferred input shape (or None).
@@ -213,8 +117,9 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
         raise _unsupported("this model", f"its forward takes {len(placeholders)} inputs; "
                                          "exactly one input tensor is supported")
     layer_nodes: list[fx.Node] = []
+    layers = read_layers(gm, model)
     seen_modules: set[str] = set()
-    seen_params: dict[int, str] = {}
+    seen_params: set[str] = set()      # "layer.weight" of the layers met so far
     flat_safe_prefix = True
     inferred: Optional[tuple] = None
     n_pool = 0
@@ -245,20 +150,22 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
                     "which input it passes depends on the data, so it has no fixed path "
                     "structure; use average pooling or a strided convolution")
             if exact is Op.LAYER:
-                if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+                facts = layers[node.target]
+                if facts.padding_mode != "zeros":
                     raise _unsupported(
-                        f"module '{node.target}' (Conv2d, padding_mode={mod.padding_mode!r})",
+                        f"module '{node.target}' (Conv2d, padding_mode={facts.padding_mode!r})",
                         "only padding_mode='zeros' is supported")
                 if node.target in seen_modules:
                     raise _unsupported(f"module '{node.target}' ({type(mod).__name__})",
                                        "it is applied more than once in forward")
                 seen_modules.add(node.target)
-                for pname, p in mod.named_parameters(recurse=False):
-                    if id(p) in seen_params:
-                        raise _unsupported(
-                            f"module '{node.target}' ({type(mod).__name__})",
-                            f"its {pname} is shared with '{seen_params[id(p)]}'")
-                    seen_params[id(p)] = f"{node.target}.{pname}"
+                for pname, others in facts.shared:
+                    earlier = [o for o in others if o in seen_params]
+                    if earlier:
+                        raise _unsupported(f"module '{node.target}' ({type(mod).__name__})",
+                                           f"its {pname} is shared with '{earlier[0]}'")
+                seen_params.update(f"{node.target}.{pname}"
+                                   for pname, _ in mod.named_parameters(recurse=False))
                 if not layer_nodes and flat_safe_prefix and isinstance(mod, nn.Linear):
                     inferred = (mod.in_features,)
                 layer_nodes.append(node)
@@ -268,12 +175,12 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
                     flat_safe_prefix = False
                 continue
             if type(mod) is nn.AvgPool2d:
-                new = _SquaredAvgPool2d(kernel_size=mod.kernel_size, stride=mod.stride,
+                new = SquaredAvgPool2d(kernel_size=mod.kernel_size, stride=mod.stride,
                                         padding=mod.padding, ceil_mode=mod.ceil_mode,
                                         count_include_pad=mod.count_include_pad,
                                         divisor_override=mod.divisor_override)
             elif type(mod) is nn.AdaptiveAvgPool2d:
-                new = _SquaredAdaptiveAvgPool2d(mod.output_size)
+                new = SquaredAdaptiveAvgPool2d(mod.output_size)
             else:
                 has_params = any(True for _ in mod.parameters())
                 raise _unsupported(
@@ -302,11 +209,11 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
                 flat_safe_prefix = False
                 continue
             if node.target is F.avg_pool2d:
-                node.target = _sq_avg_pool2d
+                node.target = sq_avg_pool2d
             elif node.target is F.adaptive_avg_pool2d:
-                node.target = _sq_adaptive_avg_pool2d
+                node.target = sq_adaptive_avg_pool2d
             elif kind is Op.MEAN:
-                node.target = _sq_mean
+                node.target = sq_mean
             else:
                 raise _unsupported(_describe(node), "only ReLU, flatten, dropout, average "
                                    "pooling and residual sums may join the Linear/Conv2d layers")
@@ -323,9 +230,9 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
                 flat_safe_prefix = False
                 continue
             if kind is Op.MEAN:
-                # x.mean(dims) -> _sq_mean(x, dims)
+                # x.mean(dims) -> sq_mean(x, dims)
                 node.op = "call_function"
-                node.target = _sq_mean
+                node.target = sq_mean
                 flat_safe_prefix = False
                 continue
             raise _unsupported(_describe(node), "only ReLU, flatten, dropout, average pooling "
@@ -340,8 +247,9 @@ def _check_and_square_pools(gm: fx.GraphModule) -> tuple[list[fx.Node], Optional
 
 def needs_input_shape(model: nn.Module) -> bool:
     """True when ``PathSGD(model, ...)`` needs an explicit ``input_shape`` (conv nets)."""
-    gm = _trace(copy.deepcopy(model).eval())
-    _, inferred = _check_and_square_pools(gm)
+    shadow = copy.deepcopy(model).eval()
+    gm = _trace(shadow)
+    _, inferred = _check_and_square_pools(gm, shadow)
     return inferred is None
 
 
@@ -350,5 +258,46 @@ def build_squared_copy(shadow: nn.Module) -> tuple[fx.GraphModule, Optional[tupl
     check every node and square its poolings. Returns the traced copy and the inferred input
     shape (None when the model does not tell it)."""
     gm = _trace(shadow)
-    _, inferred = _check_and_square_pools(gm)
+    _, inferred = _check_and_square_pools(gm, shadow)
     return gm, inferred
+
+
+def take_squared_weights(gm: fx.GraphModule, param_names: list[str]) -> list[int]:
+    """Rewrite the squared copy `gm` (in place) so that its layers read their weights from a
+    second input instead of their parameters: ``gm(x, squared)`` with ``squared[j]`` the
+    squared model parameter ``param_names[used[j]]``; returns `used`. Each
+    ``nn.Linear``/``nn.Conv2d`` call becomes the same ``F.linear``/``F.conv2d`` call its
+    ``forward`` makes, so the copy computes exactly what it computed with squared parameters,
+    without a copy of the weights into it each step (the layer modules are dropped)."""
+    graph = gm.graph
+    first = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(first):
+        squared = graph.placeholder("squared")
+    position = {name: k for k, name in enumerate(param_names)}
+    used: list[int] = []
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if module_op(module, exact=True) is not Op.LAYER:
+            continue
+        x = node.args[0] if node.args else node.kwargs["input"]
+        with graph.inserting_before(node):
+            tensors = []
+            for name in ("weight", "bias"):
+                if getattr(module, name) is None:
+                    tensors.append(None)
+                    continue
+                used.append(position[f"{node.target}.{name}"])
+                tensors.append(graph.call_function(operator.getitem, (squared, len(used) - 1)))
+            if isinstance(module, nn.Linear):
+                new = graph.call_function(F.linear, (x, *tensors))
+            else:
+                new = graph.call_function(F.conv2d, (x, *tensors, module.stride, module.padding,
+                                                     module.dilation, module.groups))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return used

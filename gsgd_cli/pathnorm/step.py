@@ -14,34 +14,30 @@ from torch import fx
 __all__ = ["kappa", "plan_update", "rescale_ratio", "apply_update"]
 
 
-def kappa(copy: fx.GraphModule, copy_params: Sequence[Optional[torch.Tensor]],
-          params: Sequence[torch.Tensor], input_shape: tuple) -> list[Optional[torch.Tensor]]:
-    """kappa for each of `params` (None where `copy_params` has None: no path runs through it).
+def kappa(copy: fx.GraphModule, used: Sequence[int], params: Sequence[torch.Tensor],
+          input_shape: tuple) -> list[Optional[torch.Tensor]]:
+    """kappa for each of `params` (None for a parameter on no path, i.e. not in `used`).
 
-    `copy` is the squared-weight copy (`squared_copy.build_squared_copy`), `copy_params[i]` its
-    parameter for `params[i]`. One pass writes ``w**2`` into the copy, then one forward of an
-    all-ones input of shape ``(1, *input_shape)`` and one backward of the summed output give
-    d phi(w)^2 / d(w^2) for every edge at once."""
-    pairs = [(s, p) for s, p in zip(copy_params, params) if s is not None]
-    squared = [s for s, _ in pairs]
+    `copy` is the squared-weight copy reading its weights from its second input
+    (`squared_copy.take_squared_weights`, which gave `used`). One pass squares the weights,
+    then one forward of an all-ones input of shape ``(1, *input_shape)`` and one backward of
+    the summed output give d phi(w)^2 / d(w^2) for every edge at once (a matrix-vector product
+    per layer each way, the weight gradients as outer products): no model copy is written."""
     with torch.no_grad():
-        src = [p.detach() for _, p in pairs]
-        torch._foreach_copy_(squared, torch._foreach_mul(src, src))
+        src = [params[i].detach() for i in used]
+        squared = torch._foreach_mul(src, src)
+    for s in squared:
+        s.requires_grad_(True)
     ref = params[0]
     ones = torch.ones((1, *input_shape), device=ref.device, dtype=ref.dtype)
     with torch.enable_grad():
-        out = copy(ones)
+        out = copy(ones, squared)
         if not isinstance(out, torch.Tensor):
             raise TypeError("the model's forward must return one tensor")
         grads = torch.autograd.grad(out.sum(), squared, allow_unused=True)
-    it = iter(grads)
-    result: list[Optional[torch.Tensor]] = []
-    for s in copy_params:
-        if s is None:
-            result.append(None)
-            continue
-        g = next(it)
-        result.append(torch.zeros_like(s) if g is None else g.detach())
+    result: list[Optional[torch.Tensor]] = [None] * len(params)
+    for i, s, g in zip(used, squared, grads):
+        result[i] = torch.zeros_like(s) if g is None else g.detach()
     return result
 
 

@@ -421,6 +421,7 @@ int64_t run(const int64_t* desc, const int64_t* ptrs, const double* opts, double
       B.new_u[j] = nu;
       const double r = static_cast<double>(nu) / u;
       B.ratio[j] = r;
+      // the pivot test, as gspace/update.py pivot_ratio_ok
       if (!pivot_bad && (!std::isfinite(r) || std::abs(r) < o.min_ratio || r == 0)) {
         pivot_bad = true;
         dg[2 * nl] = 1;
