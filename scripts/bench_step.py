@@ -7,7 +7,7 @@ RMSprop's, when those run too).
     python scripts/bench_step.py --suite paper            # Plain-34/ResNet-34, batch 128
     python scripts/bench_step.py --suite all --json out.json
     python scripts/bench_step.py --e2e                    # `gsgd train` (1 epoch): G-SGD vs SGD
-    python scripts/bench_step.py --suite all --batch 64 \
+    python scripts/bench_step.py --suite adaptive --threads 2 \
         --optimizers sgd,adam,gadam,gadam_eager,rmsprop,grmsprop,grmsprop_eager   # issue 19
 
 Figures, for every model and optimizer, on the same device and batch:
@@ -91,6 +91,16 @@ def path_sgd_cases(batch: int) -> list[Case]:
 
 
 TARGETS = {"Plain-34 x0.25 width": 1.1}    # the rest of the path_sgd suite: 1.2
+
+
+def adaptive_cases(batch: int) -> list[Case]:
+    """Issue 19's targets: G-Adam's (G-RMSprop's) iteration <= 1.15x torch's Adam's (RMSprop's)
+    on the MLPs and <= 1.1x on Plain-34 / ResNet-34 at 1/4 width (32x32 inputs), batch 64."""
+    return mlp_cases(batch) + paper_cases(0.25, batch)
+
+
+def adaptive_target(model: str) -> float:
+    return 1.15 if model.startswith("MLP") else 1.1
 
 
 def paper_cases(width: float, batch: int) -> list[Case]:
@@ -241,6 +251,8 @@ def run_steps(args, device: torch.device) -> list[dict]:
         cases += paper_cases(width, batch_paper)
     if args.suite == "path_sgd":
         cases += path_sgd_cases(args.batch or 64)
+    if args.suite == "adaptive":
+        cases += adaptive_cases(args.batch or 64)
     optimizers = args.optimizers.split(",")
     step = ("the fused CPU kernel" if device.type == "cpu" and "gsgd" in optimizers
             else "the eager step")
@@ -282,6 +294,15 @@ def run_steps(args, device: torch.device) -> list[dict]:
                 verdict = "meets" if ratio <= target else "MISSES"
                 print(f"* {r['model']}: Path-SGD iteration / SGD = {ratio:.2f}x, {verdict} the "
                       f"target <= {target}x")
+    if args.suite == "adaptive":
+        print()
+        for r in records:
+            if r["optimizer"] in ("gadam", "grmsprop") and r["baseline"] != "sgd":
+                target = adaptive_target(r["model"])
+                ratio = r["iteration_ms"]["ratio"]
+                verdict = "meets" if ratio <= target else "MISSES"
+                print(f"* {r['model']}: {LABELS[r['optimizer']]} iteration = {ratio:.2f}x, "
+                      f"{verdict} the target <= {target}x")
     return records
 
 
@@ -323,10 +344,13 @@ def run_e2e(args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--suite", default="mlp", choices=["mlp", "paper", "all", "none", "path_sgd"],
+    parser.add_argument("--suite", default="mlp",
+                        choices=["mlp", "paper", "all", "none", "path_sgd", "adaptive"],
                         help="mlp: the MLPs of the paper's 5.2; paper: Plain-34/ResNet-34; "
                              "path_sgd: issue 18's Path-SGD cost targets (with "
-                             "--optimizers sgd,path_sgd; prints each ratio against its target)")
+                             "--optimizers sgd,path_sgd; prints each ratio against its target); "
+                             "adaptive: issue 19's G-Adam/G-RMSprop targets (with --optimizers "
+                             "sgd,adam,gadam,rmsprop,grmsprop; the same)")
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size (default 64 for the MLPs, 128 for the paper's nets)")
     parser.add_argument("--rounds", type=int, default=None,
