@@ -25,7 +25,9 @@ GSGD's (`gspace_optimizer.GSpaceOptimizer`); see `GSGD`'s docstring for `skeleto
 torch's names (`adaptive_eager`'s docstring). A step is computed out of place, checked
 (gradients and new values finite, no pivot shrinking below `min_pivot_ratio`) and written only
 if every check passed; otherwise it raises `GAdamStepError` / `GRMSpropStepError` at once and
-writes nothing (on CUDA the check waits for the device once per step)."""
+writes nothing (on CUDA the check waits for the device once per step). On the CPU the blocks'
+step runs in one fused kernel (`adaptive_fused`, `native/gadam.py`; `fused=`), elsewhere the
+eager step (`adaptive_eager`); the choice is made once per set of blocks."""
 from __future__ import annotations
 
 import warnings
