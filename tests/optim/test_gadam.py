@@ -357,3 +357,39 @@ def test_state_is_per_parameter_and_shaped_like_it_as_torch_keeps_it(name):
         for key, value in mine.items():
             assert value.shape == theirs[key].shape and value.dtype == theirs[key].dtype, key
     assert int(opt.state[model.body[0].weight]["step"]) == 1
+
+
+@pytest.mark.parametrize("name", ["gadam", "grmsprop"])
+def test_rescaled_conv_chains_stay_function_equal_while_torch_drifts(name):
+    """The same on a conv chain (pooling, and a Linear layer reading the flattened map):
+    hidden channel c of a convolution scaled by k_c > 0, its outgoing kernels (or the Linear
+    columns of its positions) divided by k_c."""
+    options = CASES[name]
+    options = type(options)(**{**vars(options), "weight_decay": 0.0, "bpr": 0.0})
+    gen = torch.Generator().manual_seed(8)
+    base = randomise(_conv_chain(), gen, low=0.3, high=0.9)
+    rescaled = copy.deepcopy(base)
+    with torch.no_grad():
+        k0 = 0.2 + 4.8 * torch.rand(3, generator=gen, dtype=torch.float64)
+        k3 = 0.2 + 4.8 * torch.rand(3, generator=gen, dtype=torch.float64)
+        rescaled[0].weight.mul_(k0[:, None, None, None])
+        rescaled[0].bias.mul_(k0)
+        rescaled[3].weight.div_(k0[None, :, None, None]).mul_(k3[:, None, None, None])
+        rescaled[3].bias.mul_(k3)
+        rescaled[6].weight.div_(k3.repeat_interleave(4)[None, :])
+    x, y = _data((2, 4, 4), n=16)
+    assert torch.allclose(base(x), rescaled(x), rtol=1e-12, atol=1e-12)
+    gaps = {}
+    for kind in ("g-space", "torch"):
+        outputs = []
+        for model in (copy.deepcopy(base), copy.deepcopy(rescaled)):
+            opt = (_make(model, options, input_shape=(2, 4, 4)) if kind == "g-space"
+                   else _torch_opt(model.parameters(), options))
+            for step in range(20):
+                opt.zero_grad()
+                F.cross_entropy(model(x[step % 2::2]), y[step % 2::2]).backward()
+                opt.step()
+            outputs.append(model(x).detach())
+        gaps[kind] = float((outputs[0] - outputs[1]).abs().max() / outputs[0].abs().max())
+    assert gaps["g-space"] <= 1e-10, gaps
+    assert gaps["torch"] > 1e-3, gaps
