@@ -136,7 +136,7 @@ def _run(model, x, y, options, steps=3, expected_blocks=None, loss=F.cross_entro
         assert [b.names for b in opt.blocks] == expected_blocks
     reference = Reference(twin, opt.blocks, options)
     for step in range(1, steps + 1):
-        for m, o in ((model, opt), (twin, None)):
+        for m in (model, twin):
             m.zero_grad()
             loss(m(x), y).backward()
         opt.step()
@@ -344,9 +344,8 @@ def test_state_is_per_parameter_and_shaped_like_it_as_torch_keeps_it(name):
     opt = _make(model, CASES[name])
     torch_opt = _torch_opt([p.detach().clone().requires_grad_() for p in model.parameters()],
                            CASES[name])
-    for o, m in ((opt, model),):
-        F.cross_entropy(m(x), y).backward()
-        o.step()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
     for p in torch_opt.param_groups[0]["params"]:
         p.grad = torch.zeros_like(p)
     torch_opt.step()
