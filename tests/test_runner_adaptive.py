@@ -95,7 +95,7 @@ def test_fig4_with_adam_and_gadam_composes_and_runs(tmp_path, fmnist_files, caps
 
 
 def test_fig5_fmnist_with_the_four_adaptive_optimizers_composes_and_runs(tmp_path,
-                                                                         fmnist_files):
+                                                                         fmnist_files, capsys):
     """Stage 1 of Figure 5's protocol with Adam, G-Adam, RMSprop and G-RMSprop, two rates."""
     proc = _sweep(tmp_path, fmnist_files, "experiment=fig5_fmnist",
                   "optimizer=adam,gadam,rmsprop,grmsprop", "optimizer.lr=1e-2,1e-3",
@@ -106,6 +106,13 @@ def test_fig5_fmnist_with_the_four_adaptive_optimizers_composes_and_runs(tmp_pat
     assert sorted({r["config"]["optimizer"] for r in runs}) == ["adam", "gadam", "grmsprop",
                                                                 "rmsprop"]
     assert all(r["status"] == "completed" and r["val_size"] == 8 for r in runs)
+    from gsgd_cli.__main__ import main as gsgd_main     # stage 1's choice of rate
+
+    capsys.readouterr()
+    assert gsgd_main(["gsgd", "report", str(tmp_path / "sweep"), "--best"]) in (0, None)
+    best = capsys.readouterr().out
+    for name in ("adam", "gadam", "rmsprop", "grmsprop"):
+        assert f"| {name} |" in best, best
 
 
 def test_report_and_figures_name_and_colour_every_optimizer():
