@@ -146,3 +146,20 @@ def test_channels_last_weights_take_the_eager_step():
     model(torch.randn(2, 2, 4, 4, dtype=torch.float64)).sum().backward()
     opt.step()
     assert opt._native is False
+
+
+@pytest.mark.parametrize("name", ["adam-amsgrad-wd-bpr-maximize",
+                                  "rmsprop-centered-momentum-wd-bpr"])
+def test_fused_equals_eager_on_layers_split_between_threads(name):
+    """Layers above the kernel's parallel threshold (2**15 entries) on 2 threads: rows split
+    between threads, column sums added up per thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = randomise(mlp([200, 256, 300, 256, 200], True),
+                          torch.Generator().manual_seed(6), low=0.05, high=0.15)
+        runs = _pair(model, name)
+        _train(runs, *_data((200,), classes=200), steps=3)
+        _assert_equal(runs, 1e-12)
+    finally:
+        torch.set_num_threads(threads)

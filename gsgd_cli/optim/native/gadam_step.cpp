@@ -218,19 +218,34 @@ struct Block {
       const Layer<T>& L = layers[i];
       if (L.role == kPivot) continue;
       const int64_t C = L.n_in, K = L.kernel, CK = C * K;
-      for (int64_t r = 0; r < L.n_out; ++r) {
-        for (int64_t ck = 0; ck < CK; ++ck) {
-          const int64_t e = r * CK + ck;
-          if (skeleton[i][e]) continue;
-          const double w = L.w[e];
-          const double p = w * (at(L.g, e) + wd * w);
-          pivot_sum[L.role == kIn ? r : ck / K] += p;
+      const char* skel_i = skeleton[i].data();
+      // rows in parallel: a row layer's sum per row is its own; a column layer's sums per
+      // column are added up per thread, then together
+      parallel_ranges(threads_for(L.numel(), nthreads), L.n_out, [&](int64_t r0, int64_t r1) {
+        std::vector<double> cols(L.role == kOut ? C : 0, 0.0);
+        for (int64_t r = r0; r < r1; ++r) {
+          double row = 0;
+          for (int64_t ck = 0; ck < CK; ++ck) {
+            const int64_t e = r * CK + ck;
+            if (skel_i[e]) continue;
+            const double w = L.w[e];
+            const double p = w * (at(L.g, e) + wd * w);
+            if (L.role == kIn) row += p;
+            else cols[ck / K] += p;
+          }
+          if (L.role == kIn) {
+            if (L.b) {
+              const double b = L.b[r];
+              row += b * (at(L.gb, r) + wd * b);
+            }
+            pivot_sum[r] += row;
+          }
         }
-        if (L.role == kIn && L.b) {
-          const double b = L.b[r];
-          pivot_sum[r] += b * (at(L.gb, r) + wd * b);
+        if (L.role == kOut) {
+#pragma omp critical
+          for (int64_t c = 0; c < C; ++c) pivot_sum[c] += cols[c];
         }
-      }
+      });
     }
     // the pivots: gradient, moments, decrement, new value, ratio
     new_u.resize(num_pivots);
