@@ -163,3 +163,21 @@ def test_fused_equals_eager_on_layers_split_between_threads(name):
         _assert_equal(runs, 1e-12)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_fused_step_is_deterministic_on_two_threads():
+    """Two runs from the same start give bit-identical weights (the per-thread column sums are
+    added up in row order, whichever thread finishes first)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        finals = []
+        for _ in range(2):
+            model = randomise(mlp([200, 256, 300, 256, 200], True),
+                              torch.Generator().manual_seed(6), low=0.05, high=0.15)
+            (run, _eager) = _pair(model, "rmsprop-centered-momentum-wd-bpr")
+            _train([run], *_data((200,), classes=200), steps=3)
+            finals.append([p.detach().clone() for p in run[0].parameters()])
+        assert all(torch.equal(p, q) for p, q in zip(*finals))
+    finally:
+        torch.set_num_threads(threads)

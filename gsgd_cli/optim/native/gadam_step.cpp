@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "parallel.h"
@@ -220,7 +221,9 @@ struct Block {
       const int64_t C = L.n_in, K = L.kernel, CK = C * K;
       const char* skel_i = skeleton[i].data();
       // rows in parallel: a row layer's sum per row is its own; a column layer's sums per
-      // column are added up per thread, then together
+      // column are added up per thread, then together in the order of the rows (the same
+      // result whichever thread finishes first)
+      std::vector<std::pair<int64_t, std::vector<double>>> parts;
       parallel_ranges(threads_for(L.numel(), nthreads), L.n_out, [&](int64_t r0, int64_t r1) {
         std::vector<double> cols(L.role == kOut ? C : 0, 0.0);
         for (int64_t r = r0; r < r1; ++r) {
@@ -243,9 +246,13 @@ struct Block {
         }
         if (L.role == kOut) {
 #pragma omp critical
-          for (int64_t c = 0; c < C; ++c) pivot_sum[c] += cols[c];
+          parts.emplace_back(r0, std::move(cols));
         }
       });
+      std::sort(parts.begin(), parts.end(),
+                [](const auto& a, const auto& b) { return a.first < b.first; });
+      for (const auto& part : parts)
+        for (int64_t c = 0; c < C; ++c) pivot_sum[c] += part.second[c];
     }
     // the pivots: gradient, moments, decrement, new value, ratio
     new_u.resize(num_pivots);
