@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Time SGD, G-SGD (fast and eager) and Path-SGD in the same run, and print ratios to SGD.
+"""Time SGD, G-SGD (fast and eager), Path-SGD, and Adam / RMSprop with G-Adam / G-RMSprop (fast
+and eager) in the same run, and print ratios to SGD (G-Adam's to Adam's, G-RMSprop's to
+RMSprop's, when those run too).
 
     python scripts/bench_step.py                          # MLPs, batch 64, cuda if present
     python scripts/bench_step.py --suite paper            # Plain-34/ResNet-34, batch 128
     python scripts/bench_step.py --suite all --json out.json
     python scripts/bench_step.py --e2e                    # `gsgd train` (1 epoch): G-SGD vs SGD
+    python scripts/bench_step.py --suite adaptive --threads 2 \
+        --optimizers sgd,adam,gadam,gadam_eager,rmsprop,grmsprop,grmsprop_eager   # issue 19
 
 Figures, for every model and optimizer, on the same device and batch:
 * iteration: zero_grad + forward + backward + step (with `--graphs` on CUDA also as one
@@ -49,6 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from gsgd_cli.models import MLP, PlainNet, ResNet  # noqa: E402
+from gsgd_cli.optim.gadam import GAdam, GRMSprop  # noqa: E402
 from gsgd_cli.optim.gsgd import GSGD  # noqa: E402
 from gsgd_cli.optim.path_sgd import PathSGD  # noqa: E402
 
@@ -88,6 +93,16 @@ def path_sgd_cases(batch: int) -> list[Case]:
 TARGETS = {"Plain-34 x0.25 width": 1.1}    # the rest of the path_sgd suite: 1.2
 
 
+def adaptive_cases(batch: int) -> list[Case]:
+    """Issue 19's targets: G-Adam's (G-RMSprop's) iteration <= 1.15x torch's Adam's (RMSprop's)
+    on the MLPs and <= 1.1x on Plain-34 / ResNet-34 at 1/4 width (32x32 inputs), batch 64."""
+    return mlp_cases(batch) + paper_cases(0.25, batch)
+
+
+def adaptive_target(model: str) -> float:
+    return 1.15 if model.startswith("MLP") else 1.1
+
+
 def paper_cases(width: float, batch: int) -> list[Case]:
     """Plain-34 and ResNet-34 (CIFAR form), with and without batch norm; `width` scales the
     channels (1 = the paper's 64/128/256/512)."""
@@ -107,8 +122,21 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, tuple], torch.optim.Optimizer]] = {
     "gsgd": lambda model, shape: GSGD(model, lr=LR),
     "gsgd_eager": lambda model, shape: GSGD(model, lr=LR, fused=False),
     "path_sgd": lambda model, shape: PathSGD(model, lr=LR, input_shape=shape),
+    "adam": lambda model, shape: torch.optim.Adam(model.parameters(), lr=LR),
+    "gadam": lambda model, shape: GAdam(model, lr=LR, input_shape=shape),
+    "gadam_eager": lambda model, shape: GAdam(model, lr=LR, input_shape=shape, fused=False),
+    "rmsprop": lambda model, shape: torch.optim.RMSprop(model.parameters(), lr=LR),
+    "grmsprop": lambda model, shape: GRMSprop(model, lr=LR, input_shape=shape),
+    "grmsprop_eager": lambda model, shape: GRMSprop(model, lr=LR, input_shape=shape,
+                                                    fused=False),
 }
-LABELS = {"sgd": "SGD", "gsgd": "G-SGD", "gsgd_eager": "G-SGD (eager)", "path_sgd": "Path-SGD"}
+LABELS = {"sgd": "SGD", "gsgd": "G-SGD", "gsgd_eager": "G-SGD (eager)", "path_sgd": "Path-SGD",
+          "adam": "Adam", "gadam": "G-Adam (/ Adam)", "gadam_eager": "G-Adam eager (/ Adam)",
+          "rmsprop": "RMSprop", "grmsprop": "G-RMSprop (/ RMSprop)",
+          "grmsprop_eager": "G-RMSprop eager (/ RMSprop)"}
+# the optimizer each one's ratio is taken against, when it runs too (else SGD)
+BASELINES = {"gadam": "adam", "gadam_eager": "adam", "grmsprop": "rmsprop",
+             "grmsprop_eager": "rmsprop"}
 
 
 def _sync(device: torch.device) -> None:
@@ -184,10 +212,13 @@ def bench_case(case: Case, optimizers: list[str], rounds: int, iters: int,
             check()
     results = {}
     for name in setups:
-        base = "sgd+graphs" if name.endswith("+graphs") else "sgd"
-        results[name] = {"iteration_ms": _stats(iter_times[name], iter_times[base])}
+        plain, graphs = name.split("+")[0], "+graphs" if name.endswith("+graphs") else ""
+        base = BASELINES.get(plain, "sgd")
+        base = base if base + graphs in setups else "sgd"
+        results[name] = {"iteration_ms": _stats(iter_times[name], iter_times[base + graphs]),
+                         "baseline": base}
         if name in step_times:
-            results[name]["step_ms"] = _stats(step_times[name], step_times["sgd"])
+            results[name]["step_ms"] = _stats(step_times[name], step_times[base])
     return results, notes
 
 
@@ -197,8 +228,8 @@ def _cell(stats: dict | None) -> str:
     return f"{stats['min']:.3f} / {stats['median']:.3f} / {stats['max']:.3f}"
 
 
-def _ratio(stats: dict | None, name: str) -> str:
-    if stats is None or name in ("sgd", "sgd+graphs"):
+def _ratio(stats: dict | None, name: str, base: str = "sgd") -> str:
+    if stats is None or name.split("+")[0] == base:
         return "1" if stats is not None else "-"
     return f"{stats['ratio']:.2f}x"
 
@@ -220,14 +251,18 @@ def run_steps(args, device: torch.device) -> list[dict]:
         cases += paper_cases(width, batch_paper)
     if args.suite == "path_sgd":
         cases += path_sgd_cases(args.batch or 64)
+    if args.suite == "adaptive":
+        cases += adaptive_cases(args.batch or 64)
     optimizers = args.optimizers.split(",")
     step = ("the fused CPU kernel" if device.type == "cpu" and "gsgd" in optimizers
             else "the eager step")
     print(f"`python scripts/bench_step.py {' '.join(sys.argv[1:])}` on {device_line(device)}, "
           f"torch {torch.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
           f"G-SGD = {step}; times in ms as min / median / max over the rounds; ratio = median "
-          "over the rounds of time / SGD's time in the same round\n")
-    print("| model | batch | optimizer | iteration ms | iteration / SGD | step ms | step / SGD |")
+          "over the rounds of time / the baseline's time in the same round (SGD's; Adam's or "
+          "RMSprop's where the label says so)\n")
+    print("| model | batch | optimizer | iteration ms | iteration / base | step ms | "
+          "step / base |")
     print("|---|---|---|---|---|---|---|")
     records, notes = [], []
     for case in cases:
@@ -240,7 +275,8 @@ def run_steps(args, device: torch.device) -> list[dict]:
             label = LABELS[name.split("+")[0]] + (" + CUDA graph" if "+graphs" in name else "")
             step = r.get("step_ms")
             print(f"| {case.name} | {case.batch} | {label} | {_cell(r['iteration_ms'])} | "
-                  f"{_ratio(r['iteration_ms'], name)} | {_cell(step)} | {_ratio(step, name)} |",
+                  f"{_ratio(r['iteration_ms'], name, r['baseline'])} | {_cell(step)} | "
+                  f"{_ratio(step, name, r['baseline'])} |",
                   flush=True)
             records.append({"model": case.name, "batch": case.batch, "optimizer": name,
                             "device": device_line(device), "rounds": rounds, "iters": iters,
@@ -258,6 +294,15 @@ def run_steps(args, device: torch.device) -> list[dict]:
                 verdict = "meets" if ratio <= target else "MISSES"
                 print(f"* {r['model']}: Path-SGD iteration / SGD = {ratio:.2f}x, {verdict} the "
                       f"target <= {target}x")
+    if args.suite == "adaptive":
+        print()
+        for r in records:
+            if r["optimizer"] in ("gadam", "grmsprop") and r["baseline"] != "sgd":
+                target = adaptive_target(r["model"])
+                ratio = r["iteration_ms"]["ratio"]
+                verdict = "meets" if ratio <= target else "MISSES"
+                print(f"* {r['model']}: {LABELS[r['optimizer']]} iteration = {ratio:.2f}x, "
+                      f"{verdict} the target <= {target}x")
     return records
 
 
@@ -299,10 +344,13 @@ def run_e2e(args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--suite", default="mlp", choices=["mlp", "paper", "all", "none", "path_sgd"],
+    parser.add_argument("--suite", default="mlp",
+                        choices=["mlp", "paper", "all", "none", "path_sgd", "adaptive"],
                         help="mlp: the MLPs of the paper's 5.2; paper: Plain-34/ResNet-34; "
                              "path_sgd: issue 18's Path-SGD cost targets (with "
-                             "--optimizers sgd,path_sgd; prints each ratio against its target)")
+                             "--optimizers sgd,path_sgd; prints each ratio against its target); "
+                             "adaptive: issue 19's G-Adam/G-RMSprop targets (with --optimizers "
+                             "sgd,adam,gadam,rmsprop,grmsprop; the same)")
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size (default 64 for the MLPs, 128 for the paper's nets)")
     parser.add_argument("--rounds", type=int, default=None,

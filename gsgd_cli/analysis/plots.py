@@ -37,12 +37,16 @@ from .gap import gap_se, width_pairs  # noqa: E402
 from .table import (OPTIMIZER_ORDER, SELECTION_LABELS, Row, _fmt_value, best_lr_rows,  # noqa: E402
                     mean_std, run_values, selection_metric)
 
-OPTIMIZER_NAMES = {"sgd": "SGD", "gsgd": "G-SGD", "path_sgd": "Path-SGD"}
+OPTIMIZER_NAMES = {"sgd": "SGD", "gsgd": "G-SGD", "path_sgd": "Path-SGD", "adam": "Adam",
+                   "gadam": "G-Adam", "rmsprop": "RMSprop", "grmsprop": "G-RMSprop"}
 MODEL_NAMES = {"plain34": "Plain-34", "resnet34": "ResNet-34", "mlp": "MLP"}
 DATA_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST",
               "fashion_mnist": "Fashion-MNIST", "synthetic": "synthetic"}
-LINESTYLES = {"gsgd": "-", "sgd": "--", "path_sgd": ":"}
-OPTIMIZER_COLOURS = {"sgd": "tab:blue", "gsgd": "tab:red", "path_sgd": "tab:green"}
+LINESTYLES = {"gsgd": "-", "sgd": "--", "path_sgd": ":", "gadam": "-", "adam": "--",
+              "grmsprop": "-", "rmsprop": "--"}
+OPTIMIZER_COLOURS = {"sgd": "tab:blue", "gsgd": "tab:red", "path_sgd": "tab:green",
+                     "adam": "tab:orange", "gadam": "tab:brown", "rmsprop": "tab:olive",
+                     "grmsprop": "tab:pink"}
 SHORT_KEYS = {"model.width": "h", "optimizer.lr": "lr", "optimizer.weight_decay": "wd",
               "optimizer.bpr": "bpr"}
 
@@ -169,7 +173,9 @@ def plot_width_sweep(rows: list[Row], out: Path, name: str = "fig4_width_sweep")
     pairs, others = width_pairs(mlp)
     datasets = sorted({r.data for r in mlp})
     fig, axes = plt.subplots(2 * len(datasets), 2, figsize=(11, 7.5 * len(datasets)), squeeze=False)
-    styles = {"sgd": ("tab:blue", "o"), "gsgd": ("tab:red", "s"), "path_sgd": ("tab:green", "^")}
+    styles = {"sgd": ("tab:blue", "o"), "gsgd": ("tab:red", "s"), "path_sgd": ("tab:green", "^"),
+              "adam": ("tab:orange", "v"), "gadam": ("tab:brown", "D"),
+              "rmsprop": ("tab:olive", "<"), "grmsprop": ("tab:pink", ">")}
     dashes = ["-", "--", ":", "-."]
     metrics = (("final_train_loss", "final training loss"), ("final_test_error", "final test error (%)"))
 

@@ -118,7 +118,10 @@ class Run:
                 return line.split("=", 1)[1]
         if group == "optimizer":
             target = str(self.config.get("optimizer._target_", ""))
-            for name, marker in (("path_sgd", "path_sgd"), ("gsgd", "gsgd.GSGD"), ("sgd", "sgd")):
+            for name, marker in (("path_sgd", "path_sgd"), ("gsgd", "gsgd.GSGD"),
+                                 ("gadam", "gadam.GAdam"), ("grmsprop", "gadam.GRMSprop"),
+                                 ("adam", "make_adam"), ("rmsprop", "make_rmsprop"),
+                                 ("sgd", "sgd")):
                 if marker in target:
                     return name
         return str(self.config.get(f"{group}.name", "?"))

@@ -28,7 +28,8 @@ IGNORED_KEYS = {"seed", "device", "progress", "resume", "cpu_threads", "tags", "
                 "data.system_dir", "data.download", "train.eval_batch_size",
                 "train.checkpoint_every", "train.tensorboard", "train.eval_every"}
 IGNORED_PREFIXES = ("hydra.",)
-OPTIMIZER_ORDER = {"sgd": 0, "path_sgd": 1, "gsgd": 2}
+OPTIMIZER_ORDER = {"sgd": 0, "path_sgd": 1, "gsgd": 2, "adam": 3, "gadam": 4, "rmsprop": 5,
+                   "grmsprop": 6}
 METRICS = (("final_test_error", "final test error %"), ("best_test_error", "best test error %"),
            ("final_train_loss", "final train loss"))
 # shown when the runs held out a validation split (data.val_size > 0): choose settings by it

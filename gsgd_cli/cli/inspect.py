@@ -151,7 +151,7 @@ def _from_config(args: list[str]) -> tuple[nn.Module, dict[str, Any], str]:
     in_shape, classes = describe(cfg.data)
     model = build_model(cfg.model, in_shape, classes)
     options: dict[str, Any] = {"input_shape": tuple(in_shape)}
-    if str(cfg.optimizer.get("_target_", "")).endswith(".GSGD"):
+    if str(cfg.optimizer.get("_target_", "")).endswith((".GSGD", ".GAdam", ".GRMSprop")):
         options.update({key: cfg.optimizer[key] for key in ("bn", "block_split", "valleys")
                         if cfg.optimizer.get(key) is not None})
     title = (f"model: {cfg.model.get('name', '?')}"

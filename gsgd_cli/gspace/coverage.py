@@ -273,27 +273,31 @@ def coverage_reasons(coverage: Coverage, max_groups: int = 4) -> str:
     return "; ".join(parts)
 
 
-def coverage_summary(coverage: Coverage) -> str:
-    """One line: the share of trainable parameters in G-space and why the rest is outside."""
+def coverage_summary(coverage: Coverage, owner: str = "GSGD",
+                     outside: str = "plain SGD") -> str:
+    """One line: the share of trainable parameters in G-space and why the rest is outside
+    (`owner`: the optimizer's name; `outside`: the step the rest take)."""
     reasons = coverage_reasons(coverage)
-    head = (f"GSGD: {_share(coverage)} of the trainable parameters of {coverage.model} "
+    head = (f"{owner}: {_share(coverage)} of the trainable parameters of {coverage.model} "
             f"({coverage.exact} exact, {coverage.approximate} approximate, of "
             f"{coverage.total}) are in {len(coverage.blocks)} G-space chain block(s)")
     if coverage.in_blocks == coverage.total:
         return head + ". opt.describe() lists them all"
-    return (head + "; the rest take plain SGD" + (": " + reasons if reasons else "")
+    return (head + f"; the rest take {outside}" + (": " + reasons if reasons else "")
             + ". opt.describe() lists them all")
 
 
-def format_coverage(coverage: Coverage, demoted: tuple[int, ...] = ()) -> str:
+def format_coverage(coverage: Coverage, demoted: tuple[int, ...] = (), owner: str = "GSGD",
+                    outside_rule: str = "plain SGD") -> str:
     """The full table: blocks (widths, pivot, m, H), every parameter outside, notes.
 
-    `demoted`: 1-based numbers of blocks left to plain SGD after construction."""
+    `demoted`: 1-based numbers of blocks left to the outside rule after construction;
+    `owner`: the optimizer's name; `outside_rule`: the step taken outside the blocks."""
     lines = []
     for k, block in enumerate(coverage.blocks, 1):
         widths = block.widths
         lines.append(f"chain block {k}: {' -> '.join(block.names)}")
-        state = (" (plain SGD since a layer was frozen after construction)"
+        state = (f" ({outside_rule} since a layer was frozen after construction)"
                  if k in demoted else "")
         lines.append(f"  widths [{':'.join(map(str, widths))}], pivot layer "
                      f"'{block.names[pivot_layer_of(widths)]}'{state}")
@@ -304,7 +308,7 @@ def format_coverage(coverage: Coverage, demoted: tuple[int, ...] = ()) -> str:
         m, h = block.num_weights, block.num_hidden
         lines.append(f"  m = {m}, H = {h}, m - H = {m - h}, H/m = {h / m:.3e}")
     if not coverage.blocks:
-        lines.append("no chain block: GSGD takes a plain SGD step everywhere")
+        lines.append(f"no chain block: {owner} takes a {outside_rule} step everywhere")
     else:
         m = sum(b.num_weights for b in coverage.blocks)
         h = sum(b.num_hidden for b in coverage.blocks)
@@ -324,7 +328,7 @@ def format_coverage(coverage: Coverage, demoted: tuple[int, ...] = ()) -> str:
                  f"({_percent(inside, total)}: {inside - approximate} exact "
                  f"({_percent(inside - approximate, total)}), {approximate} approximate through "
                  f"batch norm ({_percent(approximate, total)})), {total - inside} outside "
-                 f"(plain SGD step){frozen}")
+                 f"({outside_rule} step){frozen}")
     for row in outside:
         lines.append(f"  outside: {row.name} {row.shape}: {row.why}")
     for note in coverage.valleys + coverage.notes:

@@ -2,7 +2,8 @@
 `StepError`, so a trainer catches `StepError` whatever the optimizer."""
 from __future__ import annotations
 
-__all__ = ["StepError", "GSGDStepError", "PathSGDStepError", "GSGDWarning"]
+__all__ = ["StepError", "GSGDStepError", "PathSGDStepError", "GAdamStepError",
+           "GRMSpropStepError", "GSGDWarning"]
 
 
 class StepError(RuntimeError):
@@ -23,8 +24,19 @@ class GSGDStepError(StepError):
     either)."""
 
 
+class GAdamStepError(StepError):
+    """A G-Adam step would write a non-finite value or divide by a vanished pivot; it wrote
+    nothing (neither weights nor moments). `step` and `steps_after` as `GSGDStepError`'s."""
+
+
+class GRMSpropStepError(StepError):
+    """A G-RMSprop step would write a non-finite value or divide by a vanished pivot; it wrote
+    nothing (neither weights nor averages). `step` and `steps_after` as `GSGDStepError`'s."""
+
+
 class GSGDWarning(UserWarning):
-    """What GSGD tells the user about the model it was given (filter it like any warning)."""
+    """What a G-space optimizer (GSGD, GAdam, GRMSprop) tells the user about the model it was
+    given (filter it like any warning)."""
 
 
 class PathSGDStepError(StepError):

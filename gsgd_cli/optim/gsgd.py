@@ -40,31 +40,25 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..gspace.blocks import BlockLayout
-from ..gspace.coverage import (BLOCK_SPLITS, VALLEY_MODES, Coverage, coverage_reasons,
-                               coverage_summary, format_coverage, plan_blocks)
-from ..gspace.skeleton import build_skeleton
-from ..gspace.skeleton_init import SKELETON_INITS, init_skeleton
 from ..gspace.update import StepOptions
 from ._common import SGD_NEUTRAL, check_group_keys
-from .base import ModelOptimizer, why_not_in_gspace
 from .errors import GSGDStepError, GSGDWarning
-from .gsgd_blocks import (BlockPlan, BlockRecord, check_record, left_to_sgd_messages,
-                          momentum_buffer, step_range_problems)
+from .gsgd_blocks import momentum_buffer
 from .gsgd_diag import diagnose, step_error
 from .gsgd_eager import apply_all, plan_all, sgd_outside
-from .native.gsgd import FusedCPUStep, diag_size, fused_step
+from .gspace_optimizer import BN_OPTIONS, GSpaceOptimizer
+from .native.gsgd import diag_size, fused_step
 from .step_record import StepRecord
-from .validation import check_input_shape, check_lr, check_nonnegative
+from .validation import check_lr, check_nonnegative
 
-BN_OPTIONS = ("approx", "approx_per_tap", "split")
+__all__ = ["GSGD", "GSGDStepError", "GSGDWarning", "BN_OPTIONS"]
 
 # Keys of the param group that every step reads.
 STEP_KEYS = frozenset({"lr", "momentum", "weight_decay", "bpr", "min_pivot_ratio", "maximize"})
 STATE_RECORD = "gsgd"           # the structure record's key in state_dict()
 
 
-class GSGD(ModelOptimizer):
+class GSGD(GSpaceOptimizer):
     """G-SGD: SGD in the positively scale-invariant space of a ReLU network.
 
     Args:
@@ -139,216 +133,54 @@ class GSGD(ModelOptimizer):
     construction (`requires_grad_(False)`) sends its block to plain SGD, as freezing before.
     """
 
-    name, record_key, step_error = "GSGD", STATE_RECORD, GSGDStepError
-    _norms: dict = {}              # block -> its batch norms (copies hold no modules: none)
+    name = "GSGD"
+    record_key = STATE_RECORD
+    step_error = GSGDStepError
+    outside_rule = "plain SGD"
+    state_name = "G-space momentum"
+    _copied = ("fused", "strict")
 
     def __init__(self, model: nn.Module, lr: float = 0.01, *, skeleton_init: str = "one",
                  momentum: float = 0.0, weight_decay: float = 0.0, bpr: float = 0.0,
                  min_pivot_ratio: float = 1e-6, bn: str = "approx", block_split: str = "none",
                  valleys: str = "split", input_shape: Sequence[int] | None = None,
                  maximize: bool = False, fused: bool | None = None, strict: bool = False):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"GSGD takes the model (an nn.Module), got {type(model).__name__}; "
-                            "write GSGD(model, lr) rather than GSGD(model.parameters(), lr)")
+        self._check_model_argument(model)
         check_lr(lr)
-        if skeleton_init not in SKELETON_INITS:
-            raise ValueError(f"Invalid skeleton_init={skeleton_init!r}. Must be one of "
-                             f"{', '.join(repr(s) for s in SKELETON_INITS)}.")
         for name, value in (("momentum", momentum), ("weight_decay", weight_decay),
                             ("bpr", bpr), ("min_pivot_ratio", min_pivot_ratio)):
             check_nonnegative(name, value)
         if momentum >= 1:
             raise ValueError(f"Invalid momentum={momentum!r}. Must be a number in [0, 1).")
-        for name, value, choices in (("bn", bn, BN_OPTIONS), ("block_split", block_split,
-                                                            BLOCK_SPLITS),
-                                     ("valleys", valleys, VALLEY_MODES)):
-            if value not in choices:
-                raise ValueError(f"Invalid {name}={value!r}. Must be one of "
-                                 f"{', '.join(repr(c) for c in choices)}.")
-        if not isinstance(maximize, bool):
-            raise ValueError(f"Invalid maximize={maximize!r}. Must be True or False.")
         if fused not in (None, True, False):
             raise ValueError(f"Invalid fused={fused!r}. Must be None, True or False.")
-        if strict not in (True, False):
-            raise ValueError(f"Invalid strict={strict!r}. Must be True or False.")
-        input_shape = check_input_shape(input_shape)
-        model = self._unwrap(model)      # torch.compile, DataParallel, DDP share the parameters
-        # every parameter, as torch.optim.SGD(model.parameters()) takes them: one frozen now
-        # and unfrozen later then gets its plain SGD step (it is outside every chain block)
-        params = list(model.parameters())
-        if not any(p.requires_grad for p in params):
-            raise ValueError("GSGD got a model with no trainable parameters")
-        self._structure = dict(skeleton_init=skeleton_init, bn=bn, block_split=block_split,
-                               valleys=valleys, input_shape=input_shape)
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      bpr=bpr, min_pivot_ratio=min_pivot_ratio,
-                                      maximize=maximize, **self._structure))
-        plan = plan_blocks(model, bn=bn, block_split=block_split, valleys=valleys,
-                           input_shape=input_shape)
-        if plan.frozen_blocks:
-            warnings.warn("GSGD leaves chain block(s) with frozen layers to plain SGD (a step "
-                          "would have to rescale the frozen weights): "
-                          + "; ".join(" -> ".join(b.names) for b in plan.frozen_blocks),
-                          GSGDWarning, stacklevel=2)
-        position = {id(p): k for k, p in enumerate(params)}
-        names = {id(p): name for name, p in model.named_parameters()}
-        self._param_names = [names.get(id(p), "?") for p in params]
-        self.fused, self.strict = fused, strict
-        self._blocks = [BlockRecord(block.layout(), [position[id(m.weight)] for m in block.modules],
-                                     [position[id(m.bias)] if m.bias is not None else None
-                                      for m in block.modules]) for block in plan.blocks]
-        self._norms = {k: [n for ns in b.norms for n in ns] for k, b in enumerate(plan.blocks)}
-        self._demoted: list[int] = []     # blocks left to plain SGD after construction
-        self._coverage: Coverage = plan.coverage
-        self._activate()
-        coverage = plan.coverage
-        if not self._plans and not plan.frozen_blocks:
-            warnings.warn(f"GSGD found no chain block (Linear/Conv2d layers joined by ReLU) to "
-                          f"step in G-space in {type(model).__name__}; every parameter takes a "
-                          f"plain SGD step: {coverage_reasons(coverage)}. opt.describe() "
-                          "lists them all",
-                          GSGDWarning, stacklevel=2)
-        elif coverage.in_blocks < coverage.total or coverage.approximate:
-            warnings.warn(coverage_summary(coverage), GSGDWarning, stacklevel=2)
-        for note in coverage.valleys:
-            warnings.warn(f"GSGD: {note}", GSGDWarning, stacklevel=2)
-        with torch.no_grad():
-            set_to_one = sum(self._init_skeleton(plan) for plan in self._plans)
-        if set_to_one:
-            warnings.warn(f"GSGD set {set_to_one} skeleton weights to 1 (skeleton_init='one', "
-                          "the paper's initialisation): the network computes a different "
-                          "function now. To keep a loaded or pretrained model's weights pass "
-                          "skeleton_init='keep', or build GSGD before loading the checkpoint",
-                          GSGDWarning, stacklevel=2)
-        for problem in step_range_problems(self._plans, self._structure["skeleton_init"]):
-            warnings.warn(problem, GSGDWarning, stacklevel=2)
-
-    # -- blocks -------------------------------------------------------------------------------
-    def _activate(self) -> None:
-        """Plans for the blocks that are not demoted; the rest of the parameters take SGD."""
-        params = self.param_groups[0]["params"]
-        self._plans = [self._plan(k, record, params)
-                       for k, record in enumerate(self._blocks) if k not in self._demoted]
-        in_blocks = {id(p) for plan in self._plans for p in plan.params}
-        self._outside = [p for p in params if id(p) not in in_blocks]
-        self._block_params = [p for plan in self._plans for p in plan.params]
-        self._step_record: StepRecord | None = None    # laid out for these plans
-        self._native: FusedCPUStep | None = None
-
-    def _plan(self, number: int, record: BlockRecord, params: list[nn.Parameter]) -> BlockPlan:
-        block = record.layout
-        views = block.views
-        skeleton = build_skeleton(block.widths, tuple(v.kernel for v in views),
-                                  tuple(v.centre for v in views))
-        weights = [params[k] for k in record.weights]
-        biases = [params[k] if k is not None else None for k in record.biases]
-        return BlockPlan(block, skeleton, weights, biases, {},
-                          self._structure["bn"] == "approx_per_tap", number=number)
-
-    def _init_skeleton(self, plan: BlockPlan) -> int:
-        """Apply `skeleton_init` to one block (see `gspace.skeleton_init`)."""
-        weights = [w.data if w.is_contiguous() else w.data.contiguous() for w in plan.weights]
-        changed = init_skeleton(self._structure["skeleton_init"], plan.block.names,
-                                plan.skeleton, weights,
-                                [b.data if b is not None else None for b in plan.biases],
-                                plan.block.bn_approx)
-        plan.write_back(weights)
-        return changed
-
-    def describe(self) -> str:
-        """The full coverage table: every chain block (widths, pivot layer, m, H), every
-        parameter that takes plain SGD with the reason, and notes on where chains end."""
-        return format_coverage(self._coverage, tuple(k + 1 for k in self._demoted))
-
-    @property
-    def blocks(self) -> list[BlockLayout]:
-        """The chain blocks that take G-SGD steps (names, widths, batch-norm flags)."""
-        return [plan.block for plan in self._plans]
+        self.fused = fused
+        self._setup(model, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, bpr=bpr,
+                                min_pivot_ratio=min_pivot_ratio, maximize=maximize),
+                    skeleton_init=skeleton_init, bn=bn, block_split=block_split,
+                    valleys=valleys, input_shape=input_shape, strict=strict)
 
     # -- per-step checks (called at the top of step()) ---------------------------------------
     def _check_group(self, group: dict) -> None:
         """Refuse param-group keys that the step would ignore (e.g. SGD's nesterov)."""
         check_group_keys("GSGD", group, STEP_KEYS, SGD_NEUTRAL, self._structure)
 
-    def _leave_blocks_to_sgd(self) -> None:
-        """A block that cannot take a G-space step now (`base.why_not_in_gspace`) takes
-        plain SGD from now on, its G-space momentum buffers dropped."""
-        reasons = {plan.number: why_not_in_gspace(plan.params, self._norms.get(plan.number, ()))
-                   for plan in self._plans}
-        left = [plan for plan in self._plans if reasons[plan.number]]
-        if not left:
-            return
-        for plan in left:
-            for p in plan.params:
-                self.state.pop(p, None)      # v-space buffers mean nothing to SGD
-        self.check_steps()                   # a pending failure refers to the current plans
-        self._demoted = sorted({*self._demoted, *(plan.number for plan in left)})
-        self._activate()
-        names = dict(zip(map(id, self.param_groups[0]["params"]), self._param_names))
-        for message in left_to_sgd_messages(left, reasons, names):
-            warnings.warn(message, GSGDWarning, stacklevel=3)
-
     # -- torch.optim.Optimizer plumbing -------------------------------------------------------
-    def __repr__(self) -> str:
-        text = super().__repr__()       # the param group's options, then ")"
-        return text[:-1] + f"    fused: {self.fused}\n    strict: {self.strict}\n)"
-
     def _record_size(self) -> int:
         return diag_size([len(plan.weights) for plan in self._plans], len(self._outside))
 
-    def _record(self) -> dict:
-        """The structure: options, blocks found at construction, blocks demoted since."""
-        return {"options": dict(self._structure),
-                "blocks": [record.record() for record in self._blocks],
-                "demoted": list(self._demoted)}
+    def _group_defaults(self) -> dict:
+        return {"min_pivot_ratio": 1e-6, "momentum": 0.0, "weight_decay": 0.0, "bpr": 0.0,
+                "maximize": False}
 
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_gsgd_structure"] = {**self._record(), "coverage": self._coverage,
-                                    "fused": self.fused, "strict": self.strict,
-                                    "param_names": list(self._param_names)}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        structure = state.pop("_gsgd_structure", None)
-        super().__setstate__(state)
-        if structure is not None:            # a copy: deepcopy, pickle, torch.save(opt)
-            self._structure = dict(structure["options"])
-            self._blocks = [BlockRecord.from_record(b) for b in structure["blocks"]]
-            self._demoted = list(structure["demoted"])
-            self._coverage = structure["coverage"]
-            self.fused = structure["fused"]
-            self.strict = structure["strict"]
-            self._param_names = list(structure["param_names"])
-        for group in self.param_groups:
-            for key, default in (("min_pivot_ratio", 1e-6), ("momentum", 0.0),
-                                 ("weight_decay", 0.0), ("bpr", 0.0), ("maximize", False),
-                                 *self._structure.items()):
-                group.setdefault(key, default)
-        if structure is not None:
-            self._activate()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state saved by `state_dict()`; refuses one saved under other structural
-        options or another block layout (naming the difference), and one from another
-        optimizer (its buffers would mean something else here)."""
-        record = state_dict.get(STATE_RECORD)
-        if record is None:
-            groups = state_dict.get("param_groups") or [{}]
-            if not {"bpr", "min_pivot_ratio"} <= set(groups[0]):
-                raise ValueError("this state_dict was not saved by GSGD (it has no G-SGD "
-                                 "structure record); GSGD cannot use another optimizer's "
-                                 "state: start GSGD afresh instead of loading it")
-            warnings.warn("this GSGD state_dict has no structure record (it passed through "
-                          "a tool that keeps only 'state' and 'param_groups', e.g. torch."
-                          "distributed.checkpoint, or an older version saved it): its block "
-                          "layout cannot be checked", GSGDWarning, stacklevel=2)
-        else:
-            check_record(self._structure, self._blocks, record)
-        super().load_state_dict(self._without_record(state_dict))
-        if record is not None and list(record["demoted"]) != self._demoted:
-            self._demoted = list(record["demoted"])
-            self._activate()
+    def _load_without_record(self, state_dict: dict) -> None:
+        groups = state_dict.get("param_groups") or [{}]
+        if not {"bpr", "min_pivot_ratio"} <= set(groups[0]):
+            super()._load_without_record(state_dict)
+        warnings.warn("this GSGD state_dict has no structure record (it passed through "
+                      "a tool that keeps only 'state' and 'param_groups', e.g. torch."
+                      "distributed.checkpoint, or an older version saved it): its block "
+                      "layout cannot be checked", GSGDWarning, stacklevel=3)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -361,7 +193,7 @@ class GSGD(ModelOptimizer):
         record = self._record_on(group["params"][0].device)
         if record.visible_failure():
             raise self._step_error()
-        self._leave_blocks_to_sgd()
+        self._leave_blocks_outside()
         record = self._record_on(group["params"][0].device)   # anew if the blocks changed
         options = StepOptions(group["lr"], group["momentum"], group["weight_decay"],
                               group["bpr"], group["min_pivot_ratio"])

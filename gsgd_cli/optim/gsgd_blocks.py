@@ -90,14 +90,15 @@ def momentum_buffer(state, param: Tensor) -> Tensor:
     return state["momentum_buffer"]
 
 
-def check_record(options: dict, blocks: list[BlockRecord], record: dict) -> None:
+def check_record(options: dict, blocks: list[BlockRecord], record: dict,
+                 owner: str = "GSGD") -> None:
     """Refuse a saved structure record of other options or another block layout (one
-    ValueError naming the option or the first differing block)."""
+    ValueError naming the option or the first differing block; `owner`: the optimizer)."""
     for key, mine in options.items():
         saved = record["options"].get(key)
         if saved != mine:
-            raise ValueError(f"the state_dict was saved by GSGD with {key}={saved!r}, this "
-                             f"GSGD has {key}={mine!r}: build it with {key}={saved!r} to "
+            raise ValueError(f"the state_dict was saved by {owner} with {key}={saved!r}, this "
+                             f"{owner} has {key}={mine!r}: build it with {key}={saved!r} to "
                              "load this state")
     mine = [b.record() for b in blocks]
     saved = list(record["blocks"])
@@ -107,13 +108,14 @@ def check_record(options: dict, blocks: list[BlockRecord], record: dict) -> None
         if a != b:
             def show(r):
                 return "none" if r is None else " -> ".join(r["names"])
-            raise ValueError(f"the state_dict's G-SGD blocks differ from this GSGD's: "
+            raise ValueError(f"the state_dict's G-space blocks differ from this {owner}'s: "
                              f"block {k + 1} is {show(a)} there and {show(b)} here (or its "
-                             "widths or parameters differ); load it into a GSGD built on "
+                             f"widths or parameters differ); load it into a {owner} built on "
                              "the same model with the same options")
 
 
-def step_range_problems(plans: list[BlockPlan], skeleton_init: str) -> list[str]:
+def step_range_problems(plans: list[BlockPlan], skeleton_init: str,
+                        owner: str = "GSGD") -> list[str]:
     """A warning for each block whose steps the parameters' dtype cannot represent
     (`gspace.conditioning`)."""
     problems = []
@@ -130,38 +132,39 @@ def step_range_problems(plans: list[BlockPlan], skeleton_init: str) -> list[str]
             advice = ("skeleton_init='one' keeps the products near 1" if
                       skeleton_init != "one" else
                       "shorter blocks (block_split='stage') or float64 keep them in range")
-            problems.append(f"GSGD: in chain block {where} the products s of skeleton "
+            problems.append(f"{owner}: in chain block {where} the products s of skeleton "
                             f"weights along the chains make a step impossible: {found}; "
                             f"{advice} (README, Known limits)")
     return problems
 
 
 def left_to_sgd_messages(left: list[BlockPlan], reasons: dict[int, str],
-                         names: dict[int, str]) -> list[str]:
-    """The warnings for blocks left to plain SGD at a step (`reasons`: block number ->
+                         names: dict[int, str], owner: str = "GSGD",
+                         rule: str = "plain SGD", state: str = "G-space momentum") -> list[str]:
+    """The warnings for blocks left to the outside rule (`rule`) at a step (`reasons`: block number ->
     `base.why_not_in_gspace`; `names`: id(parameter) -> name)."""
     frozen = [plan for plan in left if reasons[plan.number] == "frozen"]
     no_grad = [plan for plan in left if reasons[plan.number] == "no gradient"]
     messages = []
     if frozen:
-        messages.append("GSGD leaves chain block(s) with layers frozen after construction to "
-                        "plain SGD from now on (a step would have to rescale the frozen "
-                        "weights; their G-space momentum is dropped): "
+        messages.append(f"{owner} leaves chain block(s) with layers frozen after construction to "
+                        f"{rule} from now on (a step would have to rescale the frozen "
+                        f"weights; their {state} is dropped): "
                         + "; ".join(" -> ".join(plan.block.names) for plan in frozen))
     if no_grad:
-        messages.append("GSGD leaves chain block(s) in which some parameters have no gradient "
-                        "(.grad is None) to plain SGD from now on: a G-SGD step would move "
-                        "them (torch.optim leaves them unchanged, and so does the plain SGD "
-                        "step); their G-space momentum is dropped: "
+        messages.append(f"{owner} leaves chain block(s) in which some parameters have no gradient "
+                        f"(.grad is None) to {rule} from now on: a G-space step would move "
+                        f"them (torch.optim leaves them unchanged, and so does the {rule} "
+                        f"step); their {state} is dropped: "
                         + "; ".join(" -> ".join(plan.block.names) + " (no gradient: "
                                     + ", ".join(names.get(id(p), "?") for p in plan.params
                                                 if p.grad is None) + ")"
                                     for plan in no_grad))
     in_eval = [plan for plan in left if reasons[plan.number] == "batch norm in eval mode"]
     if in_eval:
-        messages.append("GSGD leaves chain block(s) through batch norm in eval mode (running "
+        messages.append(f"{owner} leaves chain block(s) through batch norm in eval mode (running "
                         "statistics: an affine map with an offset, not even approximately "
-                        "scale-invariant) to plain SGD from now on; their G-space momentum is "
+                        f"scale-invariant) to {rule} from now on; their {state} is "
                         "dropped: " + "; ".join(" -> ".join(plan.block.names)
                                                 for plan in in_eval))
     return messages

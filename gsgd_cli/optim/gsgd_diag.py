@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from ..gspace.update import StepOptions, pivot_ratio_ok
-from .errors import GSGDStepError
+from .errors import GSGDStepError, StepError
 from .gsgd_blocks import BlockPlan
 
-__all__ = ["diagnose", "step_error"]
+__all__ = ["diagnose", "outside_check", "step_error"]
 
 
 def diagnose(plans: list[BlockPlan], planned: list, outside: list[Tensor], options: StepOptions,
@@ -33,31 +33,41 @@ def diagnose(plans: list[BlockPlan], planned: list, outside: list[Tensor], optio
             ~torch.isfinite(step.grad_max), ~torch.isfinite(step.bias_max), bad.any()[None],
             first[None], ratio.index_select(0, first[None]), ~torch.isfinite(step.bounds))]
         oks.append(step.ok())
-    grads = [p.grad for p in outside]
-    present = [g for g in grads if g is not None]
-    if present:
-        finite = iter(torch.isfinite(torch.stack(torch._foreach_norm(present, float("inf")))))
-        outside_bad = torch.stack([~next(finite) if g is not None
-                                   else torch.zeros((), dtype=torch.bool, device=device)
-                                   for g in grads])
-        oks.append(~outside_bad.any())
-        pieces.append(outside_bad.to(torch.float64))
-    else:
-        pieces.append(torch.zeros(len(grads), dtype=torch.float64, device=device))
+    outside_ok, flags = outside_check(outside, device)
+    if outside_ok is not None:
+        oks.append(outside_ok)
+    pieces.append(flags)
     ok = torch.stack(oks).all() if oks else torch.ones((), dtype=torch.bool, device=device)
     return ok[None], torch.cat(pieces)
 
 
+def outside_check(outside: list[Tensor], device: torch.device) -> tuple[Tensor | None, Tensor]:
+    """(all gradients finite, or None when none is present; one float64 flag per parameter
+    outside the blocks: "its gradient is not finite"), on the device."""
+    grads = [p.grad for p in outside]
+    present = [g for g in grads if g is not None]
+    if not present:
+        return None, torch.zeros(len(grads), dtype=torch.float64, device=device)
+    finite = iter(torch.isfinite(torch.stack(torch._foreach_norm(present, float("inf")))))
+    bad = torch.stack([~next(finite) if g is not None
+                       else torch.zeros((), dtype=torch.bool, device=device) for g in grads])
+    return ~bad.any(), bad.to(torch.float64)
+
+
 def step_error(step: int, after: int, diag, plans: list[BlockPlan], outside: list[Tensor],
-               names: dict[int, str], lr: float, min_ratio: float) -> GSGDStepError:
-    """The failure recorded in `diag` (host values) as one `GSGDStepError` naming the layer:
+               names: dict[int, str], lr: float, min_ratio: float, *,
+               error_cls: type[StepError] = GSGDStepError, label: str = "G-SGD",
+               outside_rule: str = "plain SGD") -> StepError:
+    """The failure recorded in `diag` (host values) as one `error_cls` naming the layer:
     a non-finite gradient first, then a vanished pivot, then a non-finite update.
-    `names`: parameter name by id."""
+    `names`: parameter name by id; `label`: the step's name ("G-SGD step 3 failed in ...");
+    `outside_rule`: the step taken outside the blocks. The adaptive G-space optimizers write
+    the same layout (`adaptive_eager.diagnose`)."""
     advice = f"lower the learning rate (lr={lr:g}) or check the inputs and loss"
     nothing = ("Nothing was updated." if after == 0 else
                f"Nothing was updated by it or by the {after} step(s) after it (the "
                f"weights are those before step {step}).")
-    where = f"G-SGD step {step} failed in"
+    where = f"{label} step {step} failed in"
     at, sections = 0, []
     for plan in plans:
         n = len(plan.weights)
@@ -66,7 +76,7 @@ def step_error(step: int, after: int, diag, plans: list[BlockPlan], outside: lis
     outside_flags = diag[at:]
 
     def error(message):
-        return GSGDStepError(message, step, after)
+        return error_cls(message, step, after)
 
     for plan, d in sections:          # a non-finite gradient first, in any block
         n = len(plan.weights)
@@ -77,7 +87,7 @@ def step_error(step: int, after: int, diag, plans: list[BlockPlan], outside: lis
                              f"{nothing}")
     for p, flag in zip(outside, outside_flags):
         if flag:
-            return error(f"{where} parameter '{names.get(id(p), '?')}' (plain SGD "
+            return error(f"{where} parameter '{names.get(id(p), '?')}' ({outside_rule} "
                          f"step outside the chain blocks): its gradient is not finite; "
                          f"{advice}. {nothing}")
     for plan, d in sections:
@@ -91,4 +101,4 @@ def step_error(step: int, after: int, diag, plans: list[BlockPlan], outside: lis
             if flag:
                 return error(f"{where} layer '{name}': the update is not finite; {advice}. "
                              f"{nothing}")
-    return error(f"G-SGD step {step} failed; {advice}. {nothing}")
+    return error(f"{label} step {step} failed; {advice}. {nothing}")

@@ -38,3 +38,18 @@ def check_input_shape(input_shape) -> tuple[int, ...] | None:
                          "positive integers (the input shape without the batch dimension).")
     return tuple(int(n) for n in input_shape)
 
+
+
+def check_betas(value) -> tuple[float, float]:
+    """Adam's `betas`: two finite numbers in [0, 1)."""
+    if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2
+            or not all(_real(b) and math.isfinite(b) and 0 <= b < 1 for b in value)):
+        raise ValueError(f"Invalid betas={value!r}. Must be two finite numbers in [0, 1).")
+    return float(value[0]), float(value[1])
+
+
+def check_flag(name: str, value) -> bool:
+    """True or False (not 0/1 or a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}={value!r}. Must be True or False.")
+    return value

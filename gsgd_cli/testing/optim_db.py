@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..optim import GSGD, PathSGD
+from ..optim import GSGD, GAdam, GRMSprop, PathSGD
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,9 @@ class OptimizerInfo:
     diverging; `state_options` switch on everything that keeps state (momentum, ...);
     `outside_params`: whether a parameter outside every Linear/Conv2d is trained (else the
     tests give it the chain alone); `scheduler_momentum`: whether a scheduler may cycle the
-    group's momentum; `sgd_zeros`: SGD keys accepted only as 0 (e.g. Path-SGD has no momentum)."""
+    group's momentum; `sgd_zeros`: SGD keys accepted only as 0 (e.g. Path-SGD has no momentum);
+    `stateless`: whether a step under the default options keeps no per-parameter state (as
+    torch.optim.SGD without momentum; Adam and RMSprop keep their moments)."""
 
     name: str
     cls: type
@@ -31,6 +33,7 @@ class OptimizerInfo:
     outside_params: bool = True
     scheduler_momentum: bool = True
     sgd_zeros: tuple[str, ...] = ()
+    stateless: bool = True
 
     def make(self, model: nn.Module, **options):
         """The optimizer on `model` (`options` override `lr` and add to `required`)."""
@@ -46,6 +49,11 @@ class OptimizerInfo:
 OPTIM_DB: list[OptimizerInfo] = [
     OptimizerInfo("gsgd", GSGD, lr=0.1, required=dict(skeleton_init="keep"),
                   state_options=dict(momentum=0.9, weight_decay=1e-3, bpr=1e-3)),
+    OptimizerInfo("gadam", GAdam, lr=0.01, required=dict(skeleton_init="keep"),
+                  state_options=dict(amsgrad=True, weight_decay=1e-3, bpr=1e-3), stateless=False),
+    OptimizerInfo("grmsprop", GRMSprop, lr=0.005, required=dict(skeleton_init="keep"),
+                  state_options=dict(momentum=0.5, centered=True, weight_decay=1e-3, bpr=1e-3),
+                  stateless=False),
     OptimizerInfo("path_sgd", PathSGD, lr=0.05, state_options=dict(rescale="first"),
                   outside_params=False,
                   scheduler_momentum=False, sgd_zeros=("momentum", "weight_decay")),

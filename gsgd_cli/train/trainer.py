@@ -78,8 +78,7 @@ def _divergence_errors() -> tuple[type[BaseException], ...]:
     import importlib
 
     found = []
-    for module, name in (("gsgd_cli.optim.gsgd", "GSGDStepError"),
-                         ("gsgd_cli.optim.path_sgd", "PathSGDStepError")):
+    for module, name in (("gsgd_cli.optim.errors", "StepError"),):   # the one family
         try:  # the optimizer modules are optional for the trainer
             found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

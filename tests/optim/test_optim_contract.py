@@ -1,6 +1,8 @@
-"""GSGD and PathSGD behave like torch.optim optimizers: layers frozen after construction,
-copies (deepcopy, pickle, torch.save), checkpoints that know their structure, param-group
-flags, wrapped models, and a visible weight change at construction (issue 13)."""
+"""The optimizers built from a model (OPTIM_DB: GSGD, GAdam, GRMSprop, PathSGD) behave like
+torch.optim optimizers: layers frozen after construction, copies (deepcopy, pickle, torch.save),
+checkpoints that know their structure and resume bit-equal, param-group flags, schedulers,
+wrapped models, parameters without a gradient, non-finite gradients refused before any write,
+and a visible weight change at construction (issue 13)."""
 from __future__ import annotations
 
 import copy
@@ -355,12 +357,15 @@ def test_maximize_is_the_step_on_minus_the_loss(info, where):
     ("nesterov", True, "does not support nesterov=True"),
     ("dampening", 0.5, "does not support dampening=0.5"),
     ("betas", (0.9, 0.99), "does not use param_groups[0]['betas']"),
+    ("lr_decay", 0.01, "does not use param_groups[0]['lr_decay']"),
 ])
 def test_unknown_or_unsupported_group_keys_are_refused_before_any_write(info, key, value,
                                                                        needle):
     x, y = _data()
     model = _net()
     opt = info.make(model if info.outside_params else model.body, lr=0.1)
+    if key in opt.defaults:
+        pytest.skip(f"{info.name} uses {key}")
     opt.param_groups[0][key] = value
     _backward(model, x, y)
     before = [p.detach().clone() for p in model.parameters()]
@@ -482,3 +487,117 @@ def test_the_runner_reports_notes_and_refuses_a_resume_under_other_options(gsgd_
     # the runner compares the settings first (the optimizer's own refusal of another block
     # layout is tested above through load_state_dict)
     assert "cannot resume" in lines[0] and "optimizer.block_split: none -> stage" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------
+# 7. every optimizer: resume, frozen parameters, missing gradients, non-finite values
+# ------------------------------------------------------------------------------------------
+@DB
+def test_a_resumed_run_continues_bit_equal(info):
+    """model + optimizer state_dicts, saved with torch.save and loaded with weights_only into
+    an optimizer built on another model: the next steps equal the uninterrupted run's."""
+    x, y = _data()
+    model = info.model_for(_net)
+    opt = _quiet(lambda: _make(info, model, None))
+    _train(model, opt, x, y, 2)
+    buffer = io.BytesIO()
+    torch.save((model.state_dict(), opt.state_dict()), buffer)
+    buffer.seek(0)
+    model_state, opt_state = torch.load(buffer, weights_only=True)
+    clone = info.model_for(lambda: _net(seed=5))
+    clone_opt = _quiet(lambda: info.make(clone, **{**info.state_options, "lr": 0.5}))
+    clone.load_state_dict(model_state)
+    clone_opt.load_state_dict(opt_state)
+    assert clone_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    clone_opt._test_steps = opt._test_steps
+    _train(model, opt, x, y, 3)
+    _train(clone, clone_opt, x, y, 3)
+    _same(model, clone)
+
+
+@DB
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_frozen_parameter_is_never_moved(info, when):
+    """A layer frozen before construction or after a step (requires_grad=False, no .grad):
+    its weights stay as they are; the others keep training."""
+    x, y = _data()
+    model = info.model_for(_net)
+    body = model.body if info.outside_params else model
+    if when == "before":
+        body[2].requires_grad_(False)
+    opt = _quiet(lambda: _make(info, model, None))
+    _train(model, opt, x, y, 1)
+    body[2].requires_grad_(False)
+    frozen = [p.detach().clone() for p in body[2].parameters()]
+    others = body[0].weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GSGDWarning)
+        _train(model, opt, x, y, 3)
+    assert all(torch.equal(p.detach(), q) for p, q in zip(body[2].parameters(), frozen))
+    assert not torch.equal(body[0].weight.detach(), others)
+
+
+@DB
+def test_a_step_without_gradients_writes_nothing(info):
+    """step() after zero_grad(set_to_none=True) moves no parameter and keeps the state."""
+    x, y = _data()
+    model = info.model_for(_net)
+    opt = _quiet(lambda: _make(info, model, None))
+    _train(model, opt, x, y, 2)
+    opt.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    after = opt.state_dict()["state"]
+    assert after.keys() == state.keys()
+    for k in state:
+        assert all(torch.equal(torch.as_tensor(after[k][n]), torch.as_tensor(v))
+                   for n, v in state[k].items())
+
+
+@pytest.mark.parametrize("info", [i for i in OPTIM_DB if i.outside_params],
+                         ids=[i.name for i in OPTIM_DB if i.outside_params])
+def test_a_parameter_outside_without_a_gradient_is_left_alone(info):
+    """As torch.optim: a parameter whose .grad is None (here the one outside every block)
+    is not moved, while the rest takes its step."""
+    x, y = _data()
+    model = info.model_for(_net)
+    opt = _quiet(lambda: _make(info, model, None))
+    _train(model, opt, x, y, 1)
+    opt.zero_grad()
+    _backward(model, x, y)
+    model.scale.grad = None
+    scale, weight = model.scale.detach().clone(), model.body[0].weight.detach().clone()
+    opt.step()
+    assert torch.equal(model.scale.detach(), scale)
+    assert not torch.equal(model.body[0].weight.detach(), weight)
+
+
+@DB
+@pytest.mark.parametrize("where", ["body.2.weight", "body.0.bias"])
+def test_a_non_finite_gradient_is_refused_before_any_write(info, where):
+    """A NaN in one gradient: the step raises a StepError (at once, or at check_steps() for
+    an optimizer that does not wait for the device) and no parameter or state has moved."""
+    from gsgd_cli.optim.errors import StepError
+
+    x, y = _data()
+    model = _net() if info.outside_params else _net().body
+    opt = _quiet(lambda: _make(info, model, None))
+    _train(model, opt, x, y, 2)
+    opt.zero_grad()
+    _backward(model, x, y)
+    name = where if info.outside_params else where.removeprefix("body.")
+    dict(model.named_parameters())[name].grad.view(-1)[0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    with pytest.raises(StepError, match=r"not finite") as caught:
+        opt.step()
+        opt.check_steps()
+    assert caught.value.step == 3
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    after = opt.state_dict()["state"]
+    assert after.keys() == state.keys()
+    for k in state:
+        assert all(torch.equal(torch.as_tensor(after[k][n]), torch.as_tensor(v))
+                   for n, v in state[k].items())

@@ -321,6 +321,8 @@ def test_a_sparse_gradient_at_a_step_is_refused_before_any_write(info, fused):
 @DB
 @FUSED
 def test_a_stateless_step_leaves_the_state_empty_as_torch_does(info, fused):
+    if not info.stateless:
+        pytest.skip(f"{info.name} keeps moments at every step, as torch's Adam/RMSprop do")
     model = randomise(mlp([4, 5, 5, 3], bias=True), torch.Generator().manual_seed(1))
     opt = _quiet(lambda: info.make(model, fused=fused))
     sgd = torch.optim.SGD(copy.deepcopy(model).parameters(), lr=0.1)
