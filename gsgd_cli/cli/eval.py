@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from gsgd_cli.cli.report import OneLineParser
-from gsgd_cli.train.errors import UserError
+from gsgd_cli.errors import UserError
 
 CHECKPOINTS = {"last": "checkpoint.pt", "best": "best.pt"}
 

@@ -41,6 +41,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 
 from gsgd_cli import safe_files
 from gsgd_cli.cli import console
+from gsgd_cli.cli.conf import CONF_DIR
 from gsgd_cli.data import describe, fingerprint, load_data
 from gsgd_cli.models import build_model
 from gsgd_cli.train import SUMMARY, Schedule, Trainer, TrainSettings, UserError, distributed
@@ -53,7 +54,6 @@ from gsgd_cli.train import preemption, runlock, signals
 from gsgd_cli.train.signals import (Interrupted, exit_code, raise_on_sigterm, signal_name,
                                     wait_for_workers_on_signal)
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 JOB_RECORD = ".gsgd_job.{}.json"   # in a sweep dir: one per job of the latest `gsgd train -m`
 

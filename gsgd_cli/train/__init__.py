@@ -1,5 +1,5 @@
 """Hydra-independent training: `Trainer`, `TrainSettings`, `Schedule`, `UserError`."""
-from .errors import DataNotFoundError, UserError
+from gsgd_cli.errors import DataNotFoundError, UserError
 from .schedule import Schedule
 from .trainer import CHECKPOINT, METRIC_KEYS, METRICS, SUMMARY, TB_DIR, Trainer, TrainSettings
 

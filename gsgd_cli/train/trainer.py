@@ -58,7 +58,7 @@ from .preemption import preemption_signal
 from .best import BestModel
 from .progress import EarlyEstimate, eval_line
 from . import tensorboard_log
-from .errors import UserError
+from gsgd_cli.errors import UserError
 from .rundir import check_resume_config, remove_orphaned_tmp
 from .signals import Interrupted, StopRequests, signal_name
 from .schedule import Schedule
