@@ -155,7 +155,7 @@ def test_fig7_fig8_arms_and_lambda_grid():
 
 
 def test_fig8_without_lambdas_is_one_clear_error(tmp_path):
-    from gsgd_cli.cli.train import run
+    from gsgd_cli.runner.job import run
     from gsgd_cli.train import UserError
 
     cfg = compose("experiment=fig8", "+experiment/reg=sgd_wd")

@@ -370,16 +370,18 @@ def test_run_id_can_be_set_for_processes_that_must_agree(tmp_path, monkeypatch):
 # -- 3. sweeps ------------------------------------------------------------------------------
 
 def test_sweep_end_line_survives_a_crashing_job(gsgd_train_inproc, tmp_path, monkeypatch):
-    import gsgd_cli.cli.train as cli
+    from hydra.core.hydra_config import HydraConfig
 
-    real = cli.load_data
+    import gsgd_cli.runner.job as job   # loads the data of each job
+
+    real = job.load_data
 
     def crash_for_seed_1(data_cfg, device):
-        if cli.HydraConfig.get().job.num == 1:
+        if HydraConfig.get().job.num == 1:
             raise RuntimeError("simulated crash")
         return real(data_cfg, device)
 
-    monkeypatch.setattr(cli, "load_data", crash_for_seed_1)
+    monkeypatch.setattr(job, "load_data", crash_for_seed_1)
     sweep = tmp_path / "sweep"
     code, out, err = gsgd_train_inproc("-m", *SYNTH, "seed=0,1,2", f"hydra.sweep.dir={sweep}")
     assert code == 1
