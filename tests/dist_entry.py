@@ -1,4 +1,4 @@
-"""`gsgd train` as torchrun starts it in the data-parallel tests (tests/test_distributed.py),
+"""`gsgd train` as torchrun starts it in the data-parallel tests (tests/runner/test_distributed.py),
 plus test probes that only observe, recorded in `$GSGD_TEST_DUMP` (never under the run):
 
 * every write this process makes below `$GSGD_TEST_WATCH` (Python's audit hooks: `open` for

@@ -15,7 +15,7 @@ import torch
 
 from gsgd_cli.train.checkpoint import load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE = ["data=synthetic", "optimizer=sgd", "optimizer.momentum=0.9", "dtype=float64",
         "train.batch_size=16", "train.eval_every=200"]
 

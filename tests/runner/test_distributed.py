@@ -22,7 +22,7 @@ import torch
 
 from gsgd_cli.train.checkpoint import load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "tests" / "dist_entry.py"
 TOL = 1e-10
 # 20 steps of a global batch of 16 (8 per rank), float64; the tiny ResNet without batch norm

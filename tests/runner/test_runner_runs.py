@@ -17,7 +17,7 @@ import torch
 from gsgd_cli.train import Schedule, Trainer, TrainSettings
 from gsgd_cli.train.checkpoint import load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYNTH = ["data=synthetic", "optimizer=sgd", "train.iterations=12", "train.batch_size=16",
          "train.eval_every=6"]
 
@@ -101,7 +101,7 @@ def test_resume_refuses_changed_settings(gsgd_train_inproc, tmp_path, first, cha
 
 def test_resume_may_extend_the_budget_and_change_bookkeeping(gsgd_train_inproc, tmp_path):
     """An epoch budget extended past a milestone equals a run started with the larger one."""
-    from gsgd_cli.data.fake import write_fake_idx
+    from gsgd_cli.testing.fake_data import write_fake_idx
 
     write_fake_idx(tmp_path / "a" / "MNIST" / "raw", n_train=64, n_test=32)
     write_fake_idx(tmp_path / "b" / "MNIST" / "raw", n_train=64, n_test=32)   # a copy

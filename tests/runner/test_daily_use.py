@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from gsgd_cli.data.fake import write_fake_cifar, write_fake_idx
+from gsgd_cli.testing.fake_data import write_fake_cifar, write_fake_idx
 from gsgd_cli.train.progress import EarlyEstimate, duration, eval_line
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYNTH = ["data=synthetic", "train.iterations=24", "train.batch_size=16", "train.eval_every=12",
          "train.tensorboard=false"]
 
