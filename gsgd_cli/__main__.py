@@ -32,7 +32,7 @@ COMMANDS = {
 def version() -> str:
     """`gsgd --version`: the installed package's version (and the checkout's commit)."""
     from gsgd_cli import __version__
-    from gsgd_cli.cli.hints import git_commit
+    from gsgd_cli.runner.hints import git_commit
 
     commit = git_commit()
     return f"gsgd {__version__}" + (f" (git {commit})" if commit else "")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [argv[0], *rest]
     if command == "train":
-        from gsgd_cli.cli.hints import check_train_overrides
+        from gsgd_cli.runner.hints import check_train_overrides
 
         problem = check_train_overrides(rest)
         if problem is not None:

@@ -1,4 +1,4 @@
-"""`gsgd train` as torchrun starts it in the data-parallel tests (tests/test_distributed.py),
+"""`gsgd train` as torchrun starts it in the data-parallel tests (tests/runner/test_distributed.py),
 plus test probes that only observe, recorded in `$GSGD_TEST_DUMP` (never under the run):
 
 * every write this process makes below `$GSGD_TEST_WATCH` (Python's audit hooks: `open` for
@@ -62,11 +62,11 @@ def save_records() -> None:
 def install_probes() -> None:
     import torch
 
-    import gsgd_cli.cli.train as cli
+    import gsgd_cli.runner.job as job   # loads the data of each job
     from gsgd_cli.train import distributed
     from gsgd_cli.train.trainer import Trainer
 
-    original_fit, original_load = Trainer.fit, cli.load_data
+    original_fit, original_load = Trainer.fit, job.load_data
 
     def fit(self, *args, **kwargs):
         try:
@@ -80,7 +80,7 @@ def install_probes() -> None:
         return original_load(data_cfg, device)
 
     Trainer.fit = fit
-    cli.load_data = load_data
+    job.load_data = load_data
     if os.environ.get("GSGD_TEST_MUTATION") == "no_allreduce":
         distributed.Ranks.wrap = lambda self, model, device: model
 

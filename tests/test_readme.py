@@ -89,7 +89,7 @@ def test_bash_command(command, compose_train, tmp_path, capsys):
     if sub == "train":
         from hydra import compose, initialize_config_dir
 
-        from gsgd_cli.cli.hints import check_train_overrides
+        from gsgd_cli.runner.hints import check_train_overrides
 
         overrides = [a for a in args if a != "-m"]
         assert check_train_overrides(overrides) is None

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gsgd_cli.config_tree import flatten
+
 from . import run_files
 
 SUMMARY = "summary.json"
@@ -67,20 +69,6 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
 
 def _natural_key(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in path.parts]
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name))
-        else:
-            out[name] = value
-    return out
 
 
 @dataclass

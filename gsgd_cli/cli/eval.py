@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from gsgd_cli.cli.report import OneLineParser
-from gsgd_cli.train.errors import UserError
+from gsgd_cli.errors import UserError
 
 CHECKPOINTS = {"last": "checkpoint.pt", "best": "best.pt"}
 
@@ -37,9 +37,10 @@ def evaluate_run(run_dir: Path, which: str = "last", device: str = "auto") -> di
     import torch
     from omegaconf import OmegaConf
 
-    from gsgd_cli.cli.train import DTYPES, resolve_device
     from gsgd_cli.data import load_data
     from gsgd_cli.models import build_model
+    from gsgd_cli.runner.environment import resolve_device
+    from gsgd_cli.runner.settings import DTYPES
     from gsgd_cli.train import Trainer, TrainSettings
     from gsgd_cli.train.checkpoint import load
 

@@ -144,7 +144,7 @@ def _from_config(args: list[str]) -> tuple[nn.Module, dict[str, Any], str]:
 
     from ..data import describe
     from ..models import build_model
-    from .train import CONF_DIR
+    from ..runner.conf import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=args)

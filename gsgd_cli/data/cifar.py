@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from gsgd_cli import safe_files
-from gsgd_cli.train.errors import DataNotFoundError, UserError
+from gsgd_cli.errors import DataNotFoundError, UserError
 
 from . import fingerprint
-from .datasets import check_labels
+from .common import check_labels
 
 MAX_BATCH_BYTES = 1 << 30   # CIFAR-100's training file, the largest, is 155 MB
 

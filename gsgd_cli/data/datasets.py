@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from gsgd_cli.train.errors import DataNotFoundError, UserError
+from gsgd_cli.errors import DataNotFoundError, UserError
 
+from .common import cfg_get, check_labels
 from .idx import read_idx
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
@@ -56,12 +57,6 @@ SPECS = {
     "cifar100": DataSpec((3, 32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
 }
 NAMES = (*SPECS, "synthetic")
-
-
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """`cfg[key]` for dicts, DictConfigs and simple objects; `default` when absent or null."""
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return default if value is None else value
 
 
 def data_name(cfg: Any) -> str:
@@ -104,14 +99,6 @@ def _idx_split(folder: Path, split: str, suffix: str = "", *, fix: str,
                         f"and labels [N] (shapes {list(x.shape)} and {list(y.shape)}); {fix}.")
     check_labels(y, num_classes, labels, fix)
     return x.unsqueeze(1), y
-
-
-def check_labels(y: torch.Tensor, num_classes: int, source: Any, fix: str) -> None:
-    """Labels must lie in [0, num_classes): a wrong one would fail only later, mid-training."""
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
-        raise UserError(f"{source} holds label {bad}, outside 0..{num_classes - 1} "
-                        f"({num_classes} classes); {fix}.")
 
 
 def _has_idx(folder: Path, suffix: str = "") -> bool:

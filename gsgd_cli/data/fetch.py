@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gsgd_cli.train.errors import UserError
+from gsgd_cli.errors import UserError
 
 from .datasets import FASHION_SYSTEM_DIR, _has_idx, load_raw
 

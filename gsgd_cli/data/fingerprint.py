@@ -17,7 +17,7 @@ import hashlib
 from pathlib import Path
 from typing import Iterator
 
-from gsgd_cli.train.errors import UserError
+from gsgd_cli.errors import UserError
 
 _active: list[dict[str, list]] = []
 

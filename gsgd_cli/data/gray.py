@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from gsgd_cli.train.errors import UserError
+from gsgd_cli.errors import UserError
 
-from .datasets import cfg_get
+from .common import cfg_get
 
 LUMA_PER_MILLE = (299, 587, 114)   # BT.601 weights x 1000: integer arithmetic, exact rounding
 CHUNK = 8192                       # images converted at a time (bounds the int32 temporaries)

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gsgd_cli.train.errors import UserError
+from gsgd_cli.errors import UserError
 
-from .datasets import SPECS, cfg_get, check_labels, data_name, load_raw, pool_size
+from .common import cfg_get, check_labels
+from .datasets import SPECS, data_name, load_raw, pool_size
 from .gray import grayscale, pixel_stats, to_gray
 from .synthetic import synthetic_shape
 

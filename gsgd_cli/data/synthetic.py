@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from gsgd_cli.train.errors import UserError
+from gsgd_cli.errors import UserError
 
-from .datasets import cfg_get
+from .common import cfg_get
 
 MAX_VALUES = 1 << 31   # bytes of uint8 images (2 GiB; generated in float32, 4x that)
 

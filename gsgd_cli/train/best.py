@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from .checkpoint import load, save_atomic
-from .errors import UserError
+from gsgd_cli.errors import UserError
 
 BEST = "best.pt"
 METRICS = ("val_acc", "val_loss", "test_acc", "test_loss", "train_acc", "train_loss")

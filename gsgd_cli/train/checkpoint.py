@@ -16,7 +16,7 @@ import torch
 from gsgd_cli import safe_files
 
 from . import checksum
-from .errors import UserError
+from gsgd_cli.errors import UserError
 
 
 class DiskFullError(UserError):

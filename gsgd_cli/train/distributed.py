@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import torch
 from torch import nn
 
-from .errors import UserError
+from gsgd_cli.errors import UserError
 
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=30)   # a collective waiting longer than this fails the run

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from gsgd_cli import safe_files
-from gsgd_cli.analysis.runs import flatten
+from gsgd_cli.config_tree import flatten
 
-from .errors import UserError
+from gsgd_cli.errors import UserError
 from .runlock import LOCK_FILE
 
 RUN_ID_ENV = "GSGD_RUN_ID"

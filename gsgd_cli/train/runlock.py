@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gsgd_cli import safe_files
 
-from .errors import UserError
+from gsgd_cli.errors import UserError
 
 LOCK_FILE = ".gsgd.lock"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from gsgd_cli.errors import UserError
 
 KINDS = ("constant", "multistep", "exponential")
 UNITS = ("epoch", "iteration")

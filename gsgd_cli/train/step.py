@@ -17,9 +17,14 @@ real training steps, so a run with graphs follows the same iterations as one wit
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from gsgd_cli.errors import UserError
+
 
 WARMUP = 3
 
@@ -127,3 +132,21 @@ class RunningSums:
             values[:n] /= ranks.world_size
         values = values.tolist()
         return values[:n], [int(h) for h in values[n:]]
+
+
+def make_step(trainer: Any) -> TrainStep:
+    if not trainer.settings.cuda_graphs:
+        return TrainStep(trainer.train_model, trainer.optimizer)
+    if trainer.ranks.distributed:
+        raise UserError("train.cuda_graphs=true is for one process; a data-parallel run "
+                        "(torchrun, srun) all-reduces the gradients between the processes "
+                        "in every step. Drop train.cuda_graphs=true.")
+    if trainer.data.device.type != "cuda":
+        raise UserError(f"train.cuda_graphs=true needs a CUDA device (the data and model "
+                        f"are on {trainer.data.device}); set device=cuda or drop it.")
+    if trainer.schedule.kind == "exponential" and trainer.schedule.unit == "iteration":
+        raise UserError("train.cuda_graphs=true captures the learning rate in the graph "
+                        "and captures again when it changes; schedule=exponential with "
+                        "schedule.unit=iteration changes it every iteration. Use "
+                        "schedule.unit=epoch or train.cuda_graphs=false.")
+    return GraphStep(trainer.model, trainer.optimizer)

@@ -1,4 +1,4 @@
-"""TensorBoard beyond the evaluation scalars (`Trainer._record` writes those): the composed
+"""TensorBoard beyond the evaluation scalars (`evaluation.record` writes those): the composed
 config and G-SGD's coverage as text when a fit starts, and the training loss of every
 iteration, written at the sync points (`train.sync_every`, evaluations, checkpoints) from the
 values the trainer has just checked, so logging adds no wait for the device."""

@@ -38,98 +38,36 @@ no checkpoint is written after it. `train.cuda_graphs=true` replays the step as 
 """
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gsgd_cli import safe_files
+from gsgd_cli.errors import UserError
 
-from .checkpoint import DiskFullError, append_text, load, save_atomic, write_text_atomic
-from .distributed import SINGLE, Ranks, StopVote
-from .preemption import preemption_signal
+from . import divergence, evaluation, sync_point, tensorboard_log
+from . import resume as run_state
+from . import summary as run_summary
 from .best import BestModel
-from .progress import EarlyEstimate, eval_line
-from . import tensorboard_log
-from .errors import UserError
-from .rundir import check_resume_config, remove_orphaned_tmp
-from .signals import Interrupted, StopRequests, signal_name
+from .checkpoint import write_text_atomic
+from .distributed import SINGLE, Ranks, StopVote
+from .layout import CHECKPOINT, METRIC_KEYS, METRICS, SUMMARY, TB_DIR
+from .preemption import preemption_signal
+from .progress import EarlyEstimate
+from .rundir import remove_orphaned_tmp
 from .schedule import Schedule
-from .step import GraphStep, RunningSums, TrainStep
+from .settings import TrainSettings
+from .signals import Interrupted, StopRequests, signal_name
+from .step import RunningSums, TrainStep, make_step
 
 if TYPE_CHECKING:
     from gsgd_cli.data.pipeline import DeviceData
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-TB_DIR = "tb"
-
-
-def _divergence_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions an optimizer raises instead of writing non-finite weights."""
-    import importlib
-
-    found = []
-    for module, name in (("gsgd_cli.optim.errors", "StepError"),):   # the one family
-        try:  # the optimizer modules are optional for the trainer
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(found)
-
-
-HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
-METRICS_LIMIT = 1 << 30   # bytes of metrics.jsonl read on resume (a line is ~300 bytes)
-METRIC_KEYS = ("iteration", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
-               "elapsed_s")
-VAL_KEYS = ("val_loss", "val_acc")   # also logged when data.val_size > 0
-
-
-@dataclass
-class TrainSettings:
-    """Budget and bookkeeping. Set `iterations` to budget in iterations, else `epochs` counts."""
-
-    epochs: int | None = 3
-    iterations: int | None = None
-    batch_size: int = 64
-    eval_every: int | None = None  # iterations between evaluations; None = once per epoch
-    eval_batch_size: int = 1000
-    checkpoint_every: int | None = 1000  # iterations; None or 0 = only at the end
-    seed: int = 0
-    progress: bool | None = None  # None = show a progress bar only on a terminal
-    tensorboard: bool = True
-    dtype: torch.dtype = torch.float32
-    sync_every: int = 1000   # iterations between device syncs at the latest (1: every iteration)
-    cuda_graphs: bool = False    # replay the training step as a CUDA graph (CUDA only)
-    keep_best: str | None = None  # keep the model with the best value of this metric (best.py)
-
-    def validate(self) -> None:
-        def positive(name, value, allow_none=False):
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"Invalid train.{name}={value!r}. Must be a positive integer"
-                                + (" or null." if allow_none else "."))
-
-        if self.iterations is None and self.epochs is None:
-            raise UserError("No training budget: set train.epochs=N or train.iterations=N.")
-        positive("iterations", self.iterations, allow_none=True)
-        if self.iterations is None:
-            positive("epochs", self.epochs)
-        positive("batch_size", self.batch_size)
-        positive("eval_every", self.eval_every, allow_none=True)
-        positive("eval_batch_size", self.eval_batch_size)
-        if self.checkpoint_every not in (None, 0):
-            positive("checkpoint_every", self.checkpoint_every)
-        positive("sync_every", self.sync_every)
+__all__ = ["CHECKPOINT", "METRICS", "METRIC_KEYS", "SUMMARY", "TB_DIR", "Trainer", "TrainSettings"]
 
 
 class Trainer:
@@ -194,58 +132,9 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / CHECKPOINT
 
-    def _rng_states(self) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        return (torch.get_rng_state(),
-                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-    def _state(self) -> dict[str, Any]:
-        """The checkpoint's contents (a collective in a data-parallel run: every rank's RNG
-        states are gathered; rank 0 writes)."""
-        rng_ranks = self.ranks.gather(self._rng_states()) if self.ranks.distributed else None
-        return {
-            "iteration": self.iteration,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": {"base_lrs": self.base_lrs, "kind": self.schedule.kind},
-            "perm": self.perm,
-            "data_rng": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "running": (self.loss_sum, self.correct, self.seen),
-            "best_test_acc": self.best_test_acc,
-            "best_val_acc": self.best_val_acc,
-            "last_metrics": self.last_metrics,
-            "elapsed_s": self._elapsed(),
-            "batch_size": self.settings.batch_size,
-            "iterations_per_epoch": self.iterations_per_epoch,
-            "config": self.config,
-            "world_size": self.ranks.world_size,
-            "rng_ranks": rng_ranks,      # [(torch, cuda) per rank] of a data-parallel run
-            "scheduler_job": self.extra_summary.get("scheduler_job"),   # see preemption.py
-            "data_files": self.extra_summary.get("data_files"),   # data.fingerprint
-        }
-
     def save_checkpoint(self) -> None:
-        """Write the checkpoint (rank 0), after checking that every rank holds the same model."""
-        self.ranks.broadcast_buffers(self.model)
-        differ = self.ranks.differing_tensors(self.model)
-        if differ:
-            raise RuntimeError(f"the {self.ranks.world_size} processes of this data-parallel run "
-                               f"hold different weights ({', '.join(differ[:5])}"
-                               f"{', ...' if len(differ) > 5 else ''}) at iteration "
-                               f"{self.iteration}: their steps were not the same. No checkpoint "
-                               "was written; please report this with the command.")
-        state = self._state()
-        if self.ranks.writer:
-            try:
-                save_atomic(state, self.checkpoint_path)
-            except DiskFullError as exc:
-                kept = (f"the previous checkpoint (iteration {self.checkpoint_iteration}) is "
-                        "intact; free some space, then continue with resume=true"
-                        if self.checkpoint_iteration is not None else
-                        "no checkpoint had been written yet; free some space and start again")
-                raise DiskFullError(f"{exc}; {kept}.") from None
-        self.checkpoint_iteration = self.iteration
+        """Write the checkpoint (rank 0), after checking every rank holds the same model."""
+        run_state.save_checkpoint(self)
 
     def _stop_for_signal(self, signum: int) -> None:
         """A stop was asked for (SIGINT/SIGTERM, submitit's preemption signal) at the end of an
@@ -257,279 +146,49 @@ class Trainer:
         raise stop
 
     def restore(self, state: dict[str, Any] | None = None) -> None:
-        """Load `state` (default: the run directory's checkpoint) into the model, optimizer and
-        RNGs after checking it fits this run; writes nothing. `fit(resume=True)` calls it
-        unless it was called before."""
-        path = self.checkpoint_path
-        if state is None:
-            if not path.is_file():
-                raise UserError(f"resume=true but there is no checkpoint at {path}. Point "
-                                "hydra.run.dir at the run to continue, or drop resume=true.")
-            state = load(path)
-        if self.config is not None:
-            check_resume_config(path, state.get("config"), self.config)
-        if state["iteration"] > self.total:
-            raise UserError(f"The checkpoint at {path} is at iteration {state['iteration']}, "
-                            f"beyond this budget of {self.total} iterations; a run cannot be "
-                            "shortened: resume with a budget at least as large.")
-        if state["batch_size"] != self.settings.batch_size:
-            raise UserError(f"The checkpoint at {path} was trained with train.batch_size="
-                            f"{state['batch_size']}; resume with the same batch size.")
-        world = state.get("world_size", 1)
-        if world != self.ranks.world_size:
-            raise UserError(f"The checkpoint at {path} was written by a run on {world} "
-                            f"process{'es' if world > 1 else ''}; resume it on {world} (e.g. "
-                            f"torchrun --nproc_per_node={world}"
-                            f"{' or plain gsgd train' if world == 1 else ''}): with another "
-                            "number the gradients are summed in another order, so the weights "
-                            "would not continue bit for bit.")
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"The checkpoint at {path} does not fit this model/optimizer ({first}); "
-                            "resume with the same model and optimizer settings as the "
-                            "original run.") from None
-        perm, n = state["perm"], len(self.data.train_y)
-        if perm is not None and not (isinstance(perm, torch.Tensor) and perm.shape == (n,)
-                                     and torch.equal(perm.sort().values, torch.arange(n))):
-            raise UserError(f"The checkpoint at {path} holds a data order that is not a "
-                            f"permutation of the {n} training examples; it does not belong to "
-                            "this run's data (or is damaged): resume on the original data.")
-        self.base_lrs = list(state["schedule"]["base_lrs"])
-        self.iteration = state["iteration"]
-        self.perm = perm
-        self.generator.set_state(state["data_rng"])
-        torch_rng, cuda_rng = state["torch_rng"], state["cuda_rng"]
-        if state.get("rng_ranks") is not None:
-            torch_rng, cuda_rng = state["rng_ranks"][self.ranks.rank]
-        torch.set_rng_state(torch_rng)
-        if cuda_rng is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_rng)
-        self.loss_sum, self.correct, self.seen = state["running"]
-        self.best_test_acc = state["best_test_acc"]
-        self.best_val_acc = state.get("best_val_acc")
-        self.last_metrics = state["last_metrics"]
-        self.elapsed_before = state["elapsed_s"]
-        self.checkpoint_iteration = self.iteration
-        self._metrics_to_keep = self._metrics_up_to_checkpoint() if self.ranks.writer else None
-        self._before = self._files_before() if self.ranks.writer else None
-        self.restored = True
+        """Load `state` (default: the run directory's checkpoint) after checking it fits this
+        run (`resume.restore`); writes nothing. `fit(resume=True)` calls it unless done before."""
+        run_state.restore(self, state)
 
-    def _files_before(self) -> dict[str, bytes | None]:
-        """The run's summary, metrics and .hydra files as they are before a resume writes
-        (`put_back`)."""
-        out: dict[str, bytes | None] = {}
-        for name in (SUMMARY, METRICS, *HYDRA_FILES):
-            try:
-                out[name] = safe_files.read_bytes(self.run_dir / name, METRICS_LIMIT)
-            except FileNotFoundError:
-                out[name] = None
-            except OSError:   # unreadable: leave it to the resume's own checks
-                return {}
-        return out
+
 
     def put_back(self) -> bool:
-        """Restore the files `_files_before` read, after a resume failed before writing a
-        checkpoint (they then match the checkpoint again); whether that worked."""
-        before = getattr(self, "_before", None) or {}
-        kept = bool(before)
-        for name, data in before.items():
-            path = self.run_dir / name
-            try:
-                now = safe_files.read_bytes(path, METRICS_LIMIT)
-            except FileNotFoundError:
-                now = None
-            except OSError:
-                now = b""
-            if now == data:
-                continue   # unchanged (a file the size limit would not let us write again)
-            try:
-                safe_files.remove(path) if data is None else safe_files.write_atomic(path, data)
-            except OSError:
-                kept = False
-        return kept
+        """Put back the files a resume found, after it failed before its first checkpoint."""
+        return run_state.put_back(self)
 
-    def _metrics_up_to_checkpoint(self) -> list[str] | None:
-        """The lines of metrics.jsonl to keep on resume: those up to the checkpoint (later
-        evaluations will be redone), without a partial last line (the run was killed while
-        writing it). Reads only; `fit` writes the result."""
-        metrics = self.run_dir / METRICS
-        if not metrics.exists() and not safe_files.is_link(metrics):
-            return None
-        try:
-            text = safe_files.read_text(metrics, METRICS_LIMIT)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"cannot read {metrics}: {exc}; move it away (the resumed run then "
-                            "logs only its new evaluations) or restore it.") from None
-        lines = [line for line in text.splitlines() if line.strip()]
-        kept = []
-        for number, line in enumerate(lines, 1):
-            try:
-                iteration = json.loads(line)["iteration"]
-                iteration + 0   # a number, not a string or a list
-            except (ValueError, TypeError, KeyError, RecursionError):
-                if number == len(lines):
-                    self.log(f"gsgd train: dropped the partial last line of {metrics} (the run "
-                             "was stopped while writing it).")
-                    break
-                raise UserError(f"{metrics} line {number} is not a metrics record; delete or "
-                                "fix that line, then resume again.") from None
-            if iteration <= self.iteration:
-                kept.append(line)
-        return kept
+
 
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._t0)
 
     def _weights_finite(self) -> bool:
-        """Checked before each checkpoint, so that a checkpoint never holds NaN/Inf weights
-        (all ranks agree)."""
-        state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        finite = (bool(torch.stack([torch.isfinite(t).all() for t in state]).all())
-                  if state else True)
-        return not self.ranks.any(not finite)
+        return divergence.weights_finite(self)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     # -- evaluation --------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, split: str = "test") -> tuple[float, float]:
-        """Mean cross-entropy and accuracy on the test (or the held-out validation) split.
-
-        In a data-parallel run rank k evaluates the batches k, k + n, ... (with rank 0's
-        batch-norm statistics) and the sums are added over the ranks: the batches are those of
-        a single process, only the order of the final sum differs."""
-        xs, ys = ((self.data.test_x, self.data.test_y) if split == "test"
-                  else (self.data.val_x, self.data.val_y))
-        ranks = self.ranks
-        ranks.broadcast_buffers(self.model)
-        was_training = self.model.training
-        self.model.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.data.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.data.device)
-        n = len(ys)
-        starts = range(0, n, self.settings.eval_batch_size)
-        for start in starts[ranks.rank::ranks.world_size]:
-            x = self.data.inputs(xs[start:start + self.settings.eval_batch_size],
-                                 train=False, dtype=self.settings.dtype)
-            y = ys[start:start + self.settings.eval_batch_size]
-            out = self.model(x)
-            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
-            correct += (out.argmax(1) == y).sum()
-        self.model.train(was_training)
-        ranks.sum_(loss_sum)
-        ranks.sum_(correct)
-        return loss_sum.item() / n, correct.item() / n
+        """Mean cross-entropy and accuracy on the test (or the validation) split."""
+        return evaluation.evaluate(self, split)
 
     def _record(self, writer) -> None:
-        test_loss, test_acc = self.evaluate()
-        metrics = {
-            "iteration": self.iteration,
-            "epoch": round(self.iteration / self.iterations_per_epoch, 4),
-            "lr": self.lr(),
-            "train_loss": self.loss_sum / self.seen if self.seen else float("nan"),
-            "train_acc": self.correct / self.seen if self.seen else float("nan"),
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "elapsed_s": round(self._elapsed(), 3),
-        }
-        if self.data.has_val:
-            metrics["val_loss"], metrics["val_acc"] = self.evaluate("val")
-            if self.best_val_acc is None or metrics["val_acc"] > self.best_val_acc:
-                self.best_val_acc = metrics["val_acc"]
-        if self.ranks.writer:
-            append_text(self.run_dir / METRICS, json.dumps(metrics) + "\n")
-            self.best_model.offer(metrics, self.model)
-        if writer is not None:
-            for key in METRIC_KEYS[1:] + (VAL_KEYS if self.data.has_val else ()):
-                writer.add_scalar(key, metrics[key], self.iteration)
-            writer.flush()
-        self.last_metrics = metrics
-        if self.best_test_acc is None or test_acc > self.best_test_acc:
-            self.best_test_acc = test_acc
-        if self._say is not None:
-            rate = self._estimate.seconds_per_iteration(self.iteration) if self._estimate else None
-            self._say(eval_line(metrics, self.total, self.iterations_per_epoch, rate))
-        self._reset_running()
+        evaluation.record(self, writer)
 
     # -- the loop ----------------------------------------------------------------------------
     def _make_step(self) -> TrainStep:
-        if not self.settings.cuda_graphs:
-            return TrainStep(self.train_model, self.optimizer)
-        if self.ranks.distributed:
-            raise UserError("train.cuda_graphs=true is for one process; a data-parallel run "
-                            "(torchrun, srun) all-reduces the gradients between the processes "
-                            "in every step. Drop train.cuda_graphs=true.")
-        if self.data.device.type != "cuda":
-            raise UserError(f"train.cuda_graphs=true needs a CUDA device (the data and model "
-                            f"are on {self.data.device}); set device=cuda or drop it.")
-        if self.schedule.kind == "exponential" and self.schedule.unit == "iteration":
-            raise UserError("train.cuda_graphs=true captures the learning rate in the graph "
-                            "and captures again when it changes; schedule=exponential with "
-                            "schedule.unit=iteration changes it every iteration. Use "
-                            "schedule.unit=epoch or train.cuda_graphs=false.")
-        return GraphStep(self.model, self.optimizer)
+        return make_step(self)
 
     def _sync(self, running: RunningSums, bar, step_error: BaseException | None = None,
               ) -> str | None:
-        """A sync point: fold the pending losses into the running sums and check them and the
-        optimizer's steps (or take `step_error`, raised by a step of the current iteration).
-        Returns why the run diverged, or None."""
-        start = self.iteration - running.count       # iterations before the pending ones
-        losses, hits = running.take()      # of the global batch: the same on every rank
-        bad_loss = next((k for k, v in enumerate(losses) if not math.isfinite(v)), None)
-        cause, at = None, None
-        if bad_loss is not None:
-            cause, at = f"loss={losses[bad_loss]}", start + bad_loss + 1
-        check = getattr(self.optimizer, "check_steps", None)
-        step_at, step_cause = None, None
-        try:
-            if step_error is not None:
-                raise step_error
-            if check is not None:
-                check()
-        except _divergence_errors() as exc:
-            step_at = self._failed_iteration(exc, self.iteration + (step_error is not None))
-            step_cause = f"optimizer step failed ({str(exc).splitlines()[0]})"
-        first_failure = self.ranks.min_or_none(step_at)    # the first failed step on any rank
-        if first_failure is not None and (at is None or first_failure < at):
-            at = first_failure
-            cause = (step_cause if step_at == first_failure else
-                     "optimizer step failed (on another process of this data-parallel run)")
-        if cause is not None:
-            return self._diverged(cause, at)
-        batch = self.settings.batch_size
-        for value, correct in zip(losses, hits):
-            self.loss_sum += value * batch
-            self.correct += correct
-        self.seen += batch * len(losses)
-        if self._writer is not None and losses:
-            ipe = self.iterations_per_epoch   # the rate of 1-based iteration i (param group 0)
-            tensorboard_log.write_losses(self._writer, start + 1, losses, lambda i: (
-                self.base_lrs[0] * self.schedule.factor(i - 1, ipe)))
-        if losses:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        return None
+        """A sync point (`sync_point.sync`); returns why the run diverged, or None."""
+        return sync_point.sync(self, running, bar, step_error)
 
     def _failed_iteration(self, exc: BaseException, current: int) -> int:
-        """The iteration of a failed optimizer step: `exc.step` counts the optimizer's step()
-        calls, which began at this fit's first iteration (else: the `current` iteration)."""
-        step = getattr(exc, "step", None)
-        return current if step is None else self._fit_start + step
+        return divergence.failed_iteration(self, exc, current)
 
     def _diverged(self, cause: str, iteration: int) -> str:
-        self.status = "diverged"
-        self.iteration = iteration - 1           # the last iteration that completed normally
-        kept = (f"kept the last good checkpoint {self.checkpoint_path} (iteration "
-                f"{self.checkpoint_iteration})" if self.checkpoint_iteration is not None
-                else "no checkpoint had been written yet")
-        lr = self.base_lrs[0] * self.schedule.factor(iteration - 1, self.iterations_per_epoch)
-        self.message = (f"training diverged: {cause} at iteration {iteration} (lr={lr:.4g}); "
-                        f"stopped and {kept}. Try a smaller learning rate.")
-        return self.message
+        return divergence.diverged(self, cause, iteration)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A CPU tensor on the data's device without waiting for it (pinned, asynchronous)."""
@@ -541,7 +200,47 @@ class Trainer:
     def fit(self, resume: bool = False, state: dict[str, Any] | None = None) -> dict[str, Any]:
         """Train to the budget; `resume=True` continues from `state` (default: the
         checkpoint in the run directory)."""
-        s = self.settings
+        before = self._begin(resume, state)
+        # DistributedDataParallel in a data-parallel run (after restore: its constructor
+        # copies rank 0's weights to every rank, which hold the same ones by then anyway)
+        self.train_model = self.ranks.wrap(self.model, self.data.device)
+        writer = self._open_tensorboard(resume)
+        bar = self._open_progress()
+        self.model.train()
+        self._perm_device = None
+        self._fit_start = self.iteration
+        running = RunningSums(min(self.settings.sync_every, self.total), self.data.device,
+                              self.ranks)
+        # SIGINT/SIGTERM (and submitit's preemption signal): stop after this iteration with a
+        # checkpoint; in a data-parallel run all ranks stop at the same iteration (`StopVote`)
+        preempt = preemption_signal()
+        stop = StopRequests.install(extra=(preempt,) if preempt is not None else ())
+        vote = StopVote(self.ranks)
+        try:
+            self._train(running, bar, writer, stop, vote)
+        except KeyboardInterrupt as exc:
+            self.status = "interrupted"
+            self.message = (f"interrupted ({signal_name(exc)}) at iteration {self.iteration}; "
+                            f"the checkpoint has iteration {self.checkpoint_iteration}")
+            raise
+        except Exception as exc:
+            self.status = "failed"
+            self.message = f"{type(exc).__name__}: {exc}"
+            if before is not None and self.checkpoint_iteration == self._fit_start:
+                # a resume that failed before its first checkpoint: the run is as it was
+                exc.run_kept = self.put_back()
+            raise
+        finally:
+            stop.uninstall()
+            vote.close()
+            bar.close()
+            self._finish(before, writer)
+        return self.summary
+
+    def _begin(self, resume: bool, state: dict[str, Any] | None) -> dict | None:
+        """The run directory made ready: a resume restored (its metrics cut back to the
+        checkpoint, its summary saying it goes on), a new run's old metrics removed. Returns
+        the files a failed resume puts back (None for a new run)."""
         writes = self.ranks.writer
         if writes:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -567,19 +266,26 @@ class Trainer:
                 raise
         elif writes:
             safe_files.remove(self.run_dir / METRICS)
-        # DistributedDataParallel in a data-parallel run (after restore: its constructor
-        # copies rank 0's weights to every rank, which hold the same ones by then anyway)
-        self.train_model = self.ranks.wrap(self.model, self.data.device)
-        writer = None
-        if s.tensorboard and writes:
-            from torch.utils.tensorboard import SummaryWriter
+        return before
 
-            # Readers drop the events with step >= purge_step of earlier files: those after the
-            # checkpoint, which will be logged again. The checkpoint's own step stays.
-            writer = SummaryWriter(str(self.run_dir / TB_DIR),
-                                   purge_step=self.iteration + 1 if resume else None)
-            tensorboard_log.write_start(writer, self.config, self.optimizer, self.iteration)
-            self._writer = writer
+    def _open_tensorboard(self, resume: bool):
+        """The TensorBoard writer on the writing rank when train.tensorboard, else None."""
+        if not (self.settings.tensorboard and self.ranks.writer):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        # Readers drop the events with step >= purge_step of earlier files: those after the
+        # checkpoint, which will be logged again. The checkpoint's own step stays.
+        writer = SummaryWriter(str(self.run_dir / TB_DIR),
+                               purge_step=self.iteration + 1 if resume else None)
+        tensorboard_log.write_start(writer, self.config, self.optimizer, self.iteration)
+        self._writer = writer
+        return writer
+
+    def _open_progress(self):
+        """The progress bar (shown on a terminal or when asked), the progress lines and the
+        early estimate of the run's duration."""
+        s, writes = self.settings, self.ranks.writer
         show = (sys.stderr.isatty() if s.progress is None else s.progress) and writes
         from tqdm.auto import tqdm
 
@@ -593,120 +299,92 @@ class Trainer:
         self._estimate = EarlyEstimate(
             self.iteration, self.total,
             sync=(lambda: torch.cuda.synchronize(self.data.device)) if cuda else (lambda: None))
-        data, ipe = self.data, self.iterations_per_epoch
-        share = (self.ranks.rank, self.ranks.world_size)
-        rows = self.ranks.share(s.batch_size)      # this rank's part of each global batch
-        self.model.train()
-        perm_device = None
-        self._fit_start = self.iteration
-        running = RunningSums(min(s.sync_every, self.total), data.device, self.ranks)
-        # SIGINT/SIGTERM (and submitit's preemption signal): stop after this iteration with a
-        # checkpoint; in a data-parallel run all ranks stop at the same iteration (`StopVote`)
-        preempt = preemption_signal()
-        stop = StopRequests.install(extra=(preempt,) if preempt is not None else ())
-        vote = StopVote(self.ranks)
-        try:
-            train_step = self._make_step()
-            while self.iteration < self.total:
-                signum = vote(stop.signum)
-                if signum is not None:
-                    if self._sync(running, bar):      # pending losses into the checkpoint
-                        break
-                    self._stop_for_signal(signum)
-                position = self.iteration % ipe
-                if position == 0 or self.perm is None:
-                    self.perm = torch.randperm(len(data.train_y), generator=self.generator)
-                    perm_device = None
-                if perm_device is None:
-                    perm_device = self._to_device(self.perm)
-                idx = perm_device[position * s.batch_size:(position + 1) * s.batch_size][rows]
-                x = data.inputs(data.train_x[idx], train=True, generator=self.generator,
-                                dtype=s.dtype, share=share)
-                y = data.train_y[idx]
-                factor = self.schedule.factor(self.iteration, ipe)
-                for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-                    group["lr"] = base * factor
-                try:
-                    running.add(*train_step(x, y))
-                except _divergence_errors() as exc:   # raised by step() itself (strict mode,
-                    self._sync(running, bar, exc)     # or an earlier failure seen on the CPU)
+        return bar
+
+    def _train(self, running: RunningSums, bar, writer, stop: StopRequests,
+               vote: StopVote) -> None:
+        """The loop: one step per iteration until the budget is spent, a stop is asked for or
+        the run diverges; sets the status to completed when the budget is spent."""
+        rows = self.ranks.share(self.settings.batch_size)   # this rank's part of a global batch
+        train_step = self._make_step()
+        while self.iteration < self.total:
+            signum = vote(stop.signum)
+            if signum is not None:
+                if self._sync(running, bar):      # pending losses into the checkpoint
                     break
-                self.iteration += 1
-                bar.update(1)
-                estimate = self._estimate.tick(self.iteration)
-                if estimate is not None and self._say is not None:
-                    self._say(estimate)
-                last = self.iteration == self.total
-                due = (self.iteration % s.eval_every == 0) if s.eval_every else (self.iteration % ipe == 0)
-                checkpoint_due = bool(s.checkpoint_every) and (
-                    self.iteration % s.checkpoint_every == 0) or last
-                if (due or last or checkpoint_due or running.full) and self._sync(running, bar):
-                    break
-                if checkpoint_due and not self._weights_finite():
-                    self._diverged("optimizer step failed (the step left non-finite weights)",
-                                   self.iteration)
-                    break
-                if due or last:
-                    self._record(writer)
-                if checkpoint_due:
-                    self.save_checkpoint()
-            else:
-                self.status = "completed"
-                if self.last_metrics is None or self.last_metrics["iteration"] != self.iteration:
-                    self._record(writer)  # e.g. resumed a finished run without its metrics
-        except KeyboardInterrupt as exc:
-            self.status = "interrupted"
-            self.message = (f"interrupted ({signal_name(exc)}) at iteration {self.iteration}; "
-                            f"the checkpoint has iteration {self.checkpoint_iteration}")
-            raise
-        except Exception as exc:
-            self.status = "failed"
-            self.message = f"{type(exc).__name__}: {exc}"
-            if before is not None and self.checkpoint_iteration == self._fit_start:
-                # a resume that failed before its first checkpoint: the run is as it was
-                exc.run_kept = self.put_back()
-            raise
-        finally:
-            stop.uninstall()
-            vote.close()
-            bar.close()
-            if writer is not None:
-                writer.close()
-                self._writer = None
+                self._stop_for_signal(signum)
+            x, y = self._next_batch(rows)
+            factor = self.schedule.factor(self.iteration, self.iterations_per_epoch)
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * factor
             try:
-                if self.status == "failed" and before is not None and (
-                        self.checkpoint_iteration == self._fit_start):
-                    self.summary = {"status": self.status, "message": self.message}
-                else:
-                    self.summary = self.write_summary()
-            except OSError as exc:   # e.g. the disk is full: keep the exception that stopped us
-                self.log(f"gsgd train: could not write {self.run_dir / SUMMARY} ({exc.strerror})")
+                running.add(*train_step(x, y))
+            except divergence.divergence_errors() as exc:   # raised by step() itself (strict
+                self._sync(running, bar, exc)   # mode, or an earlier failure seen on the CPU)
+                break
+            self.iteration += 1
+            bar.update(1)
+            estimate = self._estimate.tick(self.iteration)
+            if estimate is not None and self._say is not None:
+                self._say(estimate)
+            if self._after_step(running, bar, writer):
+                break
+        else:
+            self.status = "completed"
+            if self.last_metrics is None or self.last_metrics["iteration"] != self.iteration:
+                self._record(writer)  # e.g. resumed a finished run without its metrics
+
+    def _next_batch(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's inputs and labels of the current iteration's batch (a new data order at
+        the start of each epoch)."""
+        s, data = self.settings, self.data
+        position = self.iteration % self.iterations_per_epoch
+        if position == 0 or self.perm is None:
+            self.perm = torch.randperm(len(data.train_y), generator=self.generator)
+            self._perm_device = None
+        if self._perm_device is None:
+            self._perm_device = self._to_device(self.perm)
+        idx = self._perm_device[position * s.batch_size:(position + 1) * s.batch_size][rows]
+        x = data.inputs(data.train_x[idx], train=True, generator=self.generator,
+                        dtype=s.dtype, share=(self.ranks.rank, self.ranks.world_size))
+        return x, data.train_y[idx]
+
+    def _after_step(self, running: RunningSums, bar, writer) -> bool:
+        """Sync, evaluate and checkpoint when due; whether the run stops (it diverged)."""
+        s = self.settings
+        last = self.iteration == self.total
+        due = ((self.iteration % s.eval_every == 0) if s.eval_every
+               else (self.iteration % self.iterations_per_epoch == 0))
+        checkpoint_due = bool(s.checkpoint_every) and (
+            self.iteration % s.checkpoint_every == 0) or last
+        if (due or last or checkpoint_due or running.full) and self._sync(running, bar):
+            return True
+        if checkpoint_due and not self._weights_finite():
+            self._diverged("optimizer step failed (the step left non-finite weights)",
+                           self.iteration)
+            return True
+        if due or last:
+            self._record(writer)
+        if checkpoint_due:
+            self.save_checkpoint()
+        return False
+
+    def _finish(self, before: dict | None, writer) -> None:
+        """Close TensorBoard and write the summary (not after a resume that failed before its
+        first checkpoint: the run's files are as they were)."""
+        if writer is not None:
+            writer.close()
+            self._writer = None
+        try:
+            if self.status == "failed" and before is not None and (
+                    self.checkpoint_iteration == self._fit_start):
                 self.summary = {"status": self.status, "message": self.message}
-        return self.summary
+            else:
+                self.summary = self.write_summary()
+        except OSError as exc:   # e.g. the disk is full: keep the exception that stopped us
+            self.log(f"gsgd train: could not write {self.run_dir / SUMMARY} ({exc.strerror})")
+            self.summary = {"status": self.status, "message": self.message}
 
     def write_summary(self) -> dict[str, Any]:
-        last = self.last_metrics or {}
-        summary = {
-            "status": self.status,
-            "message": self.message or None,
-            "final_test_acc": last.get("test_acc"),
-            "best_test_acc": self.best_test_acc,
-            "final_test_loss": last.get("test_loss"),
-            "final_train_loss": last.get("train_loss"),
-            "final_train_acc": last.get("train_acc"),
-            "iterations": self.iteration,
-            "iterations_per_epoch": self.iterations_per_epoch,
-            "epochs": round(self.iteration / self.iterations_per_epoch, 4),
-            "wall_time_s": round(self._elapsed(), 3),
-            "seed": self.settings.seed,
-            "torch_version": torch.__version__,
-            "device": str(self.data.device),
-            "num_parameters": sum(p.numel() for p in self.model.parameters()),
-        }
-        if self.data.has_val:
-            summary.update(final_val_acc=last.get("val_acc"), best_val_acc=self.best_val_acc,
-                           final_val_loss=last.get("val_loss"), val_size=len(self.data.val_y))
-        summary.update(self.extra_summary)
-        if self.ranks.writer:
-            write_text_atomic(json.dumps(summary, indent=2) + "\n", self.run_dir / SUMMARY)
-        return summary
+        return run_summary.write_summary(self)
+

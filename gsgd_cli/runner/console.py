@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from gsgd_cli.cli.hints import setting_note
+from .hints import setting_note
 
 SWEEP_RECORD = ".gsgd_sweep.json"   # in a sweep dir: the number of jobs of the latest sweep
 

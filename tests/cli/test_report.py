@@ -79,7 +79,7 @@ def sweep(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("report")
     env = {k: v for k, v in os.environ.items() if k not in ("COMP_LINE", "HYDRA_FULL_ERROR")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run([sys.executable, "-m", "gsgd_cli", "train", "-m", *SWEEP,
                            "optimizer=sgd,gsgd", "model.width=8,0,16", "seed=0,1",
                            f"hydra.sweep.dir={root / 'sweep'}"], cwd=root, capture_output=True,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gsgd_cli.data.fake import write_fake_cifar, write_fake_idx
+from gsgd_cli.testing.fake_data import write_fake_cifar, write_fake_idx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYNTH = ["data=synthetic", "train.iterations=12", "train.batch_size=16", "train.eval_every=6"]
 METRIC_KEYS = {"iteration", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                "elapsed_s"}

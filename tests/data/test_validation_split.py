@@ -12,7 +12,7 @@ import torch
 from gsgd_cli.analysis import build_rows, load_runs
 from gsgd_cli.analysis.table import markdown
 from gsgd_cli.data.pipeline import hold_out
-from gsgd_cli.train.errors import UserError
+from gsgd_cli.errors import UserError
 
 
 def _toy(n=50):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gsgd_cli.data import gray
-from gsgd_cli.data.fake import write_fake_cifar
+from gsgd_cli.testing.fake_data import write_fake_cifar
 from gsgd_cli.data.pipeline import describe, load_data
 from gsgd_cli.train import UserError
 

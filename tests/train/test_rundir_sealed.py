@@ -17,7 +17,7 @@ import torch
 
 from gsgd_cli.train import runlock
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYNTH = ["data=synthetic", "optimizer=sgd", "train.batch_size=16", "dtype=float64"]
 
 
@@ -450,7 +450,7 @@ def test_small_bad_values_are_one_line(gsgd_train_inproc, args, needle):
                                             ([f"data_batch_{i}" for i in range(1, 6)], "training")])
 def test_an_empty_split_is_one_line_before_training(tmp_path, batches, split):
     from gsgd_cli.data import load_data
-    from gsgd_cli.data.fake import write_fake_cifar
+    from gsgd_cli.testing.fake_data import write_fake_cifar
     from gsgd_cli.train import UserError
 
     import numpy as np
@@ -471,7 +471,7 @@ def test_cifar_labels_are_not_coerced(tmp_path, labels, shown):
     import pickle
 
     from gsgd_cli.data import load_data
-    from gsgd_cli.data.fake import write_fake_cifar
+    from gsgd_cli.testing.fake_data import write_fake_cifar
     from gsgd_cli.train import UserError
 
     folder = write_fake_cifar(tmp_path / "data", "cifar10", n_per_batch=4, n_test=4)

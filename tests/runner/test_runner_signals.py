@@ -15,7 +15,7 @@ import torch
 
 from gsgd_cli.train.checkpoint import load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE = ["data=synthetic", "optimizer=sgd", "optimizer.momentum=0.9", "dtype=float64",
         "train.batch_size=16", "train.eval_every=200"]
 
@@ -75,7 +75,7 @@ def test_a_signal_stops_with_a_checkpoint_and_the_run_resumes_bit_exact(tmp_path
                                              ("sigterm", 143, "SIGTERM")])
 def test_no_resume_hint_without_a_checkpoint(gsgd_train_inproc, tmp_path, monkeypatch, how,
                                              code, name):
-    import gsgd_cli.cli.train as cli
+    import gsgd_cli.runner.job as job   # loads the data of each job
 
     def interrupted_while_loading(data_cfg, device):
         if how == "ctrl-c":
@@ -86,7 +86,7 @@ def test_no_resume_hint_without_a_checkpoint(gsgd_train_inproc, tmp_path, monkey
         time.sleep(5)   # the handler raises before this ends
         raise AssertionError("SIGTERM was not handled")
 
-    monkeypatch.setattr(cli, "load_data", interrupted_while_loading)
+    monkeypatch.setattr(job, "load_data", interrupted_while_loading)
     before = signal.getsignal(signal.SIGTERM)
     got, out, err = gsgd_train_inproc(*BASE, "train.iterations=10")
     assert got == code

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from gsgd_cli.data import describe, load_data, random_crop_flip
-from gsgd_cli.data.fake import write_fake_cifar, write_fake_idx
+from gsgd_cli.testing.fake_data import write_fake_cifar, write_fake_idx
 from gsgd_cli.data.fetch import fetch
 from gsgd_cli.data.idx import read_idx, write_idx
-from gsgd_cli.train.errors import DataNotFoundError, UserError
+from gsgd_cli.errors import DataNotFoundError, UserError
 
 
 @pytest.mark.parametrize("name, overrides, expected", [

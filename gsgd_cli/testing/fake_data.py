@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import IDX_FILES
-from .idx import write_idx
+from gsgd_cli.data.datasets import IDX_FILES
+from gsgd_cli.data.idx import write_idx
 
 
 def write_fake_idx(folder: str | Path, n_train: int = 128, n_test: int = 64, gz: bool = False,

@@ -15,7 +15,7 @@ from gsgd_cli.analysis import build_rows, load_runs
 from gsgd_cli.analysis.plots import best_lr_rows, seed_curves
 from test_report import make_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def figures(*args: str, capsys) -> tuple[int, str, str]:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gsgd_cli.data.fake import write_fake_cifar, write_fake_idx
+from gsgd_cli.testing.fake_data import write_fake_cifar, write_fake_idx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "conf" / "experiment"
 PRESETS = ["fig4", "fig4_cpu", "fig5", "fig5_fmnist", "fig7", "fig8", "smoke", "table1",
            "table1_he"]
@@ -155,7 +155,7 @@ def test_fig7_fig8_arms_and_lambda_grid():
 
 
 def test_fig8_without_lambdas_is_one_clear_error(tmp_path):
-    from gsgd_cli.cli.train import run
+    from gsgd_cli.runner.job import run
     from gsgd_cli.train import UserError
 
     cfg = compose("experiment=fig8", "+experiment/reg=sgd_wd")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROBE = ("import sys, os, gsgd_cli.__main__; "
          "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gsgd_cli.data import load_data
-from gsgd_cli.data.fake import write_fake_cifar, write_fake_idx
+from gsgd_cli.testing.fake_data import write_fake_cifar, write_fake_idx
 from gsgd_cli.data.idx import write_idx
 from gsgd_cli.train import UserError
 

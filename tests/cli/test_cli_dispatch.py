@@ -39,7 +39,7 @@ def test_path_sgd_on_a_conv_net_gets_the_input_shape_from_the_data(tmp_path):
 def test_git_commit_is_read_once_and_marks_uncommitted_changes(monkeypatch):
     import subprocess as sp
 
-    from gsgd_cli.cli import train
+    from gsgd_cli.runner import environment
 
     calls = []
 
@@ -48,14 +48,14 @@ def test_git_commit_is_read_once_and_marks_uncommitted_changes(monkeypatch):
         out = "abc123\n" if cmd[1] == "rev-parse" else " M gsgd_cli/optim/gsgd.py\n"
         return sp.CompletedProcess(cmd, 0, stdout=out, stderr="")
 
-    train._git_commit.cache_clear()
-    monkeypatch.setattr(train.subprocess, "run", fake_run)
+    environment.git_commit.cache_clear()
+    monkeypatch.setattr(environment.subprocess, "run", fake_run)
     try:
-        assert train._git_commit() == "abc123-dirty"
-        assert train._git_commit() == "abc123-dirty"
+        assert environment.git_commit() == "abc123-dirty"
+        assert environment.git_commit() == "abc123-dirty"
         assert len(calls) == 2                      # one rev-parse, one status: cached after
     finally:
-        train._git_commit.cache_clear()
+        environment.git_commit.cache_clear()
 
 
 def test_multirun_through_submitit_local(tmp_path):

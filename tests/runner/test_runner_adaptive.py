@@ -14,9 +14,9 @@ from matplotlib.colors import to_rgb
 
 from gsgd_cli.analysis.plots import LINESTYLES, OPTIMIZER_COLOURS, OPTIMIZER_NAMES
 from gsgd_cli.analysis.table import OPTIMIZER_ORDER
-from gsgd_cli.data.fake import write_fake_idx
+from gsgd_cli.testing.fake_data import write_fake_idx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ADAPTIVE = {"adam": "torch.optim.adam.Adam", "gadam": "gsgd_cli.optim.gadam.GAdam",
             "rmsprop": "torch.optim.rmsprop.RMSprop",
             "grmsprop": "gsgd_cli.optim.gadam.GRMSprop"}

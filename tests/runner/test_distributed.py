@@ -22,7 +22,7 @@ import torch
 
 from gsgd_cli.train.checkpoint import load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "tests" / "dist_entry.py"
 TOL = 1e-10
 # 20 steps of a global batch of 16 (8 per rank), float64; the tiny ResNet without batch norm
@@ -255,7 +255,7 @@ def test_batch_size_must_divide_among_the_processes():
 def test_jobs_and_ranks_get_gpus_in_turn(spec, job, rank, gpus, expected):
     """Job i of a sweep on GPU i mod (number of GPUs); rank k of a data-parallel run on GPU
     k mod (number of GPUs); the number of GPUs is given (no GPU here)."""
-    from gsgd_cli.cli.train import resolve_device
+    from gsgd_cli.runner.environment import resolve_device
     from gsgd_cli.train.distributed import SINGLE, Ranks
 
     ranks = SINGLE if rank is None else Ranks(rank=rank, world_size=8, local_rank=rank,
@@ -264,7 +264,7 @@ def test_jobs_and_ranks_get_gpus_in_turn(spec, job, rank, gpus, expected):
 
 
 def test_device_errors_are_one_line():
-    from gsgd_cli.cli.train import resolve_device
+    from gsgd_cli.runner.environment import resolve_device
     from gsgd_cli.train import UserError
     from gsgd_cli.train.distributed import Ranks
 
@@ -285,7 +285,7 @@ def test_device_errors_are_one_line():
 ])
 def test_cpu_threads_are_divided_between_parallel_jobs(device, params, parallel, cores, omp,
                                                        expected):
-    from gsgd_cli.cli.train import auto_threads
+    from gsgd_cli.runner.environment import auto_threads
 
     env = {} if omp is None else {"OMP_NUM_THREADS": omp}
     assert auto_threads(torch.device(device), params, parallel=parallel, cores=cores,
@@ -300,7 +300,7 @@ def test_cpu_threads_are_divided_between_parallel_jobs(device, params, parallel,
     ({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, 1),
 ])
 def test_parallel_jobs_of_a_launcher(launcher, expected):
-    from gsgd_cli.cli.train import parallel_jobs
+    from gsgd_cli.runner.environment import parallel_jobs
 
     assert parallel_jobs(launcher) == expected
 
@@ -308,16 +308,16 @@ def test_parallel_jobs_of_a_launcher(launcher, expected):
 def test_sweep_jobs_pass_their_number_and_parallelism(gsgd_train_inproc, tmp_path, monkeypatch):
     """What `run()` gets in each job of a sweep: the job number (its GPU) and how many jobs run
     at once (its CPU threads)."""
-    import gsgd_cli.cli.train as cli
+    import gsgd_cli.runner.session as session   # hands each job to `run()`
 
     seen = []
-    real = cli.run
+    real = session.run
 
     def spy(cfg, run_dir, **kwargs):
         seen.append((kwargs["job_num"], kwargs["parallel"]))
         return real(cfg, run_dir, **kwargs)
 
-    monkeypatch.setattr(cli, "run", spy)
+    monkeypatch.setattr(session, "run", spy)
     code, out, err = gsgd_train_inproc("-m", "experiment=smoke", "seed=0,1,2",
                                        f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert code == 0, out + err

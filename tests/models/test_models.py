@@ -11,7 +11,7 @@ from torch import nn
 
 from gsgd_cli.models import MLP, PlainNet, ResNet, build_model
 
-MODEL_CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
+MODEL_CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "model").glob("*.yaml"))
 
 
 def n_params(model):

@@ -17,7 +17,7 @@ import torch
 from gsgd_cli.train import Schedule, Trainer, TrainSettings
 from gsgd_cli.train.checkpoint import load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYNTH = ["data=synthetic", "optimizer=sgd", "train.iterations=12", "train.batch_size=16",
          "train.eval_every=6"]
 
@@ -101,7 +101,7 @@ def test_resume_refuses_changed_settings(gsgd_train_inproc, tmp_path, first, cha
 
 def test_resume_may_extend_the_budget_and_change_bookkeeping(gsgd_train_inproc, tmp_path):
     """An epoch budget extended past a milestone equals a run started with the larger one."""
-    from gsgd_cli.data.fake import write_fake_idx
+    from gsgd_cli.testing.fake_data import write_fake_idx
 
     write_fake_idx(tmp_path / "a" / "MNIST" / "raw", n_train=64, n_test=32)
     write_fake_idx(tmp_path / "b" / "MNIST" / "raw", n_train=64, n_test=32)   # a copy
@@ -370,16 +370,18 @@ def test_run_id_can_be_set_for_processes_that_must_agree(tmp_path, monkeypatch):
 # -- 3. sweeps ------------------------------------------------------------------------------
 
 def test_sweep_end_line_survives_a_crashing_job(gsgd_train_inproc, tmp_path, monkeypatch):
-    import gsgd_cli.cli.train as cli
+    from hydra.core.hydra_config import HydraConfig
 
-    real = cli.load_data
+    import gsgd_cli.runner.job as job   # loads the data of each job
+
+    real = job.load_data
 
     def crash_for_seed_1(data_cfg, device):
-        if cli.HydraConfig.get().job.num == 1:
+        if HydraConfig.get().job.num == 1:
             raise RuntimeError("simulated crash")
         return real(data_cfg, device)
 
-    monkeypatch.setattr(cli, "load_data", crash_for_seed_1)
+    monkeypatch.setattr(job, "load_data", crash_for_seed_1)
     sweep = tmp_path / "sweep"
     code, out, err = gsgd_train_inproc("-m", *SYNTH, "seed=0,1,2", f"hydra.sweep.dir={sweep}")
     assert code == 1

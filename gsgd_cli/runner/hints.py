@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from .conf import CONF_DIR
+
 SCHEDULE_KEYS = {"constant": {"name"}, "multistep": {"name", "unit", "milestones", "gamma"},
                  "exponential": {"name", "unit", "gamma"}}
 # model presets of the paper -> the preset that runs the paper's setting with them

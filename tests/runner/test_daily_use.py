@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from gsgd_cli.data.fake import write_fake_cifar, write_fake_idx
+from gsgd_cli.testing.fake_data import write_fake_cifar, write_fake_idx
 from gsgd_cli.train.progress import EarlyEstimate, duration, eval_line
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYNTH = ["data=synthetic", "train.iterations=24", "train.batch_size=16", "train.eval_every=12",
          "train.tensorboard=false"]
 
@@ -100,7 +100,7 @@ def test_sweep_prints_jobs_done(gsgd_train, tmp_path):
 
 
 def test_sweep_size_counts_preset_and_command_line():
-    from gsgd_cli.cli.console import sweep_size
+    from gsgd_cli.runner.console import sweep_size
 
     assert sweep_size(["seed=0,1,2"], {"seed": "0,1", "optimizer": "sgd,gsgd"}) == 6
     assert sweep_size(["model.width=64"], {"model.width": "8,16", "seed": "0,1"}) == 2
@@ -261,7 +261,7 @@ def test_schedule_key_of_another_schedule_is_one_line(gsgd_train_inproc, overrid
 
 
 def test_schedule_keys_of_a_presets_schedule_pass():
-    from gsgd_cli.cli.hints import check_train_overrides
+    from gsgd_cli.runner.hints import check_train_overrides
 
     assert check_train_overrides(["experiment=table1", "schedule.gamma=0.2"]) is None
     assert check_train_overrides(["experiment=small/fig7", "schedule.milestones=[5]"]) is None

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from gsgd_cli.data import load_data
-from gsgd_cli.data.fake import write_fake_cifar
+from gsgd_cli.testing.fake_data import write_fake_cifar
 from gsgd_cli.train import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYNTH = ["data=synthetic", "optimizer=sgd", "train.iterations=6", "train.batch_size=16"]
 
 
