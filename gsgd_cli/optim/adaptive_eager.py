@@ -23,7 +23,7 @@ from torch.optim.rmsprop import rmsprop as torch_rmsprop
 from ..gspace.adaptive import AdamOptions, RMSpropOptions, chain_adaptive_step
 from ..gspace.update import ChainIndex, pivot_ratio_ok
 from .gsgd_blocks import BlockPlan
-from .gsgd_diag import outside_check
+from .gsgd_diag import close_diag
 
 __all__ = ["eager_step", "plan_all", "diagnose", "apply_all", "outside_step", "diag_size",
            "STATE_KEYS", "block_step_count", "commit_step_counts"]
@@ -129,12 +129,7 @@ def diagnose(plans: list[BlockPlan], planned: list, outside: list[Tensor], min_r
             grad_bad, bias_bad, bad_pivot.any()[None], first[None],
             ratio.index_select(0, first[None]), update_bad)]
         oks.append(~(grad_bad.any() | bias_bad.any() | bad_pivot.any() | update_bad.any()))
-    outside_ok, flags = outside_check(outside, device)
-    if outside_ok is not None:
-        oks.append(outside_ok)
-    pieces.append(flags)
-    ok = torch.stack(oks).all() if oks else torch.ones((), dtype=torch.bool, device=device)
-    return ok[None], torch.cat(pieces)
+    return close_diag(oks, pieces, outside, device)
 
 
 def _step_tensor(step: int) -> Tensor:

@@ -33,6 +33,13 @@ def diagnose(plans: list[BlockPlan], planned: list, outside: list[Tensor], optio
             ~torch.isfinite(step.grad_max), ~torch.isfinite(step.bias_max), bad.any()[None],
             first[None], ratio.index_select(0, first[None]), ~torch.isfinite(step.bounds))]
         oks.append(step.ok())
+    return close_diag(oks, pieces, outside, device)
+
+
+def close_diag(oks: list[Tensor], pieces: list[Tensor], outside: list[Tensor],
+               device: torch.device) -> tuple[Tensor, Tensor]:
+    """Append the outside parameters' check to a step's block checks: (ok of the whole step,
+    shape (1,); the diag, the blocks' pieces then one flag per outside parameter)."""
     outside_ok, flags = outside_check(outside, device)
     if outside_ok is not None:
         oks.append(outside_ok)
